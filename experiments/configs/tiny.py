@@ -1,0 +1,25 @@
+r"""A seconds-long run for tests and smoke checks: a tiny ResNet on 1% of Fashion-MNIST at 32 px.
+
+  .venv/bin/python -m experiments.train --config experiments/configs/tiny.py --workdir /tmp/tiny
+"""
+
+from ftjax.train.config import default_config
+
+
+def get_config(arg: str = ""):
+  del arg
+  c = default_config()
+  c.model = "resnet_tiny"
+  c.pretrained = ""
+  c.baseline = "scratch"
+  c.dataset.name = "fashion_mnist"
+  c.dataset.sampling_rate = 1.0
+  c.dataset.image_size = 32
+  c.batch_size = 16
+  c.eval_batch_size = 500
+  c.num_steps = 24
+  c.eval_every_steps = 8
+  c.log_every_steps = 4
+  c.optimizer.lr = 0.05
+  c.progress = False
+  return c

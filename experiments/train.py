@@ -1,0 +1,35 @@
+r"""Trains a config: ``python -m experiments.train --config experiments/configs/default.py --workdir DIR``.
+
+Any field can be overridden: ``--config.dataset.sampling_rate=5 --config.num_epochs=3``.
+A config with ``compare`` variants trains each and prints a results table.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `:arg`.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Heavy imports after flag parsing so that --help and flag errors are instant.
+  from ftjax.train import report
+  try:
+    report.run_all(FLAGS.config, FLAGS.workdir)
+  except (ValueError, KeyError, FileNotFoundError, FloatingPointError, ImportError) as e:
+    logging.debug("error", exc_info=True)
+    print(f"ftjax: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

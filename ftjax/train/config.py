@@ -1,0 +1,66 @@
+"""The trainer's configuration schema (ml_collections), with its defaults.
+
+Experiment configs under ``experiments/configs`` start from :func:`default_config`
+and change what they need; ``--config.x=y`` overrides any field from the command
+line, and an unknown field is an error.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+BASELINES = ("finetune", "linear_probe", "last_k", "scratch")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_seeds = 1                 # seeds seed .. seed + num_seeds - 1; tables give mean ± std
+  c.model = "efficientnet_lite0"
+  c.pretrained = "efficientnet_lite0/imagenet"   # "" trains from random initialisation
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "fashion_mnist"
+  c.dataset.data_dir = ""         # "" = TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
+  c.dataset.sampling_rate = 100.0  # percent of the training set, stratified per class
+  c.dataset.val_fraction = 0.2
+  c.dataset.image_size = 224
+  c.dataset.resize_size = 0       # 0 = image_size / 0.875
+
+  c.batch_size = 32               # global
+  c.eval_batch_size = 128
+  c.num_epochs = 10
+  c.num_steps = 0                 # > 0 overrides num_epochs
+  c.num_devices = 0               # 0 = all devices
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 0.01
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = True
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.schedule = "cosine"
+  c.optimizer.warmup_steps = 0
+  c.optimizer.boundaries = (0.5, 0.75)
+  c.optimizer.decay_factor = 0.1
+
+  # Which parameters train: a baseline picks default rules; explicit param_rules win.
+  c.baseline = "finetune"         # one of BASELINES
+  c.last_k = 1                    # for baseline "last_k"
+  c.head_lr_mult = 10.0           # new head's lr relative to the pretrained backbone
+  c.param_rules = ()              # ((regex, group), ...); () = the baseline's rules
+  c.groups = ml_collections.ConfigDict()  # group -> {lr_mult, weight_decay, frozen}
+  c.bn_mode = ""                  # "train" | "eval"; "" = eval for linear_probe, else train
+
+  c.losses = ml_collections.ConfigDict({"ce": {"weight": 1.0}})
+
+  c.log_every_steps = 10
+  c.eval_every_steps = 0          # 0 = once per epoch; a checkpoint is written at every evaluation
+  c.keep_checkpoints = 2
+  c.selection_metric = "top1"     # on the validation split: picks the checkpoint tested at the end
+  c.progress = True
+  c.tensorboard = True
+
+  # Named variants run one after another into workdir/<name>, then a table is printed:
+  # {"linear_probe": {"baseline": "linear_probe"}, "finetune": {}}.
+  c.compare = ml_collections.ConfigDict()
+  return c

