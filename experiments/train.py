@@ -31,5 +31,27 @@ def main(argv):
     sys.exit(2)
 
 
+def _parse_flags(argv):
+  """absl's parser, with config errors (an unknown --config.key, a bad value) on one line."""
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.to_dict()  # the config file loads lazily: surface its errors here
+    return rest
+  except OSError as e:
+    print(f"ftjax: error: {str(e).splitlines()[0]}: " + " ".join(str(e).split()[-6:]), file=sys.stderr)
+    sys.exit(2)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    message = str(e).strip()
+    if message[:1] in "'\"" and message[-1:] == message[:1]:
+      message = message[1:-1]
+    for arg in argv[1:]:
+      name = arg.split("=", 1)[0].lstrip("-")
+      if name.startswith("config.") and name.rsplit(".", 1)[-1] in message:
+        message = f"unknown or invalid config field --{name}: {message}"
+        break
+    print(f"ftjax: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

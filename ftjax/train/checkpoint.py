@@ -63,16 +63,28 @@ class Checkpointer:
 
 
 def load_checkpoint_arrays(workdir: str, step: int | None = None) -> dict[str, Any]:
-  """The saved ``state``/``best``/``record`` of a run as plain arrays (no templates needed).
+  """The saved ``state``/``best``/``record`` of a run as NumPy arrays (no templates needed).
 
-  For inspection and tests; resuming uses :meth:`Checkpointer.restore`.
+  Works on any device count (the arrays are gathered to the host). For
+  inspection and tests; resuming uses :meth:`Checkpointer.restore`.
   """
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                  item_names=("state", "best", "record"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step() if step is None else step
-  if step is None:
+  import json
+
+  import numpy as np
+
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  steps = sorted(int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else []) if d.isdigit())
+  if not steps:
     raise FileNotFoundError(f"no checkpoint in {workdir}")
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), best=ocp.args.StandardRestore(), record=ocp.args.JsonRestore()))
-  return {"state": restored.state, "best": restored.best, "record": dict(restored.record), "step": step}
+  step = steps[-1] if step is None else step
+  out: dict[str, Any] = {"step": step}
+  checkpointer = ocp.PyTreeCheckpointer()
+  for item in ("state", "best"):
+    path = os.path.join(directory, str(step), item)
+    tree = checkpointer.metadata(path).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    out[item] = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  record_dir = os.path.join(directory, str(step), "record")
+  with open(os.path.join(record_dir, "metadata")) as f:  # JsonSave's file
+    out["record"] = json.load(f)
+  return out

@@ -129,7 +129,7 @@ def _copy(tree):
 
 def evaluate(eval_step, variables, dataset, split: str, *, batch_size: int, mesh) -> dict[str, float]:
   totals = None
-  for batch in dataset.eval_batches(split, batch_size=batch_size // jax.process_count()):
+  for batch in dataset.eval_batches(split, batch_size=batch_size):
     out = eval_step(variables, shd.global_batch(batch, mesh))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   if totals is None:

@@ -1,0 +1,566 @@
+"""Train / val / test pipelines for any TFDS image-classification dataset.
+
+``load_dataset(name, ...)`` returns an :class:`ImageDataset`, whose iterators
+yield per-process NumPy batches (the trainer shards them onto the mesh):
+
+* Splits: 'val' is the dataset's ``validation`` split when it has one, else a
+  fixed (seed ``SPLIT_SEED``, independent of the run seed) stratified
+  ``val_fraction`` part of ``train``; 'test' is ``test`` (never sampled).
+* Sampling: stratified per class; for class c a permutation of its train indices
+  seeded by ``(seed, c)`` keeps the first ``ceil(rate / 100 * n_c)`` (at least 1),
+  so for one seed the 15% subset lies inside the 30% subset. The same rate
+  applies to 'val' (low-data runs also get low-data validation), with the fixed
+  seed ``SPLIT_SEED`` so that 'val' is the same for every run seed.
+* Per host: each process reads ``tfds.even_splits(split, process_count)``
+  [process_index] of the TFDS split and keeps the selected examples in it.
+* Train stream: epoch e visits this process's examples in a permutation seeded by
+  ``(seed, e)``; augmentation randomness is keyed by ``(seed, e, example index)``.
+  The stream is a pure function of (config, seed, step), so ``start_step=s``
+  resumes exactly where an uninterrupted run would be at step s.
+
+Example:
+  >>> ds = load_dataset("fashion_mnist", data_dir="/tmp/tfds", sampling_rate=15,
+  ...                   image_size=32)
+  >>> batch = next(ds.train_batches(batch_size=64))
+  >>> batch["image"].shape, batch["label"].shape
+  ((64, 32, 32, 3), (64,))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from ftjax.data import augment
+from ftjax.data import offline
+
+# TF only feeds the host pipeline; leave accelerators to JAX.
+try:
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TF already initialised its devices; nothing to hide then.
+  pass
+
+# Fixed seed of the train/val split and of the val subsampling: val never depends
+# on the run seed, so model selection is comparable across runs.
+SPLIT_SEED = 20_240_601
+SPLITS = ("train", "val", "test")
+_THREADS_ENV = "FTJAX_TF_DATA_THREADS"
+_CACHE_DIRNAME = "ftjax_cache"
+
+
+def _num_threads() -> int:
+  """tf.data thread-pool size: modest by default (hosts share CPUs with JAX)."""
+  if _THREADS_ENV in os.environ:
+    return max(1, int(os.environ[_THREADS_ENV]))
+  return max(1, min(8, os.cpu_count() or 1))
+
+
+def _data_options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = _num_threads()
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+# ----------------------------------------------------------------------------
+# Pure index selection (NumPy).
+# ----------------------------------------------------------------------------
+
+
+def check_sampling_rate(rate: float) -> float:
+  """Validates a sampling rate in percent, ``0 < rate <= 100``."""
+  rate = float(rate)
+  if not 0.0 < rate <= 100.0:  # also rejects NaN
+    raise ValueError(f"sampling_rate must be in (0, 100] (percent), got {rate}")
+  return rate
+
+
+def class_keep_count(rate: float, n: int) -> int:
+  """``ceil(rate / 100 * n)``, at least 1 for a non-empty class.
+
+  Rounded to 9 decimals first so that e.g. 15% of 20 is 3, not 4 (float noise).
+  """
+  if n == 0:
+    return 0
+  return max(1, min(n, math.ceil(round(rate * n / 100.0, 9))))
+
+
+def _class_permutation(indices: np.ndarray, seed: int, label: int) -> np.ndarray:
+  rng = np.random.default_rng([seed, int(label)])
+  return indices[rng.permutation(len(indices))]
+
+
+def stratified_sample(labels: np.ndarray, pool: np.ndarray, rate: float,
+                      seed: int) -> np.ndarray:
+  """Stratified per-class subset of ``pool`` (indices into ``labels``).
+
+  For each class c, the pool's c-indices (ascending) are permuted with a generator
+  seeded by ``(seed, c)`` and the first ``ceil(rate/100 * n_c)`` are kept. Subsets
+  for one seed are nested across rates.
+
+  Args:
+    labels: int labels of the whole TFDS split.
+    pool: candidate example indices (e.g. the train part of the split).
+    rate: percent in (0, 100].
+    seed: sampling seed.
+
+  Returns:
+    Sorted selected indices.
+  """
+  rate = check_sampling_rate(rate)
+  pool = np.sort(np.asarray(pool, np.int64))
+  if rate == 100.0:
+    return pool
+  pool_labels = labels[pool]
+  kept = []
+  for c in np.unique(pool_labels):
+    members = pool[pool_labels == c]
+    kept.append(_class_permutation(members, seed, c)[:class_keep_count(rate, len(members))])
+  return np.sort(np.concatenate(kept)) if kept else pool[:0]
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float,
+                     seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+  """Stratified ``(train, val)`` split of ``range(len(labels))``.
+
+  Per class: a permutation seeded by ``(seed, c)``; the first
+  ``round(val_fraction * n_c)`` (clamped so both sides keep an example when
+  ``n_c >= 2``) go to val.
+
+  Returns:
+    Sorted ``(train_indices, val_indices)``.
+  """
+  if not 0.0 < val_fraction < 1.0:
+    raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+  all_idx = np.arange(len(labels), dtype=np.int64)
+  train, val = [], []
+  for c in np.unique(labels):
+    members = _class_permutation(all_idx[labels == c], seed, c)
+    n_val = int(round(val_fraction * len(members)))
+    if len(members) >= 2:
+      n_val = min(max(n_val, 1), len(members) - 1)
+    else:
+      n_val = 0
+    val.append(members[:n_val])
+    train.append(members[n_val:])
+  return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+# ----------------------------------------------------------------------------
+# TFDS access.
+# ----------------------------------------------------------------------------
+
+
+def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    base = name.split(":")[0].split("/")[0]
+    close = difflib.get_close_matches(base, tfds.list_builders(with_community_datasets=False), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown dataset {name!r}{hint}") from None
+
+
+def _feature_keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
+  """(image key, label key): the supervised keys when they are an Image and a
+  ClassLabel, else the first top-level Image and ClassLabel features."""
+  features = builder.info.features
+  keys = builder.info.supervised_keys
+  if (isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys)
+      and isinstance(features[keys[0]], tfds.features.Image)
+      and isinstance(features[keys[1]], tfds.features.ClassLabel)):
+    return keys
+  image_key = next((k for k, f in features.items() if isinstance(f, tfds.features.Image)), None)
+  label_key = next((k for k, f in features.items()
+                    if isinstance(f, tfds.features.ClassLabel)), None)
+  if image_key is None or label_key is None:
+    raise ValueError(
+        f"dataset {builder.name!r} is not image classification: needs a top-level Image and "
+        f"ClassLabel feature, has {dict((k, type(f).__name__) for k, f in features.items())}")
+  return image_key, label_key
+
+
+def _in_order_read_config() -> tfds.ReadConfig:
+  # cycle_length=1: shards are read one after the other, so the n-th example read
+  # is example n of the split (the default interleaves 16 shards).
+  return tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=False)
+
+
+def _cached_labels(builder: tfds.core.DatasetBuilder, split: str, label_key: str) -> np.ndarray:
+  """Label column of a TFDS split in storage order, cached as .npy."""
+  cache_dir = os.path.join(builder._data_dir_root, _CACHE_DIRNAME, builder.info.full_name)  # pylint: disable=protected-access
+  path = os.path.join(cache_dir, f"{split}_{label_key}.npy")
+  expected = builder.info.splits[split].num_examples
+  if os.path.exists(path):
+    labels = np.load(path)
+    if len(labels) == expected:
+      return labels
+  ds = builder.as_dataset(
+      split=split, shuffle_files=False, read_config=_in_order_read_config(),
+      decoders=tfds.decode.PartialDecoding({label_key: True}))
+  ds = ds.map(lambda ex: ex[label_key]).batch(8192)
+  labels = np.concatenate([np.asarray(b) for b in ds.as_numpy_iterator()] or
+                          [np.zeros([0], np.int64)]).astype(np.int64)
+  if len(labels) != expected:
+    raise RuntimeError(f"read {len(labels)} labels from {builder.name}/{split}, expected {expected}")
+  try:
+    os.makedirs(cache_dir, exist_ok=True)
+    # Atomic write: several processes may build the cache at once.
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy")
+    with os.fdopen(fd, "wb") as f:
+      np.save(f, labels)
+    os.replace(tmp, path)
+  except OSError:  # read-only data_dir: the cache is only a speed-up
+    pass
+  return labels
+
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+  """Selected examples of one logical split ('train'/'val'/'test')."""
+  tfds_split: str       # TFDS split read ('train', 'validation', 'test')
+  indices: np.ndarray   # sorted selected example indices within tfds_split
+  labels: np.ndarray    # their labels
+
+
+# ----------------------------------------------------------------------------
+# Dataset object.
+# ----------------------------------------------------------------------------
+
+
+class ImageDataset:
+  """Train / val / test pipelines of one TFDS dataset for one process.
+
+  Attributes:
+    name: TFDS name.
+    num_classes: number of classes.
+    class_names: class names from the ClassLabel feature.
+    num_examples: global sizes of 'train' (after sampling), 'val', 'test'.
+    image_size: output side of every image.
+  """
+
+  def __init__(self, *, builder: tfds.core.DatasetBuilder, image_key: str, label_key: str,
+               splits: dict[str, _Split], seed: int, image_size: int, resize_size: int,
+               process_index: int, process_count: int):
+    self._builder = builder
+    self._image_key = image_key
+    self._label_key = label_key
+    self._splits = splits
+    self._seed = int(seed)
+    self._resize_size = resize_size
+    self._process_index = process_index
+    self._process_count = process_count
+    self._cache = {}
+    label_feature = builder.info.features[label_key]
+    self.name: str = builder.name
+    self.num_classes: int = int(label_feature.num_classes)
+    self.class_names: list[str] = list(label_feature.names)
+    self.num_examples: dict[str, int] = {
+        k: 0 if s is None else len(s.indices) for k, s in splits.items()}
+    self.image_size: int = image_size
+
+  def __repr__(self) -> str:
+    return (f"ImageDataset({self.name!r}, num_classes={self.num_classes}, "
+            f"num_examples={self.num_examples}, image_size={self.image_size}, "
+            f"process={self._process_index}/{self._process_count})")
+
+  # -- per-process bookkeeping ------------------------------------------------
+
+  def _split(self, split: str) -> _Split:
+    if split not in SPLITS:
+      raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    s = self._splits[split]
+    if s is None:
+      raise ValueError(f"dataset {self.name!r} has no {split!r} split")
+    return s
+
+  def _host_range(self, tfds_split: str, process_index: int) -> tuple[int, int]:
+    """[start, end) of ``tfds.even_splits(tfds_split)[process_index]``."""
+    sub = tfds.even_splits(tfds_split, n=self._process_count)[process_index]
+    (inst,) = sub.to_absolute(self._builder.info.splits)
+    start = 0 if inst.from_ is None else int(inst.from_)
+    end = self._builder.info.splits[tfds_split].num_examples if inst.to is None else int(inst.to)
+    return start, end
+
+  def _host_positions(self, split: str, process_index: int) -> np.ndarray:
+    """Positions (into the split's selection) that belong to a process."""
+    s = self._split(split)
+    start, end = self._host_range(s.tfds_split, process_index)
+    return np.flatnonzero((s.indices >= start) & (s.indices < end))
+
+  def _host_counts(self, split: str) -> list[int]:
+    return [len(self._host_positions(split, p)) for p in range(self._process_count)]
+
+  def _local_batch_size(self, batch_size: int) -> int:
+    if batch_size <= 0 or batch_size % self._process_count:
+      raise ValueError(f"batch_size={batch_size} must be a positive multiple of "
+                       f"process_count={self._process_count}")
+    return batch_size // self._process_count
+
+  def labels(self, split: str) -> np.ndarray:
+    """int32 labels of this process's examples of ``split``, in eval order."""
+    s = self._split(split)
+    return s.labels[self._host_positions(split, self._process_index)].astype(np.int32)
+
+  def example_indices(self, split: str) -> np.ndarray:
+    """int64 indices (into the TFDS split read, see ``tfds_split``) of this process's
+    examples of ``split``, in eval order (ascending)."""
+    s = self._split(split)
+    return s.indices[self._host_positions(split, self._process_index)]
+
+  def tfds_split(self, split: str) -> str:
+    """Name of the TFDS split that ``split`` is read from ('val' -> 'validation' or 'train')."""
+    return self._split(split).tfds_split
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    """Train steps per epoch at global ``batch_size`` (every process agrees).
+
+    Each process drops its remainder; the epoch ends when the process with the
+    fewest selected examples runs out of whole batches.
+    """
+    local = self._local_batch_size(batch_size)
+    return min(self._host_counts("train")) // local
+
+  # -- reading ------------------------------------------------------------------
+
+  def _selected(self, *splits: str) -> tf.data.Dataset:
+    """(encoded image, int32 label, int64 index) of this process's examples of
+    ``splits`` (all read from the same TFDS split), in storage order."""
+    tfds_split = self._split(splits[0]).tfds_split
+    start, end = self._host_range(tfds_split, self._process_index)
+    keep = np.zeros(end - start, bool)
+    for split in splits:
+      assert self._split(split).tfds_split == tfds_split
+      keep[self.example_indices(split) - start] = True
+    keep = tf.constant(keep)
+    sub = tfds.even_splits(tfds_split, n=self._process_count)[self._process_index]
+    ds = self._builder.as_dataset(
+        split=sub, shuffle_files=False, read_config=_in_order_read_config(),
+        decoders={self._image_key: tfds.decode.SkipDecoding()})
+    ds = ds.enumerate(start=start)
+    ds = ds.filter(lambda i, ex: tf.gather(keep, i - start))
+    return ds.map(lambda i, ex: (ex[self._image_key], tf.cast(ex[self._label_key], tf.int32), i))
+
+  def _encoded(self, split: str) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """This process's selected examples of a split, still encoded, held in memory.
+
+    Read once: the train stream gathers from it every epoch and 'val' is evaluated
+    repeatedly; 'train' and a 'val' carved out of the TFDS 'train' split are read
+    in one pass. ('test', read once at the end, streams instead.)
+
+    Returns:
+      ``(encoded [n] string, labels [n] int32, example indices [n] int64)``.
+    """
+    if split not in self._cache:
+      tfds_split = self._split(split).tfds_split
+      group = [g for g in ("train", "val") if self._splits[g].tfds_split == tfds_split]
+      group = group if split in group else [split]
+      encoded, labels, indices = [], [], []
+      # Batched: per-element NumPy conversion costs more than the read itself.
+      for e, l, i in self._selected(*group).batch(1024).as_numpy_iterator():
+        encoded.extend(e)
+        labels.append(l)
+        indices.append(i)
+      encoded = np.array(encoded, dtype=object)
+      labels = np.concatenate(labels) if labels else np.zeros([0], np.int32)
+      indices = np.concatenate(indices) if indices else np.zeros([0], np.int64)
+      for g in group:
+        rows = np.isin(indices, self.example_indices(g))
+        if not (np.array_equal(indices[rows], self.example_indices(g)) and
+                np.array_equal(labels[rows], self.labels(g))):
+          raise RuntimeError(f"{self.name}/{g}: examples read do not match the selection")
+        self._cache[g] = (tf.constant(list(encoded[rows]), tf.string),
+                          tf.constant(labels[rows], tf.int32),
+                          tf.constant(indices[rows], tf.int64))
+    return self._cache[split]
+
+  # -- iterators ----------------------------------------------------------------
+
+  def train_batches(self, *, batch_size: int, start_step: int = 0
+                    ) -> Iterator[dict[str, np.ndarray]]:
+    """Infinite augmented train batches of this process, from global step ``start_step``.
+
+    Args:
+      batch_size: global batch size; each process yields ``batch_size //
+        process_count`` examples.
+      start_step: first step to yield; skipping is arithmetic (whole epochs) plus
+        a cheap skip over example positions (no decoding).
+
+    Yields:
+      ``{"image": float32 [b, S, S, 3] in [0, 255], "label": int32 [b]}``.
+    """
+    local = self._local_batch_size(batch_size)
+    steps = self.steps_per_epoch(batch_size)
+    if steps == 0:
+      raise ValueError(
+          f"batch_size={batch_size} exceeds the train examples per process "
+          f"({min(self._host_counts('train'))} on the smallest of {self._process_count})")
+    if start_step < 0:
+      raise ValueError(f"start_step must be >= 0, got {start_step}")
+    start_epoch, step_in_epoch = divmod(int(start_step), steps)
+    encoded, labels, indices = self._encoded("train")
+    n = int(encoded.shape[0])
+    per_epoch = steps * local
+    seed = self._seed
+    image_size = self.image_size
+
+    def epoch_positions(epoch):
+      # Reshuffle for epoch e: argsort of stateless uniforms keyed by (seed, e).
+      keys = tf.random.stateless_uniform([n], seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+      order = tf.argsort(keys, stable=True)[:per_epoch]
+      return tf.data.Dataset.from_tensor_slices(order).map(lambda pos: (epoch, pos))
+
+    def load(epoch, pos):
+      index = tf.gather(indices, pos)
+      key = tf.random.experimental.stateless_fold_in(
+          tf.stack([tf.constant(seed, tf.int64), epoch]), index)
+      image = augment.train_transform(augment.decode_rgb(tf.gather(encoded, pos)),
+                                      seed=key, image_size=image_size)
+      return {"image": image, "label": tf.gather(labels, pos)}
+
+    ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch_positions)
+    ds = ds.skip(step_in_epoch * local)  # positions only: cheap
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    yield from ds.with_options(_data_options()).as_numpy_iterator()
+
+  def eval_batches(self, split: str, *, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over this process's part of ``split`` with the eval transform.
+
+    Every process yields the same number of batches (that of the largest shard);
+    the last ones are padded: ``"mask"`` is 1.0 for real examples, 0.0 for padding
+    (zero image, label 0).
+
+    Args:
+      split: 'train', 'val' or 'test'.
+      batch_size: global batch size (divided by process_count).
+
+    Yields:
+      ``{"image": float32 [b, S, S, 3], "label": int32 [b], "mask": float32 [b]}``.
+    """
+    self._split(split)
+    local = self._local_batch_size(batch_size)
+    num_batches = max(math.ceil(c / local) for c in self._host_counts(split))
+    image_size, resize_size = self.image_size, self._resize_size
+
+    def load(encoded, label, index):
+      del index
+      image = augment.eval_transform(augment.decode_rgb(encoded), image_size=image_size,
+                                     resize_size=resize_size)
+      return {"image": image, "label": label}
+
+    if split == "test":
+      ds = self._selected(split)
+    else:
+      ds = tf.data.Dataset.from_tensor_slices(self._encoded(split))
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(local)
+    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_data_options())
+    emitted = 0
+    for batch in ds.as_numpy_iterator():
+      yield _pad_batch(batch, local)
+      emitted += 1
+    empty = {"image": np.zeros([0, image_size, image_size, 3], np.float32),
+             "label": np.zeros([0], np.int32)}
+    for _ in range(num_batches - emitted):
+      yield _pad_batch(empty, local)
+
+
+def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  n = len(batch["label"])
+  pad = size - n
+  if pad == 0:  # full batch: no copy
+    return {"image": batch["image"], "label": batch["label"].astype(np.int32),
+            "mask": np.ones([n], np.float32)}
+  return {
+      "image": np.pad(batch["image"].astype(np.float32), [(0, pad), (0, 0), (0, 0), (0, 0)]),
+      "label": np.pad(batch["label"].astype(np.int32), [(0, pad)]),
+      "mask": np.concatenate([np.ones([n], np.float32), np.zeros([pad], np.float32)]),
+  }
+
+
+# ----------------------------------------------------------------------------
+# Entry point.
+# ----------------------------------------------------------------------------
+
+
+def load_dataset(name: str, *, data_dir: str | None = None, sampling_rate: float = 100.0,
+                 seed: int = 0, val_fraction: float = 0.2, image_size: int = 224,
+                 resize_size: int | None = None, process_index: int = 0,
+                 process_count: int = 1) -> ImageDataset:
+  """Builds the train / val / test pipelines of a TFDS image-classification dataset.
+
+  Offline-buildable datasets (``fashion_mnist``) are prepared on first use; other
+  datasets must already be prepared in ``data_dir`` (nothing downloads here).
+
+  Args:
+    name: TFDS name (``"cub2011"``, ``"fashion_mnist"``, ``"cifar10:3.0.2"``, ...).
+    data_dir: TFDS data directory (default: TFDS's default).
+    sampling_rate: percent of each class's train (and val) examples kept, in (0, 100].
+    seed: run seed: train sampling, epoch shuffles, augmentation.
+    val_fraction: val part of 'train' when the dataset has no validation split.
+    image_size: output side S.
+    resize_size: eval shorter side before the center crop (default round(S/0.875)).
+    process_index: this process (``jax.process_index()``).
+    process_count: number of processes (``jax.process_count()``).
+
+  Returns:
+    The :class:`ImageDataset`.
+
+  Raises:
+    ValueError: unknown dataset, bad sampling rate / sizes / process, no image or
+      label feature, dataset not prepared.
+  """
+  check_sampling_rate(sampling_rate)
+  if image_size <= 0:
+    raise ValueError(f"image_size must be positive, got {image_size}")
+  resize_size = augment.default_resize_size(image_size) if resize_size is None else resize_size
+  if resize_size < image_size:
+    raise ValueError(f"resize_size={resize_size} must be >= image_size={image_size}")
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count="
+                     f"{process_count})")
+  builder = _builder(name, data_dir)
+  if not builder.is_prepared():
+    offline.prepare_offline(name, data_dir=data_dir)
+    builder = _builder(name, data_dir)
+  if not builder.is_prepared():
+    raise ValueError(f"dataset {name!r} is not prepared in {builder.data_dir}; prepare it "
+                     f"beforehand (e.g. `tfds build {name} --data_dir=...`): nothing "
+                     "downloads at run time")
+  image_key, label_key = _feature_keys(builder)
+  available = set(builder.info.splits.keys())
+  if "train" not in available:
+    raise ValueError(f"dataset {name!r} has no 'train' split (has {sorted(available)})")
+
+  train_labels = _cached_labels(builder, "train", label_key)
+  if "validation" in available:
+    val_split = "validation"
+    val_labels = _cached_labels(builder, val_split, label_key)
+    train_pool, val_pool = np.arange(len(train_labels)), np.arange(len(val_labels))
+  else:
+    val_split, val_labels = "train", train_labels
+    train_pool, val_pool = stratified_split(train_labels, val_fraction, SPLIT_SEED)
+  train_idx = stratified_sample(train_labels, train_pool, sampling_rate, seed)
+  val_idx = stratified_sample(val_labels, val_pool, sampling_rate, SPLIT_SEED)
+  splits = {
+      "train": _Split("train", train_idx, train_labels[train_idx]),
+      "val": _Split(val_split, val_idx, val_labels[val_idx]),
+      "test": None,
+  }
+  if "test" in available:
+    test_labels = _cached_labels(builder, "test", label_key)
+    splits["test"] = _Split("test", np.arange(len(test_labels)), test_labels)
+  dataset = ImageDataset(builder=builder, image_key=image_key, label_key=label_key,
+                         splits=splits, seed=seed, image_size=image_size,
+                         resize_size=resize_size, process_index=process_index,
+                         process_count=process_count)
+  return dataset
