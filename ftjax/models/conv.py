@@ -1,0 +1,302 @@
+"""2-D convolution behind every conv layer of ftjax's models.
+
+The models call :func:`conv2d` instead of ``lax.conv_general_dilated`` so that the
+implementation can be chosen by platform and shape without touching the parameter
+layout (kernels stay HWIO, exactly as ``flax.linen.Conv`` stores them).
+
+Why: XLA:CPU runs some convolutions far below the machine's matmul peak. Two cases
+dominate fine-tuning steps on CPU (measured, see ``experiments/bench/README.md``):
+
+* convolutions on tiny spatial maps (a 3x3 kernel on a 2x2 map with 512 channels)
+  and their gradients take hundreds of milliseconds; written as patch extraction
+  plus one matrix multiply ("matmul") they run at matmul speed;
+* depthwise convolutions and their gradients run at well under 1 GFLOP/s; written
+  as a sum of shifted multiply-adds ("shifted", with a hand-written backward pass
+  that is again shifted multiply-adds) they are memory bound instead.
+
+Implementations:
+
+* ``"xla"``: ``lax.conv_general_dilated`` (always used on GPU/TPU under ``"auto"``).
+* ``"matmul"``: pad, gather the ``kh * kw`` shifted (strided) views, concatenate them
+  along channels and multiply by the kernel reshaped to ``[kh * kw * cin, cout]``.
+  A 1x1 convolution is just a (strided) reshape + matmul. Dense convolutions only
+  (``feature_group_count == 1``).
+* ``"shifted"``: depthwise convolutions (``feature_group_count == in_channels`` and
+  ``out_channels == in_channels``) as ``sum_ij shift_ij(x) * w_ij`` with a
+  ``jax.custom_vjp``.
+* ``"auto"``: the fastest measured choice for the platform and static shapes.
+
+``FTJAX_CONV_IMPL=xla`` (environment, read at trace time) or the
+:func:`conv_impl` context manager forces one implementation wherever ``"auto"`` is
+requested, e.g. to compare against XLA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Padding = str | Sequence[tuple[int, int]]
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+IMPLS = ("auto", "xla", "matmul", "shifted")
+
+# On CPU a dense conv uses "matmul" when its output map has at most this many
+# positions, or when it has at most SMALL_IN_CHANNELS input channels (stems: the
+# patch matrix is small), or when it is 1x1. Chosen by measurement
+# (experiments/bench/README.md): XLA:CPU's own conv wins only on large maps with
+# many channels (e.g. 3x3, 64 channels on 56x56), where the patch matrix is big.
+SMALL_MAP_POSITIONS = 32 * 32
+SMALL_IN_CHANNELS = 16
+
+_forced_impl: str | None = None
+
+
+@contextlib.contextmanager
+def conv_impl(impl: str) -> Iterator[None]:
+  """Forces ``impl`` for every ``conv2d(..., impl="auto")`` traced inside.
+
+  Example::
+
+    with conv_impl("xla"):
+      logits = jax.jit(model.apply)(variables, images)  # traced with XLA convs
+  """
+  global _forced_impl
+  _check_impl(impl)
+  previous, _forced_impl = _forced_impl, impl
+  try:
+    yield
+  finally:
+    _forced_impl = previous
+
+
+def _check_impl(impl: str) -> None:
+  if impl not in IMPLS:
+    raise ValueError(f"unknown conv impl {impl!r}; expected one of {IMPLS}")
+
+
+def resolve_padding(
+    padding: Padding,
+    in_hw: tuple[int, int],
+    kernel_hw: tuple[int, int],
+    strides: tuple[int, int],
+) -> Pads:
+  """Explicit ``((top, bottom), (left, right))`` padding.
+
+  ``"SAME"`` follows TensorFlow (and ``lax``): ``out = ceil(in / stride)`` and the odd
+  pad goes at the bottom/right.
+  """
+  if isinstance(padding, str):
+    mode = padding.upper()
+    if mode not in ("SAME", "VALID"):
+      raise ValueError(
+          f"unknown padding {padding!r}; expected 'SAME', 'VALID' or ((t, b), (l, r))")
+    pads = lax.padtype_to_pads(in_hw, kernel_hw, strides, mode)
+    return tuple((int(lo), int(hi)) for lo, hi in pads)  # type: ignore[return-value]
+  pads = tuple(tuple(int(p) for p in pair) for pair in padding)
+  if len(pads) != 2 or any(len(pair) != 2 or min(pair) < 0 for pair in pads):
+    raise ValueError(
+        f"explicit padding must be ((top, bottom), (left, right)) of non-negative "
+        f"ints; got {padding!r}")
+  return pads  # type: ignore[return-value]
+
+
+def _output_hw(in_hw, kernel_hw, strides, pads) -> tuple[int, int]:
+  return tuple(
+      (size + lo + hi - k) // s + 1
+      for size, k, s, (lo, hi) in zip(in_hw, kernel_hw, strides, pads))  # type: ignore[return-value]
+
+
+def _tap(xp: jax.Array, i: int, j: int, strides, out_hw) -> jax.Array:
+  """View of padded ``xp`` that kernel tap ``(i, j)`` multiplies: ``xp[:, i::s, j::s]``."""
+  (sh, sw), (oh, ow) = strides, out_hw
+  n, _, _, c = xp.shape
+  return lax.slice(
+      xp, (0, i, j, 0), (n, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, c), (1, sh, sw, 1))
+
+
+def _pad_hw(x: jax.Array, pads: Pads) -> jax.Array:
+  if pads == ((0, 0), (0, 0)):
+    return x
+  return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+
+
+# --------------------------------------------------------------------------- matmul
+
+
+def _conv_matmul(x, kernel, strides, pads):
+  """Dense conv as patch extraction + one matmul (autodiff gives matmul gradients)."""
+  kh, kw, cin, cout = kernel.shape
+  out_hw = _output_hw(x.shape[1:3], (kh, kw), strides, pads)
+  xp = _pad_hw(x, pads)
+  taps = [_tap(xp, i, j, strides, out_hw) for i in range(kh) for j in range(kw)]
+  # Tap order (i, j, cin) matches kernel.reshape(kh * kw * cin, cout).
+  patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+  n = x.shape[0]
+  y = jnp.dot(patches.reshape(n * out_hw[0] * out_hw[1], kh * kw * cin),
+              kernel.reshape(kh * kw * cin, cout))
+  return y.reshape(n, *out_hw, cout)
+
+
+# -------------------------------------------------------------------------- shifted
+
+
+def _depthwise_forward(x, w, strides, pads):
+  """``y = sum_ij tap_ij(pad(x)) * w[i, j]`` with ``w`` of shape ``[kh, kw, c]``."""
+  kh, kw, _ = w.shape
+  out_hw = _output_hw(x.shape[1:3], (kh, kw), strides, pads)
+  xp = _pad_hw(x, pads)
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      term = _tap(xp, i, j, strides, out_hw) * w[i, j]
+      y = term if y is None else y + term
+  return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_shifted(x, w, strides, pads):
+  return _depthwise_forward(x, w, strides, pads)
+
+
+def _depthwise_shifted_fwd(x, w, strides, pads):
+  return _depthwise_forward(x, w, strides, pads), (x, w)
+
+
+def _depthwise_shifted_bwd(strides, pads, residuals, g):
+  x, w = residuals
+  kh, kw, _ = w.shape
+  (sh, sw), (h, wd) = strides, x.shape[1:3]
+  out_hw = g.shape[1:3]
+  # Weight gradient: per-tap sums of products, dw[i, j] = sum_nhw tap_ij(xp) * g.
+  xp = _pad_hw(x, pads)
+  dw = jnp.stack([
+      jnp.sum(_tap(xp, i, j, strides, out_hw) * g, axis=(0, 1, 2))
+      for i in range(kh) for j in range(kw)
+  ]).reshape(w.shape)
+  # Input gradient: every output position scattered g * w[i, j] back to the input
+  # it read. That is a stride-1 depthwise correlation of the stride-dilated
+  # cotangent with the flipped kernel; the pads below place it so that the result
+  # is exactly the unpadded input window (negative pads crop).
+  def dilated_pads(size, k, s, lo, out):
+    dilated = s * (out - 1) + 1
+    low = k - 1 - lo
+    return (low, size + k - 1 - low - dilated, s - 1)
+
+  gd = lax.pad(g, jnp.zeros((), g.dtype), (
+      (0, 0, 0), dilated_pads(h, kh, sh, pads[0][0], out_hw[0]),
+      dilated_pads(wd, kw, sw, pads[1][0], out_hw[1]), (0, 0, 0)))
+  dx = _depthwise_forward(gd, w[::-1, ::-1], (1, 1), ((0, 0), (0, 0)))
+  return dx, dw
+
+
+_depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
+
+
+# ------------------------------------------------------------------------- dispatch
+
+
+def _is_depthwise(x, kernel, feature_group_count) -> bool:
+  cin = x.shape[-1]
+  return feature_group_count == cin and kernel.shape[2] == 1 and kernel.shape[3] == cin
+
+
+def _auto_impl(x, kernel, feature_group_count, out_hw) -> str:
+  if _forced_impl is not None and _forced_impl != "auto":
+    forced = _forced_impl
+  else:
+    forced = os.environ.get("FTJAX_CONV_IMPL", "auto") or "auto"
+    _check_impl(forced)
+  if forced != "auto":
+    # A forced formulation that cannot express this conv falls back to XLA.
+    if forced == "shifted" and not _is_depthwise(x, kernel, feature_group_count):
+      return "xla"
+    if forced == "matmul" and feature_group_count != 1:
+      return "xla"
+    return forced
+  if jax.default_backend() != "cpu":
+    return "xla"
+  if _is_depthwise(x, kernel, feature_group_count) and x.shape[-1] > 1:
+    return "shifted"
+  if feature_group_count == 1:
+    kh, kw = kernel.shape[:2]
+    if (kh == kw == 1 or out_hw[0] * out_hw[1] <= SMALL_MAP_POSITIONS
+        or x.shape[-1] <= SMALL_IN_CHANNELS):
+      return "matmul"
+  return "xla"
+
+
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    strides: tuple[int, int] = (1, 1),
+    padding: Padding = "SAME",
+    feature_group_count: int = 1,
+    impl: str = "auto",
+) -> jax.Array:
+  """NHWC x HWIO convolution.
+
+  Args:
+    x: input ``[batch, height, width, in_channels]``.
+    kernel: ``[kh, kw, in_channels // feature_group_count, out_channels]``.
+    strides: spatial strides.
+    padding: ``"SAME"`` (TensorFlow semantics: the extra pad goes at the end),
+      ``"VALID"``, or explicit ``((top, bottom), (left, right))``.
+    feature_group_count: ``in_channels`` for a depthwise convolution.
+    impl: ``"auto"`` (fastest for platform and shape), ``"xla"``, ``"matmul"``
+      (dense only) or ``"shifted"`` (depthwise only).
+
+  Returns:
+    ``[batch, out_height, out_width, out_channels]``.
+
+  Example::
+
+    y = conv2d(x, kernel, strides=(2, 2), padding="SAME")                 # dense
+    y = conv2d(x, dw_kernel, padding="SAME", feature_group_count=x.shape[-1])
+  """
+  _check_impl(impl)
+  if x.ndim != 4 or kernel.ndim != 4:
+    raise ValueError(
+        f"conv2d expects NHWC input and HWIO kernel; got shapes {x.shape} and {kernel.shape}")
+  if x.shape[-1] != kernel.shape[2] * feature_group_count:
+    raise ValueError(
+        f"in_channels {x.shape[-1]} != kernel in_channels {kernel.shape[2]} x "
+        f"feature_group_count {feature_group_count}")
+  strides = tuple(int(s) for s in strides)
+  pads = resolve_padding(padding, x.shape[1:3], kernel.shape[:2], strides)
+  out_hw = _output_hw(x.shape[1:3], kernel.shape[:2], strides, pads)
+  if min(out_hw) < 1:
+    raise ValueError(
+        f"conv2d output would be empty: input {x.shape[1:3]}, kernel {kernel.shape[:2]}, "
+        f"strides {strides}, padding {pads}")
+  if impl == "auto":
+    impl = _auto_impl(x, kernel, feature_group_count, out_hw)
+  if impl == "matmul":
+    if feature_group_count != 1:
+      raise ValueError(
+          f"impl='matmul' supports feature_group_count=1 only; got {feature_group_count}")
+    return _conv_matmul(x, kernel, strides, pads)
+  if impl == "shifted":
+    if not _is_depthwise(x, kernel, feature_group_count):
+      raise ValueError(
+          f"impl='shifted' supports depthwise convs only (feature_group_count == "
+          f"in_channels == out_channels); got feature_group_count={feature_group_count}, "
+          f"kernel {kernel.shape}")
+    y = _depthwise_shifted(x, kernel[:, :, 0, :], strides, pads)
+    return y
+  return lax.conv_general_dilated(
+      x,
+      kernel,
+      window_strides=strides,
+      padding=pads,
+      dimension_numbers=_DIMENSION_NUMBERS,
+      feature_group_count=feature_group_count,
+  )

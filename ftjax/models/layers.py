@@ -1,0 +1,187 @@
+"""Building blocks shared by ftjax's Linen models.
+
+:class:`Conv` stores its parameters exactly like ``flax.linen.Conv`` (``kernel``
+HWIO, optional ``bias``) but calls :func:`ftjax.models.conv.conv2d`, so the
+convolution implementation can change without touching checkpoints or
+parameter-path rules.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ftjax.models.conv import Padding, conv2d
+
+# He-normal, fan-out: torchvision's ResNet conv initialisation.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# Classifier heads: LeCun-normal kernel, zero bias (flax's Dense default, written
+# out so the registry can initialise a head on its own with the same rule).
+head_kernel_init = nn.initializers.lecun_normal()
+
+
+class Conv(nn.Module):
+  """2-D convolution on NHWC input with an HWIO ``kernel`` (``flax.linen.Conv`` layout).
+
+  Attributes:
+    features: output channels.
+    kernel_size: ``(kh, kw)``.
+    strides: ``(sh, sw)``.
+    padding: ``"SAME"`` (TensorFlow semantics), ``"VALID"`` or explicit
+      ``((top, bottom), (left, right))`` (torch-style symmetric padding is
+      ``((p, p), (p, p))``).
+    feature_group_count: ``in_channels`` for a depthwise convolution.
+    use_bias: add a ``bias`` parameter.
+    kernel_init: initialiser of the HWIO kernel.
+    impl: :func:`~ftjax.models.conv.conv2d` implementation (``"auto"`` picks per
+      platform and shape; does not change the parameters).
+
+  Example:
+    >>> y, _ = Conv(8, (3, 3), padding=((1, 1), (1, 1))).init_with_output(
+    ...     jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    >>> y.shape
+    (1, 16, 16, 8)
+  """
+
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  padding: Padding = "SAME"
+  feature_group_count: int = 1
+  use_bias: bool = False
+  kernel_init: nn.initializers.Initializer = conv_kernel_init
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_channels = x.shape[-1]
+    if in_channels % self.feature_group_count:
+      raise ValueError(
+          f"input channels {in_channels} not divisible by feature_group_count "
+          f"{self.feature_group_count}")
+    kernel_shape = (*self.kernel_size, in_channels // self.feature_group_count, self.features)
+    kernel = self.param("kernel", self.kernel_init, kernel_shape, jnp.float32)
+    y = conv2d(
+        x,
+        kernel.astype(x.dtype),
+        strides=tuple(self.strides),
+        padding=self.padding,
+        feature_group_count=self.feature_group_count,
+        impl=self.impl,
+    )
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+      y = y + bias.astype(y.dtype)
+    return y
+
+
+_BN_NAME = re.compile(r"(^|_)bn\d*$")
+
+
+def batch_norm(name: str, *, train: bool, epsilon: float) -> nn.BatchNorm:
+  """BatchNorm with torch-equivalent momentum (flax 0.9 = torch 0.1).
+
+  Every BatchNorm module name ends in ``bn`` plus an optional digit (``stem_bn``,
+  ``bn1``), so path rules can select them with ``bn\\d*$``.
+  """
+  if not _BN_NAME.search(name):
+    raise ValueError(f"BatchNorm module names must match {_BN_NAME.pattern!r}; got {name!r}")
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon, name=name)
+
+
+def symmetric_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  """torch ``padding=k // 2`` as explicit pairs (NOT "SAME": equal on both sides at stride 2)."""
+  p = kernel_size // 2
+  return ((p, p), (p, p))
+
+
+def normalize_pixels(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+  """``(images - mean) / std`` per channel, ``images`` NHWC raw pixels."""
+  mean_a = jnp.asarray(mean, images.dtype)
+  std_a = jnp.asarray(std, images.dtype)
+  return (images - mean_a) / std_a
+
+
+OUTPUT_NAMES = ("features", "logits", "source_logits", "feature_maps")
+
+
+class ImageClassifier(nn.Module):
+  """A backbone plus a target ``head`` and an optional pretrained ``source_head``.
+
+  Called as ``model.apply(variables, images, train=..., outputs=(...), mutable=...)``
+  and returns a dict with exactly the requested outputs:
+
+  * ``features``: globally average-pooled backbone output ``[B, D]``;
+  * ``logits``: target head ``[B, num_classes]``;
+  * ``source_logits``: the kept pretrained head ``[B, num_source_classes]``
+    (only with ``keep_source_head=True``);
+  * ``feature_maps``: dict block name -> NHWC output of that block.
+
+  Only the requested heads run; initialise with ``outputs=model.all_outputs`` to
+  create every parameter.
+
+  Attributes:
+    backbone: a module ``(x, *, train) -> (features [B, D], feature_maps dict)``.
+    num_classes: target classes.
+    model_name: used in error messages.
+    mean: per-channel pixel mean subtracted from the raw ``[0, 255]`` input.
+    std: per-channel pixel std the input is divided by.
+    keep_source_head: build ``source_head``.
+    num_source_classes: width of ``source_head``.
+    min_image_size: smallest accepted height/width.
+  """
+
+  backbone: nn.Module
+  num_classes: int
+  model_name: str
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+  keep_source_head: bool = False
+  num_source_classes: int = 1000
+  min_image_size: int = 32
+
+  @property
+  def all_outputs(self) -> tuple[str, ...]:
+    """Every output this model can produce (init with these to get all parameters)."""
+    return tuple(n for n in OUTPUT_NAMES if n != "source_logits" or self.keep_source_head)
+
+  def _check_inputs(self, images: jax.Array, outputs: Sequence[str]) -> None:
+    if isinstance(outputs, str):
+      raise ValueError(f"outputs must be a sequence of names, got the string {outputs!r}")
+    for name in outputs:
+      if name not in OUTPUT_NAMES:
+        raise ValueError(f"unknown output {name!r}; known: {', '.join(OUTPUT_NAMES)}")
+      if name == "source_logits" and not self.keep_source_head:
+        raise ValueError(
+            f"output 'source_logits' requested but {self.model_name} was created with "
+            "keep_source_head=False")
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"images must be NHWC with 3 channels, got shape {tuple(images.shape)}")
+    size = min(images.shape[1], images.shape[2])
+    if size < self.min_image_size:
+      raise ValueError(
+          f"image size {size} is too small for {self.model_name}; minimum {self.min_image_size}")
+
+  @nn.compact
+  def __call__(
+      self, images: jax.Array, *, train: bool, outputs: Sequence[str] = ("logits",)
+  ) -> dict[str, jax.Array]:
+    self._check_inputs(images, outputs)
+    x = normalize_pixels(images, self.mean, self.std)
+    features, feature_maps = self.backbone(x, train=train)
+    result = {}
+    for name in outputs:
+      if name == "features":
+        result[name] = features
+      elif name == "feature_maps":
+        result[name] = feature_maps
+      elif name == "logits":
+        result[name] = nn.Dense(self.num_classes, kernel_init=head_kernel_init, name="head")(features)
+      elif name == "source_logits":
+        result[name] = nn.Dense(
+            self.num_source_classes, kernel_init=head_kernel_init, name="source_head")(features)
+    return result
