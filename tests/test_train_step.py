@@ -45,13 +45,15 @@ def _train(model, variables, batch, config, steps=3):
                             momentum=0.9, weight_decay=1e-2)
   frozen = {n for n, g in groups.items() if g.frozen}
   mask = step_lib.frozen_stats_mask(variables["batch_stats"], labels, frozen) if frozen else None
+  frozen_mask = jax.tree.map(lambda label: label in frozen, labels) if frozen else None
   mesh = shd.make_data_mesh()
   state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
                      method_state={"ce": ()}, rng=jax.random.PRNGKey(1))
   fn = step_lib.jit_train_step(
       step_lib.make_train_step(model=model, optimizer=tx, components=[CrossEntropy()],
-                               train_bn=bn_mode == "train", stats_mask=mask),
+                               train_bn=bn_mode == "train", stats_mask=mask,
+                               frozen_mask=frozen_mask),
       mesh=mesh, state=state)
   losses = []
   for _ in range(steps):

@@ -218,9 +218,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step = int(state.step)
 
   stats_mask = step_lib.frozen_stats_mask(batch_stats, labels, frozen) if frozen else None
+  frozen_mask = jax.tree.map(lambda label: label in frozen, labels) if frozen else None
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(model=model, optimizer=optimizer, components=components,
-                               train_bn=bn_mode == "train", stats_mask=stats_mask),
+                               train_bn=bn_mode == "train", stats_mask=stats_mask,
+                               frozen_mask=frozen_mask),
       mesh=mesh, state=state)
   eval_step = step_lib.make_eval_step(model=model, num_classes=dataset.num_classes, mesh=mesh)
 

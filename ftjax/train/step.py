@@ -53,14 +53,28 @@ def make_train_step(
     components: Sequence[Any],
     train_bn: bool = True,
     stats_mask: Any = None,
+    frozen_mask: Any = None,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-  """The un-jitted step function; see :func:`jit_train_step`."""
+  """The un-jitted step function; see :func:`jit_train_step`.
+
+  Args:
+    model: Linen module returning a dict of named outputs.
+    optimizer: the partitioned optimizer (frozen groups use ``set_to_zero``).
+    components: the method's loss components.
+    train_bn: run BatchNorm in training mode (batch statistics, running averages updated).
+    stats_mask: pytree over ``batch_stats``; True keeps a statistic unchanged.
+    frozen_mask: pytree over ``params``; True marks a frozen parameter. Frozen
+      parameters enter the loss through ``stop_gradient`` so no backward pass is
+      spent on them (a linear probe costs a forward pass plus the head).
+  """
   outputs_needed = required_outputs(components)
 
   def step(state: TrainState, batch: dict[str, jax.Array]):
     step_rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
+      if frozen_mask is not None:
+        params = jax.tree.map(lambda p, frozen: jax.lax.stop_gradient(p) if frozen else p, params, frozen_mask)
       variables = {"params": params}
       if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
