@@ -1,0 +1,25 @@
+"""Pre-training data selection: UOT scores, cosine k-means and baselines."""
+
+from ftjax.selection.baselines import greedy_ot_scores
+from ftjax.selection.baselines import label_overlap_units
+from ftjax.selection.baselines import random_units
+from ftjax.selection.kmeans import KMeansResult
+from ftjax.selection.kmeans import kmeans
+from ftjax.selection.uot import UOTScores
+from ftjax.selection.uot import class_means
+from ftjax.selection.uot import cost_matrix
+from ftjax.selection.uot import select_top_k
+from ftjax.selection.uot import uot_scores
+
+__all__ = [
+    "KMeansResult",
+    "UOTScores",
+    "class_means",
+    "cost_matrix",
+    "greedy_ot_scores",
+    "kmeans",
+    "label_overlap_units",
+    "random_units",
+    "select_top_k",
+    "uot_scores",
+]
