@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ftjax.methods.co_tuning import CoTuning
 from ftjax.methods.finetune import CrossEntropy
 
 _FACTORIES: dict[str, Callable[..., Any]] = {
     "ce": CrossEntropy,
+    "co_tuning": CoTuning,
 }
 
 

@@ -174,6 +174,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model, variables = build_model(config, num_classes=dataset.num_classes,
                                  keep_source_head="source_logits" in needed, rng=init_rng)
 
+  # Components that need the target data or the initial model before training
+  # (Co-Tuning's category relationship) return a prepared copy of themselves.
+  components = [c.prepare(dataset=dataset, model=model, variables=variables, config=config)
+                if hasattr(c, "prepare") else c for c in components]
+
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   labels = patches.path_labels(params, rules, log=True)

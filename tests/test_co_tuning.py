@@ -1,0 +1,200 @@
+"""Co-Tuning loss (Eq. 2, second term) and its loss component in the train step."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.special
+
+from ftjax import models, patches
+from ftjax.losses import co_tuning_loss
+from ftjax.methods import build_components
+from ftjax.methods import co_tuning as ct_lib
+from ftjax.methods.co_tuning import CoTuning
+from ftjax.methods.finetune import CrossEntropy
+from ftjax.train import optim
+from ftjax.train import sharding as shd
+from ftjax.train import step as step_lib
+from ftjax.train.config import default_config
+from ftjax.train.loop import resolve_rules
+from ftjax.train.state import TrainState
+
+NUM_TARGET, NUM_SOURCE = 5, 7
+
+
+def _random_problem(batch=6, classes=9, seed=0):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(size=(batch, classes)).astype(np.float32) * 3
+  targets = rng.dirichlet(np.ones(classes) * 0.5, size=batch).astype(np.float32)
+  return logits, targets
+
+
+def _numpy_soft_ce(logits, targets):
+  log_p = scipy.special.log_softmax(np.asarray(logits, np.float64), axis=-1)
+  return -np.sum(np.asarray(targets, np.float64) * log_p, axis=-1)
+
+
+def _relationship(seed=1):
+  return np.random.default_rng(seed).dirichlet(np.ones(NUM_SOURCE), size=NUM_TARGET).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def test_loss_matches_numpy_for_every_reduction():
+  logits, targets = _random_problem()
+  per_example = _numpy_soft_ce(logits, targets)
+  kw = dict(source_logits=jnp.asarray(logits), relationship_targets=jnp.asarray(targets))
+  np.testing.assert_allclose(co_tuning_loss(**kw), per_example.mean(), rtol=1e-6)
+  np.testing.assert_allclose(co_tuning_loss(**kw, reduction="sum"), per_example.sum(), rtol=1e-6)
+  np.testing.assert_allclose(co_tuning_loss(**kw, reduction="none"), per_example, rtol=1e-6)
+  with pytest.raises(ValueError, match="unknown reduction 'max'"):
+    co_tuning_loss(**kw, reduction="max")
+
+
+def test_loss_gradient_is_softmax_minus_target():
+  logits, targets = _random_problem(seed=2)
+  grad = jax.grad(lambda z: co_tuning_loss(source_logits=z, relationship_targets=targets))(logits)
+  expected = (scipy.special.softmax(logits.astype(np.float64), -1) - targets) / len(logits)
+  np.testing.assert_allclose(grad, expected, atol=1e-7)
+  # Central finite differences on one coordinate, as a second, formula-free check.
+  eps = 1e-2
+  bump = np.zeros_like(logits)
+  bump[1, 3] = eps
+  diff = (_numpy_soft_ce(logits + bump, targets).mean() - _numpy_soft_ce(logits - bump, targets).mean())
+  assert grad[1, 3] == pytest.approx(diff / (2 * eps), rel=1e-3)
+
+
+def test_loss_jit_vmap_and_shape_errors():
+  logits, targets = _random_problem(seed=3)
+  fn = jax.jit(functools.partial(co_tuning_loss, reduction="none"))
+  np.testing.assert_allclose(fn(source_logits=logits, relationship_targets=targets),
+                             _numpy_soft_ce(logits, targets), rtol=1e-6)
+  per_row = jax.vmap(lambda z, q: co_tuning_loss(source_logits=z[None], relationship_targets=q[None]))
+  np.testing.assert_allclose(per_row(logits, targets), _numpy_soft_ce(logits, targets), rtol=1e-6)
+  with pytest.raises(ValueError, match=r"relationship_targets shape \(6, 8\)"):
+    co_tuning_loss(source_logits=logits, relationship_targets=targets[:, :8])
+  with pytest.raises(ValueError, match="source_logits must be"):
+    co_tuning_loss(source_logits=logits[0], relationship_targets=targets[0])
+
+
+# ----------------------------------------------------------------------------- component
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = models.create_model("efficientnet_tiny", num_classes=NUM_TARGET, keep_source_head=True,
+                              num_source_classes=NUM_SOURCE)
+  init = jax.jit(functools.partial(model.init, train=False, outputs=model.all_outputs))
+  variables = jax.tree.map(np.asarray, dict(init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))))
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.uniform(0, 255, (8, 32, 32, 3)).astype(np.float32),
+           "label": rng.integers(0, NUM_TARGET, 8).astype(np.int32)}
+  return model, variables, batch
+
+
+def test_component_from_config_and_its_term(tiny):
+  _, variables, batch = tiny
+  rel = _relationship()
+  ce, co = build_components({"ce": {"weight": 1.0},
+                             "co_tuning": {"weight": 2.3, "relationship": rel}})
+  assert isinstance(co, CoTuning) and co.weight == 2.3 and co.outputs == ("source_logits",)
+  state = co.init_state(variables=variables, rng=jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(state["relationship"], rel)
+  logits = np.random.default_rng(4).normal(size=(8, NUM_SOURCE)).astype(np.float32)
+  term = co(outputs={"source_logits": logits}, batch=batch, state=state, params=None, rng=None)
+  expected = _numpy_soft_ce(logits, rel[batch["label"]]).mean()
+  assert float(term.loss) == pytest.approx(expected, rel=1e-6)
+  assert term.state is state
+
+
+def test_component_rejects_bad_relationships(tiny, tmp_path):
+  _, variables, _ = tiny
+  with pytest.raises(ValueError, match="call its prepare"):
+    CoTuning().init_state(variables=variables, rng=None)
+  with pytest.raises(ValueError, match=r"shape \(5, 6\) but the model needs \(5, 7\)"):
+    CoTuning(relationship=_relationship()[:, :6] / _relationship()[:, :6].sum(1, keepdims=True)
+             ).init_state(variables=variables, rng=None)
+  with pytest.raises(ValueError, match="row 0 sums to"):
+    CoTuning(relationship=np.full((NUM_TARGET, NUM_SOURCE), 0.5))
+  with pytest.raises(ValueError, match="approach must be one of"):
+    CoTuning(approach="sideways")
+  with pytest.raises(ValueError, match="does not exist"):
+    CoTuning(relationship_path=str(tmp_path / "missing.npy"))
+  no_source = {"params": {k: v for k, v in variables["params"].items() if k != "source_head"}}
+  with pytest.raises(ValueError, match="keep_source_head=True"):
+    CoTuning(relationship=_relationship()).init_state(variables=no_source, rng=None)
+
+
+class _FakeDataset:
+  num_classes = NUM_TARGET
+
+
+def test_prepare_loads_a_path_or_computes(tiny, tmp_path, monkeypatch):
+  model, variables, _ = tiny
+  config = default_config()
+  config.seed, config.eval_batch_size, config.progress = 3, 16, False
+  rel = _relationship(seed=5)
+  path = tmp_path / "rel.npy"
+  np.save(path, rel)
+  prepared = CoTuning(relationship_path=str(path)).prepare(
+      dataset=_FakeDataset(), model=model, variables=variables, config=config)
+  np.testing.assert_array_equal(prepared.relationship, rel)
+
+  calls = []
+
+  def fake_compute(**kwargs):
+    calls.append(kwargs)
+    return rel
+  monkeypatch.setattr(ct_lib, "compute_relationship", fake_compute)
+  prepared = CoTuning(approach="direct", calibrate=False, source_temperature=0.0).prepare(
+      dataset=_FakeDataset(), model=model, variables=variables, config=config)
+  np.testing.assert_array_equal(prepared.relationship, rel)
+  (kw,) = calls
+  assert kw["pretrained_name"] == config.pretrained and kw["seed"] == 3 and kw["batch_size"] == 16
+  assert kw["approach"] == "direct" and kw["calibrate"] is False and kw["source_temperature"] is None
+  assert kw["model"] is model and kw["variables"] is variables and kw["cache_dir"] is None
+  with pytest.raises(ValueError, match=r"shape \(5, 7\) but the model needs \(4, 7\)"):
+    bad = type("D", (), {"num_classes": 4})()
+    CoTuning(relationship_path=str(path)).prepare(dataset=bad, model=model, variables=variables,
+                                                  config=config)
+
+
+def test_train_step_with_ce_plus_co_tuning(tiny):
+  model, variables, batch = tiny
+  rel = _relationship(seed=6)
+  components = [CrossEntropy(), CoTuning(weight=2.3, relationship=rel)]
+  config = default_config()
+  config.model = "efficientnet_tiny"
+  rules, groups, _ = resolve_rules(config)
+  labels = patches.path_labels(variables["params"], rules)
+  tx = optim.make_optimizer(labels=labels, groups=groups, schedule=lambda s: 0.05, momentum=0.9,
+                            weight_decay=0.0)
+  mesh = shd.make_data_mesh()
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                     batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+                     method_state={c.name: c.init_state(variables=variables, rng=None)
+                                   for c in components},
+                     rng=jax.random.PRNGKey(1))
+  assert step_lib.required_outputs(components) == ("logits", "source_logits")
+  step = step_lib.jit_train_step(step_lib.make_train_step(model=model, optimizer=tx,
+                                                          components=components),
+                                 mesh=mesh, state=state)
+  new_state, metrics = step(state, shd.global_batch(batch, mesh))
+
+  # Reference: the same training-mode forward, losses re-derived in NumPy.
+  out, _ = model.apply(variables, batch["image"], train=True, outputs=("logits", "source_logits"),
+                       mutable=["batch_stats"])
+  ce = -scipy.special.log_softmax(np.asarray(out["logits"], np.float64), -1)[
+      np.arange(8), batch["label"]].mean()
+  co = _numpy_soft_ce(out["source_logits"], rel[batch["label"]]).mean()
+  assert float(metrics["loss/ce"]) == pytest.approx(ce, rel=1e-4)
+  assert float(metrics["loss/co_tuning"]) == pytest.approx(co, rel=1e-4)
+  assert float(metrics["loss"]) == pytest.approx(ce + 2.3 * co, rel=1e-4)
+  new_state = jax.device_get(new_state)
+  # The source head trains (the co_tuning term reaches it); the relationship is a constant.
+  assert not np.allclose(new_state.params["source_head"]["kernel"],
+                         variables["params"]["source_head"]["kernel"])
+  np.testing.assert_array_equal(new_state.method_state["co_tuning"]["relationship"], rel)
