@@ -18,9 +18,18 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+class _QuietLibraries(logging.Filter):
+  """Keeps ftjax's own log lines (parameter-rule matches, resumes); drops Orbax's per-save chatter."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from absl import logging as absl_logging
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   # Heavy imports after flag parsing so that --help and flag errors are instant.
   from ftjax.train import report
   try:

@@ -177,8 +177,11 @@ def _depthwise_shifted_bwd(strides, pads, residuals, g):
   out_hw = g.shape[1:3]
   # Weight gradient: per-tap sums of products, dw[i, j] = sum_nhw tap_ij(xp) * g.
   xp = _pad_hw(x, pads)
+  # Reducing the product flattened to [positions, channels] measured faster on
+  # XLA:CPU than reducing axes (0, 1, 2) of the 4-D product.
+  channels = w.shape[-1]
   dw = jnp.stack([
-      jnp.sum(_tap(xp, i, j, strides, out_hw) * g, axis=(0, 1, 2))
+      jnp.sum((_tap(xp, i, j, strides, out_hw) * g).reshape(-1, channels), axis=0)
       for i in range(kh) for j in range(kw)
   ]).reshape(w.shape)
   # Input gradient: every output position scattered g * w[i, j] back to the input

@@ -1,0 +1,214 @@
+"""Training-step throughput of ftjax models against PyTorch eager (channels_last).
+
+One training step = forward in train mode (BatchNorm batch statistics), softmax
+cross-entropy, backward, SGD with momentum 0.9. The JAX step is one ``jax.jit``
+with the state donated; its FLOPs come from XLA's cost analysis of the compiled
+step. The PyTorch step uses the reference modules of ``ftjax.testing.torch_models``
+in ``channels_last`` with ``torch.optim.SGD(momentum=0.9)`` and
+``torch.set_num_threads(os.cpu_count())``. Both are timed in the same run: median
+of ``--steps`` steps after ``--warmup`` untimed ones.
+
+Usage::
+
+  python -m experiments.bench.step_throughput --model resnet18 --batch 32 --size 112
+  python -m experiments.bench.step_throughput --cases issue9        # the table
+  FTJAX_CONV_IMPL=xla python -m experiments.bench.step_throughput --cases issue9
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ftjax.models import create_model
+from ftjax.models import conv as conv_lib
+
+NUM_CLASSES = 1000
+
+# (model, batch, size): the three cases of issue 9, then the default fine-tuning sizes.
+CASES = {
+    "issue9": (
+        ("resnet18", 32, 112),
+        ("resnet18", 64, 64),
+        ("efficientnet_lite0", 32, 96),
+        ("resnet50", 32, 224),
+        ("efficientnet_lite0", 32, 224),
+    ),
+    "issue9-small": (
+        ("resnet18", 32, 112),
+        ("resnet18", 64, 64),
+        ("efficientnet_lite0", 32, 96),
+    ),
+}
+
+
+@dataclasses.dataclass
+class Result:
+  model: str
+  batch: int
+  size: int
+  jax_step_s: float
+  gflop: float | None
+  torch_step_s: float | None
+  load: float
+
+  @property
+  def jax_images_per_s(self) -> float:
+    return self.batch / self.jax_step_s
+
+  @property
+  def torch_images_per_s(self) -> float | None:
+    return None if self.torch_step_s is None else self.batch / self.torch_step_s
+
+
+def _median_time(step: Callable[[], None], *, warmup: int, steps: int) -> float:
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _flops(compiled) -> float | None:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older JAX: one dict per computation
+    analysis = analysis[0] if analysis else None
+  if not analysis or "flops" not in analysis:
+    return None
+  return float(analysis["flops"])
+
+
+def time_jax_step(name: str, batch: int, size: int, *, warmup: int, steps: int
+                  ) -> tuple[float, float | None]:
+  """Median seconds of one jitted training step and its FLOPs (XLA cost analysis)."""
+  model = create_model(name, num_classes=NUM_CLASSES)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.uniform(0, 255, (batch, size, size, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32)
+  variables = jax.jit(lambda k, x: model.init(k, x, train=False, outputs=("logits",)))(
+      jax.random.key(0), images[:1])
+  optimizer = optax.sgd(0.01, momentum=0.9)
+  state = (variables["params"], variables["batch_stats"],
+           optimizer.init(variables["params"]))
+
+  def train_step(state, images, labels):
+    params, batch_stats, opt_state = state
+
+    def loss_fn(params):
+      outputs, updates = model.apply(
+          {"params": params, "batch_stats": batch_stats}, images, train=True,
+          outputs=("logits",), mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(outputs["logits"], labels)
+      return loss.mean(), updates["batch_stats"]
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+  compiled = jax.jit(train_step, donate_argnums=0).lower(state, images, labels).compile()
+  flops = _flops(compiled)
+  holder = [state]
+
+  def step():
+    holder[0], loss = compiled(holder[0], images, labels)
+    loss.block_until_ready()
+
+  return _median_time(step, warmup=warmup, steps=steps), flops
+
+
+def time_torch_step(name: str, batch: int, size: int, *, warmup: int, steps: int) -> float:
+  """Median seconds of one eager PyTorch training step, channels_last."""
+  import torch
+
+  from ftjax.testing import torch_models
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  torch.manual_seed(0)
+  if name.startswith("efficientnet"):
+    model = torch_models.TorchEfficientNetLite0(num_classes=NUM_CLASSES)
+  else:
+    model = torch_models.TorchResNet(name, num_classes=NUM_CLASSES)
+  model = model.to(memory_format=torch.channels_last).train()
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+  pixels = torch.rand(batch, 3, size, size) * 255
+  images = torch_models.normalize_pixels(pixels, model.mean, model.std)
+  images = images.contiguous(memory_format=torch.channels_last)
+  labels = torch.randint(0, NUM_CLASSES, (batch,))
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(images), labels)
+    loss.backward()
+    optimizer.step()
+
+  return _median_time(step, warmup=warmup, steps=steps)
+
+
+def run_case(name: str, batch: int, size: int, *, warmup: int, steps: int,
+             torch_too: bool) -> Result:
+  jax_s, flops = time_jax_step(name, batch, size, warmup=warmup, steps=steps)
+  torch_s = None
+  if torch_too:
+    try:
+      torch_s = time_torch_step(name, batch, size, warmup=warmup, steps=steps)
+    except ImportError:
+      torch_s = None
+  return Result(name, batch, size, jax_s, None if flops is None else flops / 1e9,
+                torch_s, os.getloadavg()[0])
+
+
+def format_row(r: Result) -> str:
+  gflops = "n/a" if r.gflop is None else f"{r.gflop / r.jax_step_s:7.1f}"
+  torch_ips = "n/a" if r.torch_images_per_s is None else f"{r.torch_images_per_s:8.1f}"
+  ratio = ("n/a" if r.torch_images_per_s is None
+           else f"{r.jax_images_per_s / r.torch_images_per_s:5.2f}x")
+  return (f"| {r.model:18s} | {r.batch:5d} | {r.size:4d} | {r.jax_images_per_s:8.1f} | "
+          f"{gflops:>7s} | {torch_ips:>8s} | {ratio:>6s} | {r.load:4.1f} |")
+
+
+HEADER = ("| model              | batch | size | jax im/s | GFLOP/s | torch im/s | ratio | load |\n"
+          "|--------------------|-------|------|----------|---------|------------|-------|------|")
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--model", default="resnet18")
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--size", type=int, default=112)
+  parser.add_argument("--cases", choices=sorted(CASES), default=None,
+                      help="run a named set of (model, batch, size) cases instead")
+  parser.add_argument("--steps", type=int, default=15, help="timed steps (median)")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch step")
+  parser.add_argument("--conv-impl", default="auto", choices=conv_lib.IMPLS,
+                      help="force one conv formulation (default: auto dispatch)")
+  args = parser.parse_args(argv)
+  if args.steps < 1 or args.warmup < 0:
+    raise ValueError(f"--steps must be >= 1 and --warmup >= 0; got {args.steps}, {args.warmup}")
+
+  cases = CASES[args.cases] if args.cases else ((args.model, args.batch, args.size),)
+  print(f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPUs, "
+        f"conv impl {args.conv_impl!r} (FTJAX_CONV_IMPL={os.environ.get('FTJAX_CONV_IMPL')}), "
+        f"median of {args.steps} steps", flush=True)
+  print(HEADER, flush=True)
+  with conv_lib.conv_impl(args.conv_impl):
+    for name, batch, size in cases:
+      result = run_case(name, batch, size, warmup=args.warmup, steps=args.steps,
+                        torch_too=not args.no_torch)
+      print(format_row(result), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,222 @@
+"""Every conv formulation equals ``lax.conv_general_dilated`` (forward and both gradients)."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from ftjax.models import conv as conv_lib
+from ftjax.models.conv import conv2d
+
+SYMMETRIC = "symmetric"  # explicit ((k // 2, k // 2), (k // 2, k // 2)), as ResNet uses
+
+
+def _padding(name, k):
+  return ((k // 2, k // 2), (k // 2, k // 2)) if name == SYMMETRIC else name
+
+
+def _reference(x, kernel, strides, padding, groups):
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=strides, padding=padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+      precision=lax.Precision.HIGHEST)
+
+
+def _assert_matches_reference(impl, *, k, stride, padding, depthwise, hw, channels=3,
+                              out_channels=4, batch=2, seed=0):
+  """Forward, d/dx and d/dkernel (vjp with a random cotangent) of ``impl`` vs lax."""
+  rng = np.random.default_rng(seed)
+  h, w = hw
+  x = jnp.asarray(rng.normal(size=(batch, h, w, channels)), jnp.float32)
+  groups = channels if depthwise else 1
+  cout = channels if depthwise else out_channels
+  kernel = jnp.asarray(rng.normal(size=(k, k, channels // groups, cout)), jnp.float32)
+  padding = _padding(padding, k)
+  strides = (stride, stride)
+
+  def forward_and_grads(conv):
+    def run(a, b, cotangent):
+      y, vjp = jax.vjp(conv, a, b)
+      return (y, *vjp(cotangent))
+    return jax.jit(run)
+
+  out_shape = jax.eval_shape(
+      lambda a, b: _reference(a, b, strides, padding, groups), x, kernel).shape
+  cotangent = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+  want = forward_and_grads(lambda a, b: _reference(a, b, strides, padding, groups))(
+      x, kernel, cotangent)
+  got = forward_and_grads(
+      lambda a, b: conv2d(a, b, strides=strides, padding=padding, feature_group_count=groups,
+                          impl=impl))(x, kernel, cotangent)
+  names = ("output", "grad x", "grad kernel")
+  for name, a, b in zip(names, want, got):
+    assert a.shape == b.shape, f"{name}: shape {b.shape} != {a.shape}"
+    scale = float(np.abs(np.asarray(a)).max()) + 1e-6
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4 * scale,
+                               err_msg=f"{impl} {name}")
+
+
+# Fast subset: kernel 1/3/5/7, stride 1/2, SAME/VALID/symmetric, odd and even maps,
+# tiny maps (1x1, 2x2, 3x3) and non-square maps, each formulation.
+FAST_CASES = [
+    # (k, stride, padding, hw)
+    (1, 1, "SAME", (5, 5)),
+    (1, 2, "VALID", (6, 7)),
+    (3, 1, "SAME", (6, 6)),
+    (3, 2, "SAME", (7, 7)),     # TF SAME, symmetric pads
+    (3, 2, "SAME", (8, 8)),     # TF SAME, extra pad at the end
+    (3, 2, SYMMETRIC, (8, 7)),
+    (3, 1, "VALID", (5, 6)),
+    (3, 1, "SAME", (1, 1)),     # tiny maps: the kernel is larger than the input
+    (3, 1, "SAME", (2, 2)),
+    (3, 2, SYMMETRIC, (3, 3)),
+    (5, 1, "SAME", (3, 3)),
+    (5, 2, "SAME", (9, 9)),
+    (5, 2, "SAME", (10, 10)),
+    (7, 2, SYMMETRIC, (9, 10)),  # ResNet stem
+    (7, 1, "VALID", (7, 8)),
+]
+
+
+@pytest.mark.parametrize("k,stride,padding,hw", FAST_CASES)
+def test_matmul_matches_lax_dense(k, stride, padding, hw):
+  _assert_matches_reference("matmul", k=k, stride=stride, padding=padding, depthwise=False, hw=hw)
+
+
+@pytest.mark.parametrize("k,stride,padding,hw", FAST_CASES)
+def test_shifted_matches_lax_depthwise(k, stride, padding, hw):
+  _assert_matches_reference("shifted", k=k, stride=stride, padding=padding, depthwise=True,
+                            hw=hw, channels=5)
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+@pytest.mark.parametrize("k,stride,padding,hw", [
+    (1, 2, "SAME", (8, 8)), (3, 1, "SAME", (2, 2)), (5, 2, "SAME", (12, 12)),
+    (3, 1, SYMMETRIC, (80, 80)),   # a large map: "auto" may pick XLA here
+])
+def test_auto_matches_lax(k, stride, padding, hw, depthwise):
+  _assert_matches_reference("auto", k=k, stride=stride, padding=padding, depthwise=depthwise,
+                            hw=hw, channels=4, batch=1)
+
+
+def test_explicit_asymmetric_padding_and_grouped_fallback():
+  # Asymmetric explicit pads go through every formulation; a grouped (non-depthwise)
+  # conv under "auto" falls back to XLA and still matches.
+  _assert_matches_reference("matmul", k=3, stride=2, padding=((0, 2), (1, 0)), depthwise=False,
+                            hw=(7, 6))
+  _assert_matches_reference("shifted", k=3, stride=2, padding=((0, 2), (1, 0)), depthwise=True,
+                            hw=(7, 6))
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 6, 6, 4)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 2, 6)), jnp.float32)
+  np.testing.assert_allclose(
+      conv2d(x, kernel, feature_group_count=2),
+      _reference(x, kernel, (1, 1), "SAME", 2), rtol=1e-5, atol=1e-5)
+
+
+def test_same_padding_follows_tensorflow_numpy():
+  # Independent of lax: TF "SAME" with stride 2 on an even map pads 0 before and 1
+  # after (out = ceil(in / stride)); a direct NumPy loop re-derives the output.
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(1, 6, 6, 2)).astype(np.float32)
+  kernel = rng.normal(size=(3, 3, 2, 3)).astype(np.float32)
+  xp = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+  want = np.zeros((1, 3, 3, 3), np.float32)
+  for r, c in itertools.product(range(3), range(3)):
+    patch = xp[0, 2 * r:2 * r + 3, 2 * c:2 * c + 3, :]
+    want[0, r, c] = np.einsum("hwi,hwio->o", patch, kernel)
+  for impl in ("xla", "matmul", "auto"):
+    got = conv2d(jnp.asarray(x), jnp.asarray(kernel), strides=(2, 2), padding="SAME", impl=impl)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=impl)
+  dw_kernel = rng.normal(size=(3, 3, 1, 2)).astype(np.float32)
+  want_dw = np.zeros((1, 3, 3, 2), np.float32)
+  for r, c in itertools.product(range(3), range(3)):
+    want_dw[0, r, c] = np.einsum("hwc,hwc->c", xp[0, 2 * r:2 * r + 3, 2 * c:2 * c + 3, :],
+                                 dw_kernel[:, :, 0, :])
+  got = conv2d(jnp.asarray(x), jnp.asarray(dw_kernel), strides=(2, 2), padding="SAME",
+               feature_group_count=2, impl="shifted")
+  np.testing.assert_allclose(np.asarray(got), want_dw, rtol=1e-5, atol=1e-5)
+
+
+def test_jit_and_second_order_gradients_of_shifted():
+  # The custom VJP's backward is itself differentiable (e.g. for meta-gradients).
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(1, 5, 5, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 3)), jnp.float32)
+
+  def grad_norm(impl):
+    def loss(k):
+      return jnp.sum(jnp.sin(conv2d(x, k, strides=(2, 2), feature_group_count=3, impl=impl)))
+    return jax.jit(jax.grad(lambda k: jnp.sum(jax.grad(loss)(k) ** 2)))(kernel)
+
+  np.testing.assert_allclose(grad_norm("shifted"), grad_norm("xla"), rtol=1e-4, atol=1e-4)
+
+
+def test_auto_dispatch_choices_on_cpu():
+  assert jax.default_backend() == "cpu"
+  x_small = jnp.zeros((2, 4, 4, 8))
+  x_big = jnp.zeros((2, 128, 128, 8))
+  dense3 = jnp.zeros((3, 3, 8, 8))
+  dense1 = jnp.zeros((1, 1, 8, 8))
+  depthwise = jnp.zeros((3, 3, 1, 8))
+  grouped = jnp.zeros((3, 3, 4, 8))
+  assert conv_lib._auto_impl(x_small, depthwise, 8, (4, 4)) == "shifted"
+  assert conv_lib._auto_impl(x_big, dense1, 1, (128, 128)) == "matmul"
+  assert conv_lib._auto_impl(x_small, dense3, 1, (4, 4)) == "matmul"
+  assert conv_lib._auto_impl(x_small, grouped, 2, (4, 4)) == "xla"
+  # Large map, many channels: XLA's own conv measured fastest.
+  x_wide = jnp.zeros((2, 56, 56, 64))
+  assert conv_lib._auto_impl(x_wide, jnp.zeros((3, 3, 64, 64)), 1, (56, 56)) == "xla"
+
+
+def test_forcing_xla_by_context_and_environment(monkeypatch):
+  x = jnp.zeros((1, 4, 4, 8))
+  depthwise = jnp.zeros((3, 3, 1, 8))
+  with conv_lib.conv_impl("xla"):
+    assert conv_lib._auto_impl(x, depthwise, 8, (4, 4)) == "xla"
+  assert conv_lib._auto_impl(x, depthwise, 8, (4, 4)) == "shifted"
+  monkeypatch.setenv("FTJAX_CONV_IMPL", "xla")
+  assert conv_lib._auto_impl(x, depthwise, 8, (4, 4)) == "xla"
+  # A forced formulation that cannot express the conv falls back to XLA.
+  monkeypatch.setenv("FTJAX_CONV_IMPL", "shifted")
+  assert conv_lib._auto_impl(x, jnp.zeros((3, 3, 8, 8)), 1, (4, 4)) == "xla"
+  monkeypatch.setenv("FTJAX_CONV_IMPL", "bogus")
+  with pytest.raises(ValueError, match="bogus"):
+    conv2d(x, depthwise, feature_group_count=8)
+
+
+def test_bad_arguments_raise_clear_errors():
+  x = jnp.zeros((1, 4, 4, 4))
+  dense = jnp.zeros((3, 3, 4, 4))
+  depthwise = jnp.zeros((3, 3, 1, 4))
+  with pytest.raises(ValueError, match="unknown conv impl 'fast'"):
+    conv2d(x, dense, impl="fast")
+  with pytest.raises(ValueError, match="unknown padding 'FULL'"):
+    conv2d(x, dense, padding="FULL")
+  with pytest.raises(ValueError, match="non-negative"):
+    conv2d(x, dense, padding=((-1, 1), (1, 1)))
+  with pytest.raises(ValueError, match="matmul"):
+    conv2d(x, depthwise, feature_group_count=4, impl="matmul")
+  with pytest.raises(ValueError, match="shifted"):
+    conv2d(x, dense, impl="shifted")
+  with pytest.raises(ValueError, match="in_channels 4"):
+    conv2d(x, jnp.zeros((3, 3, 2, 4)))
+  with pytest.raises(ValueError, match="empty"):
+    conv2d(x, jnp.zeros((7, 7, 4, 4)), padding="VALID")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["matmul", "shifted"])
+def test_full_grid_matches_lax(impl):
+  for k, stride, padding, size in itertools.product(
+      (1, 3, 5, 7), (1, 2), ("SAME", "VALID", SYMMETRIC), (1, 2, 3, 6, 7, 14)):
+    if padding == "VALID" and size < k:
+      continue
+    _assert_matches_reference(impl, k=k, stride=stride, padding=padding,
+                              depthwise=impl == "shifted", hw=(size, size + 1), channels=8,
+                              out_channels=16)
