@@ -2,7 +2,7 @@ r"""The foundation baselines on one protocol: linear probe, last-k, fine-tune, f
 
   .venv/bin/python -m experiments.train --config experiments/configs/baselines.py:1 --workdir runs/baselines
 
-The argument is the sampling rate in percent (default 1). ``--config.num_seeds=3``
+The argument is the sampling rate in percent (default 5, as the main job). ``--config.num_seeds=3``
 gives mean ± std over three seeds.
 """
 
@@ -11,7 +11,7 @@ from experiments.configs import default
 
 def get_config(arg: str = ""):
   c = default.get_config()
-  c.dataset.sampling_rate = float(arg) if arg else 1.0
+  c.dataset.sampling_rate = float(arg) if arg else 5.0
   c.compare = {
       "linear_probe": {"baseline": "linear_probe"},
       "last_3": {"baseline": "last_k", "last_k": 3},

@@ -26,6 +26,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.val_fraction = 0.2
   c.dataset.image_size = 224
   c.dataset.resize_size = 0       # 0 = image_size / 0.875
+  c.dataset.crop_scale = (0.08, 1.0)  # area range of the training random-resized crop
 
   c.batch_size = 32               # global
   c.eval_batch_size = 128

@@ -64,6 +64,10 @@ def baseline_rules(config: ml_collections.ConfigDict) -> tuple[list[tuple[str, s
              (f"(?:{trained})/.*", "backbone"),
              (f"(?!(?:{trained})/)(?:backbone|source_head)/.*", "frozen")]
     groups = {"head": head, "backbone": {}, "frozen": {"frozen": True}}
+  # BatchNorm in "train" mode normalises every layer, frozen or not, by batch
+  # statistics and re-estimates all running statistics on the task (as a torch
+  # model in train() mode with frozen weights does), so training and evaluation
+  # see the same normalisation; "eval" keeps the pretrained statistics everywhere.
   bn_mode = "eval" if baseline == "linear_probe" else "train"
   return rules, groups, bn_mode
 
@@ -170,7 +174,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config.dataset.name, data_dir=data_dir, sampling_rate=config.dataset.sampling_rate,
       seed=config.seed, val_fraction=config.dataset.val_fraction,
       image_size=config.dataset.image_size, resize_size=config.dataset.resize_size or None,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      crop_scale=tuple(config.dataset.crop_scale))
   model, variables = build_model(config, num_classes=dataset.num_classes,
                                  keep_source_head="source_logits" in needed, rng=init_rng)
 
@@ -222,12 +227,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.truncate_after(0)  # a killed run that never checkpointed starts over
   step = int(state.step)
 
-  stats_mask = step_lib.frozen_stats_mask(batch_stats, labels, frozen) if frozen else None
   frozen_mask = jax.tree.map(lambda label: label in frozen, labels) if frozen else None
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(model=model, optimizer=optimizer, components=components,
-                               train_bn=bn_mode == "train", stats_mask=stats_mask,
-                               frozen_mask=frozen_mask),
+                               train_bn=bn_mode == "train", frozen_mask=frozen_mask),
       mesh=mesh, state=state)
   eval_step = step_lib.make_eval_step(model=model, num_classes=dataset.num_classes, mesh=mesh)
 

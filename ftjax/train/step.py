@@ -16,27 +16,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from ftjax import patches
 from ftjax.train import sharding as shd
 from ftjax.train.state import TrainState
-
-
-def frozen_stats_mask(batch_stats: Any, param_labels: Any, frozen_groups: set[str]) -> Any:
-  """True for BatchNorm statistics whose module's parameters are all frozen.
-
-  Frozen layers keep their statistics bitwise, so "frozen" means frozen even when
-  the forward runs BatchNorm in training mode.
-  """
-  module_groups: dict[str, set[str]] = {}
-  for path, label in zip(patches.param_paths(param_labels), jax.tree.leaves(param_labels)):
-    module_groups.setdefault(path.rsplit("/", 1)[0], set()).add(label)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(batch_stats)
-  mask = []
-  for path, _ in flat:
-    module = patches.path_str(path).rsplit("/", 1)[0]
-    groups = module_groups.get(module)
-    mask.append(bool(groups) and groups <= frozen_groups)
-  return jax.tree_util.tree_unflatten(treedef, mask)
 
 
 def required_outputs(components: Sequence[Any]) -> tuple[str, ...]:
@@ -52,7 +33,6 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     components: Sequence[Any],
     train_bn: bool = True,
-    stats_mask: Any = None,
     frozen_mask: Any = None,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """The un-jitted step function; see :func:`jit_train_step`.
@@ -61,8 +41,8 @@ def make_train_step(
     model: Linen module returning a dict of named outputs.
     optimizer: the partitioned optimizer (frozen groups use ``set_to_zero``).
     components: the method's loss components.
-    train_bn: run BatchNorm in training mode (batch statistics, running averages updated).
-    stats_mask: pytree over ``batch_stats``; True keeps a statistic unchanged.
+    train_bn: run BatchNorm in training mode (batch statistics; every running
+      average is re-estimated on the task). False: running statistics, unchanged.
     frozen_mask: pytree over ``params``; True marks a frozen parameter. Frozen
       parameters enter the loss through ``stop_gradient`` so no backward pass is
       spent on them (a linear probe costs a forward pass plus the head).
@@ -103,9 +83,6 @@ def make_train_step(
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    if stats_mask is not None and new_stats:
-      new_stats = jax.tree.map(lambda keep, old, new: old if keep else new,
-                               stats_mask, state.batch_stats, new_stats)
     metrics["loss"] = loss
     metrics["grad_norm"] = optax.global_norm(grads)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
