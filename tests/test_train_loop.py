@@ -62,7 +62,7 @@ def test_four_devices_equal_one_device(tmp_path, fashion_mnist_ready):
   l4, l1 = _losses(four), _losses(one)
   assert [r[:2] for r in l4] == [r[:2] for r in l1]
   np.testing.assert_allclose([r[2] for r in l4 if r[2] is not None],
-                             [r[2] for r in l1 if r[2] is not None], rtol=2e-5)
+                             [r[2] for r in l1 if r[2] is not None], rtol=1e-4)
   s4, p4 = _final(four)
   s1, p1 = _final(one)
   assert s4 == s1 == 6
