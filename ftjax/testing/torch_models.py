@@ -46,7 +46,8 @@ _RESNET_SPECS = {
     "resnet_tiny": ("basic", (1, 1), (8, 16), (1, 2), "small", 8),
 }
 
-# EfficientNet-Lite0 blocks: (kernel, stride, expansion, out_channels).
+# EfficientNet-Lite0 blocks: (kernel, stride, expansion, out_channels). Restated here on
+# purpose, not imported from ftjax.models: the reference must not share the code it checks.
 LITE0_BLOCKS = (
     (3, 1, 1, 16),
     (3, 2, 6, 24), (3, 1, 6, 24),
