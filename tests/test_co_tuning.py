@@ -1,6 +1,7 @@
 """Co-Tuning loss (Eq. 2, second term) and its loss component in the train step."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -198,3 +199,46 @@ def test_train_step_with_ce_plus_co_tuning(tiny):
   assert not np.allclose(new_state.params["source_head"]["kernel"],
                          variables["params"]["source_head"]["kernel"])
   np.testing.assert_array_equal(new_state.method_state["co_tuning"]["relationship"], rel)
+
+
+def test_write_artifacts_saves_the_relationship_and_fig1(tmp_path):
+  from ftjax.models import registry
+  rel = np.random.default_rng(7).dirichlet(np.ones(1000) * 0.05, size=3).astype(np.float32)
+  config = default_config()  # pretrained efficientnet_lite0/imagenet: ImageNet names
+  dataset = type("D", (), {"class_names": ["tee", "trouser", "bag"], "num_classes": 3})()
+  paths = CoTuning(relationship=rel).write_artifacts(workdir=str(tmp_path), dataset=dataset,
+                                                     config=config)
+  assert [p.rsplit("/", 1)[-1] for p in paths] == ["relationship.npy", "relationship.png"]
+  np.testing.assert_array_equal(np.load(tmp_path / "relationship.npy"), rel)
+  assert (tmp_path / "relationship.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert len(registry.load_class_names(registry.source_class_names_file(config.pretrained))) == 1000
+  with pytest.raises(ValueError, match="unknown pretrained model 'nope'"):
+    registry.source_class_names_file("nope")
+  config.pretrained = ""  # no names known: indices stand in, still a figure
+  assert CoTuning(relationship=rel).write_artifacts(workdir=str(tmp_path / "b"), dataset=dataset,
+                                                    config=config)[1].endswith(".png")
+
+
+CO_TUNING_RUN = r"""
+import sys
+from experiments.configs import tiny
+from ftjax.train import report
+c = tiny.get_config()
+c.num_steps, c.eval_every_steps = 4, 4
+c.losses = {"ce": {"weight": 1.0},
+            "co_tuning": {"weight": 2.3, "approach": "direct", "cache_dir": sys.argv[2]}}
+report.run_all(c, sys.argv[1])
+"""
+
+
+def test_run_writes_results_table_and_relationship_figure(tmp_path, fashion_mnist_ready):
+  """ce + co_tuning through the experiment runner on real data; the workdir holds Fig. 1."""
+  from conftest import run_python
+  workdir = tmp_path / "run"
+  run_python(["-c", CO_TUNING_RUN, str(workdir), str(tmp_path / "cache")])
+  run_dir = workdir / "seed0"
+  rel = np.load(run_dir / "relationship.npy")
+  assert rel.shape[0] == 10 and np.allclose(rel.sum(1), 1, atol=1e-4)
+  assert (run_dir / "relationship.png").exists()
+  assert "[seed0/relationship.png](seed0/relationship.png)" in (workdir / "results_table.md").read_text()
+  assert json.loads((run_dir / "results.json").read_text())["steps"] == 4

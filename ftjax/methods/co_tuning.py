@@ -119,6 +119,37 @@ class CoTuning:
     return dataclasses.replace(self, relationship=check_relationship(
         rel, num_target=dataset.num_classes))
 
+  def write_artifacts(self, *, workdir: str, dataset: Any, config: Any) -> list[str]:
+    """Saves the relationship used by the run next to its results.
+
+    Writes ``relationship.npy`` (``[C_t, C_s]``) and ``relationship.png``, the
+    paper's Fig. 1: each target class with its top-5 source classes. Source
+    class names come from the pretrained registry entry (indices when the
+    model has none).
+
+    Returns:
+      The paths written.
+    """
+    from ftjax.models import registry
+    from ftjax.relationship import plot_relationship
+
+    rel = self.relationship
+    if rel is None:
+      return []
+    os.makedirs(workdir, exist_ok=True)
+    npy = os.path.join(workdir, "relationship.npy")
+    tmp = npy + ".tmp.npy"
+    np.save(tmp, rel)
+    os.replace(tmp, npy)  # atomic: a killed run never leaves half a file
+    name = config.pretrained or ""
+    source_names = (registry.load_class_names(registry.source_class_names_file(name))
+                    if name in registry.KNOWN_PRETRAINED else ())
+    if len(source_names) != rel.shape[1]:
+      source_names = [f"source {i}" for i in range(rel.shape[1])]
+    png = plot_relationship(rel, target_names=list(dataset.class_names), source_names=list(source_names),
+                            path=os.path.join(workdir, "relationship.png"))
+    return [npy, png]
+
   def init_state(self, *, variables: Any, rng: jax.Array) -> dict[str, jax.Array]:
     del rng
     rel = self.relationship

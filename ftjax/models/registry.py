@@ -160,6 +160,13 @@ def _load_variables(name: str, source: _Source, cache_dir: Path) -> dict:
   return variables
 
 
+def source_class_names_file(name: str) -> str:
+  """The class-names file of a registry entry, e.g. ``"imagenet_classes.txt"``."""
+  if name not in _SOURCES:
+    raise ValueError(f"unknown pretrained model {name!r}; known: {', '.join(KNOWN_PRETRAINED)}")
+  return _SOURCES[name].class_names_file
+
+
 def load_class_names(file_name: str = "imagenet_classes.txt") -> tuple[str, ...]:
   """Class names shipped in ``ftjax/models/``, one per line, index-aligned."""
   text = (Path(__file__).parent / file_name).read_text(encoding="utf-8")
@@ -173,6 +180,7 @@ def pretrained(
     keep_source_head: bool = True,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
+    projection_dim: int = 0,
 ) -> Pretrained:
   """Loads a pretrained model by name.
 
@@ -185,6 +193,9 @@ def pretrained(
     keep_source_head: keep the pretrained classifier (only with ``num_classes``).
     seed: seed of the fresh head.
     cache_dir: where converted weights are cached.
+    projection_dim: > 0 adds a fresh Bi-Tuning ``projector`` (features ->
+      ``projection_dim``, LeCun-normal kernel seeded by ``(seed, 1)``, zero bias)
+      and the ``projection`` output; 0 (default) leaves the model unchanged.
 
   Returns:
     :class:`Pretrained` (``model``, ``variables``, ``preprocessing``,
@@ -207,16 +218,22 @@ def pretrained(
   from ftjax.models import create_model  # local: ftjax.models imports this module
 
   if num_classes is None:
-    model = create_model(source.model_name, num_classes=num_source)
+    model = create_model(source.model_name, num_classes=num_source, projection_dim=projection_dim)
     params["head"] = source_head
   else:
     model = create_model(source.model_name, num_classes=num_classes,
-                         keep_source_head=keep_source_head, num_source_classes=num_source)
+                         keep_source_head=keep_source_head, num_source_classes=num_source,
+                         projection_dim=projection_dim)
     width = int(source_head["kernel"].shape[0])
     kernel = head_kernel_init(jax.random.key(seed), (width, num_classes), jnp.float32)
     params["head"] = {"kernel": kernel, "bias": jnp.zeros((num_classes,), jnp.float32)}
     if keep_source_head:
       params["source_head"] = source_head
+  if projection_dim > 0:
+    width = int(source_head["kernel"].shape[0])
+    kernel = head_kernel_init(jax.random.fold_in(jax.random.key(seed), 1), (width, projection_dim),
+                              jnp.float32)
+    params["projector"] = {"kernel": kernel, "bias": jnp.zeros((projection_dim,), jnp.float32)}
   variables = jax.tree.map(jnp.asarray, {"params": params, "batch_stats": loaded["batch_stats"]})
   preprocessing = Preprocessing(mean=model.mean, std=model.std)
   return Pretrained(model, variables, preprocessing, load_class_names(source.class_names_file), name)

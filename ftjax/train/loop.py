@@ -45,14 +45,16 @@ def baseline_rules(config: ml_collections.ConfigDict) -> tuple[list[tuple[str, s
   if baseline not in BASELINES:
     raise ConfigError(f"unknown baseline {baseline!r}; known: {', '.join(BASELINES)}")
   head = {"lr_mult": config.head_lr_mult}
+  # New heads: the target head and Bi-Tuning's projector (both randomly initialised).
+  new_heads = "(?:head|projector)/.*"
   if baseline == "finetune":
-    rules = [("head/.*", "head"), ("backbone/.*|source_head/.*", "backbone")]
+    rules = [(new_heads, "head"), ("backbone/.*|source_head/.*", "backbone")]
     groups = {"head": head, "backbone": {}}
   elif baseline == "scratch":
     rules = [(".*", "all")]
     groups = {"all": {}}
   elif baseline == "linear_probe":
-    rules = [("head/.*", "head"), ("backbone/.*|source_head/.*", "frozen")]
+    rules = [(new_heads, "head"), ("backbone/.*|source_head/.*", "frozen")]
     groups = {"head": head, "frozen": {"frozen": True}}
   else:  # last_k
     blocks = models.block_prefixes(config.model)
@@ -60,7 +62,7 @@ def baseline_rules(config: ml_collections.ConfigDict) -> tuple[list[tuple[str, s
     if not 1 <= k <= len(blocks):
       raise ConfigError(f"last_k={k} is out of range for {config.model}: it has {len(blocks)} blocks")
     trained = "|".join(f"(?:{prefix})" for prefix in blocks[-k:])
-    rules = [("head/.*", "head"),
+    rules = [(new_heads, "head"),
              (f"(?:{trained})/.*", "backbone"),
              (f"(?!(?:{trained})/)(?:backbone|source_head)/.*", "frozen")]
     groups = {"head": head, "backbone": {}, "frozen": {"frozen": True}}
@@ -99,12 +101,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"selection_metric must be 'top1' or 'mean_per_class', got {config.selection_metric!r}")
 
 
-def build_model(config, *, num_classes: int, keep_source_head: bool, rng: jax.Array):
-  """Model and initial variables: pretrained (new head) or random (scratch)."""
+def build_model(config, *, num_classes: int, keep_source_head: bool, rng: jax.Array,
+                projection_dim: int = 0):
+  """Model and initial variables: pretrained (new head) or random (scratch).
+
+  ``projection_dim > 0`` adds the Bi-Tuning projector (output ``projection``).
+  """
   size = config.dataset.image_size
   if config.pretrained and config.baseline != "scratch":
     entry = models.pretrained(config.pretrained, num_classes=num_classes,
-                              keep_source_head=keep_source_head, seed=config.seed)
+                              keep_source_head=keep_source_head, seed=config.seed,
+                              projection_dim=projection_dim)
     model_name = config.pretrained.split("/")[0]
     if model_name != config.model:
       raise ConfigError(f"config.model={config.model!r} but pretrained={config.pretrained!r}")
@@ -112,7 +119,8 @@ def build_model(config, *, num_classes: int, keep_source_head: bool, rng: jax.Ar
     # Checks the image size against the model before any data work (raises a clear error).
     jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, size, size, 3)), train=False), variables)
     return model, variables
-  model = models.create_model(config.model, num_classes=num_classes, keep_source_head=keep_source_head)
+  model = models.create_model(config.model, num_classes=num_classes, keep_source_head=keep_source_head,
+                              projection_dim=projection_dim)
   # One jitted init with the "rbg" generator: XLA:CPU compiles threefry-based
   # initialisers ~10x slower (seconds per model), and init runs once per run.
   init_key = jax.random.key(int(jax.random.randint(rng, (), 0, 2**31 - 1)), impl="rbg")
@@ -177,12 +185,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       process_index=jax.process_index(), process_count=jax.process_count(),
       crop_scale=tuple(config.dataset.crop_scale))
   model, variables = build_model(config, num_classes=dataset.num_classes,
-                                 keep_source_head="source_logits" in needed, rng=init_rng)
+                                 keep_source_head="source_logits" in needed, rng=init_rng,
+                                 projection_dim=_projection_dim(components, needed))
 
   # Components that need the target data or the initial model before training
   # (Co-Tuning's category relationship) return a prepared copy of themselves.
   components = [c.prepare(dataset=dataset, model=model, variables=variables, config=config)
                 if hasattr(c, "prepare") else c for c in components]
+
+  if jax.process_index() == 0:
+    for c in components:
+      if hasattr(c, "write_artifacts"):
+        for path in c.write_artifacts(workdir=workdir, dataset=dataset, config=config):
+          logging.info("%s: wrote %s", c.name, path)
 
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
@@ -239,7 +254,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     from tqdm.auto import tqdm
     progress = tqdm(total=total_steps, initial=step, desc=os.path.basename(workdir), unit="step",
                     dynamic_ncols=True)
-  batches = dataset.train_batches(batch_size=config.batch_size, start_step=step)
+  # Contrastive components (Bi-Tuning) declare ``views = 2``: a second augmented view.
+  views = max(int(getattr(c, "views", 1)) for c in components)
+  batches = dataset.train_batches(batch_size=config.batch_size, start_step=step, views=views)
   t0, images = time.time(), 0
   try:
     while step < total_steps:
@@ -298,6 +315,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, "results.json"), results)
   return results
+
+
+def _projection_dim(components, needed: tuple[str, ...]) -> int:
+  """Width of the projector the components ask for (0 when none needs ``projection``)."""
+  if "projection" not in needed:
+    return 0
+  dims = {int(getattr(c, "projection_dim", 128)) for c in components if "projection" in c.outputs}
+  if len(dims) != 1:
+    raise ConfigError(f"loss components ask for different projection_dim values {sorted(dims)}")
+  return dims.pop()
 
 
 def _check_labels(labels: np.ndarray, num_classes: int) -> None:

@@ -52,13 +52,22 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[d
       run_dir = os.path.join(workdir, name if name != "run" else "", f"seed{seeded.seed}")
       results[name].append(train_and_evaluate(seeded, run_dir))
   if jax.process_index() == 0:
-    table = format_table(results, title=_title(config))
+    table = format_table(results, title=_title(config)) + _figure_list(workdir)
     with open(os.path.join(workdir, "results_table.md"), "w") as f:
       f.write(table + "\n")
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
     print(table, flush=True)
   return results
+
+
+def _figure_list(workdir: str) -> str:
+  """Markdown lines naming the figures the runs wrote (e.g. Co-Tuning's Fig. 1)."""
+  found = sorted(os.path.relpath(os.path.join(root, f), workdir)
+                 for root, _, files in os.walk(workdir) for f in files if f.endswith(".png"))
+  if not found:
+    return ""
+  return "\n\nFigures:" + "".join(f"\n- [{p}]({p})" for p in found)
 
 
 def _title(config) -> str:

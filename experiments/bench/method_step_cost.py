@@ -1,0 +1,126 @@
+"""Training-step cost of a method relative to vanilla fine-tuning.
+
+Both steps come from the library's own step factory
+(:func:`ftjax.train.step.make_train_step`, jitted with the state donated), on the
+same model, batch and image size, with random weights and random images: the
+cost of a step does not depend on the values. The method's loss components are
+built from the same ``losses`` dictionaries the configs use; components that
+normally prepare themselves from data (Co-Tuning's relationship) get a random
+stand-in of the right shape. Timings: median of ``--steps`` steps after
+``--warmup`` untimed ones, the methods interleaved round-robin so that load
+changes on a shared machine hit them alike.
+
+Usage::
+
+  python -m experiments.bench.method_step_cost --methods co_tuning
+  python -m experiments.bench.method_step_cost --methods co_tuning --size 224 --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ftjax import methods
+from ftjax.models import create_model
+from ftjax.train import step as step_lib
+from ftjax.train.state import TrainState
+
+NUM_SOURCE = 1000
+
+
+def _random_relationship(num_target: int, num_source: int) -> np.ndarray:
+  rel = np.random.default_rng(0).random((num_target, num_source)).astype(np.float32)
+  return rel / rel.sum(axis=1, keepdims=True)
+
+
+def method_losses(name: str, num_classes: int) -> dict[str, dict[str, Any]]:
+  """The ``losses`` section of a method, as in experiments/configs."""
+  if name == "finetune":
+    return {"ce": {"weight": 1.0}}
+  if name == "co_tuning":
+    return {"ce": {"weight": 1.0},
+            "co_tuning": {"weight": 2.3,
+                          "relationship": _random_relationship(num_classes, NUM_SOURCE)}}
+  raise ValueError(f"unknown method {name!r}; known: finetune, co_tuning")
+
+
+def build_step(name: str, *, model_name: str, batch: int, size: int, num_classes: int
+               ) -> Callable[[], None]:
+  """A zero-argument callable running one jitted training step of method ``name``."""
+  components = methods.build_components(method_losses(name, num_classes))
+  needed = step_lib.required_outputs(components)
+  model = create_model(model_name, num_classes=num_classes,
+                       keep_source_head="source_logits" in needed)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.uniform(0, 255, (batch, size, size, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32)
+  variables = jax.jit(lambda k, x: model.init(k, x, train=False, outputs=model.all_outputs))(
+      jax.random.key(0, impl="rbg"), images[:1])
+  variables = dict(variables)
+  optimizer = optax.sgd(0.01, momentum=0.9)
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables["params"],
+      batch_stats=variables.get("batch_stats", {}), opt_state=optimizer.init(variables["params"]),
+      method_state={c.name: c.init_state(variables=variables, rng=jax.random.PRNGKey(i))
+                    for i, c in enumerate(components)},
+      rng=jax.random.PRNGKey(0))
+  step_fn = jax.jit(step_lib.make_train_step(model=model, optimizer=optimizer, components=components),
+                    donate_argnums=0)
+  batch_arrays = {"image": images, "label": labels}
+  holder = [state]
+
+  def run() -> None:
+    holder[0], metrics = step_fn(holder[0], batch_arrays)
+    metrics["loss"].block_until_ready()
+
+  return run
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--methods", nargs="+", default=["co_tuning"],
+                      help="methods compared with finetune")
+  parser.add_argument("--model", default="efficientnet_lite0")
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--size", type=int, default=64)
+  parser.add_argument("--num-classes", type=int, default=10)
+  parser.add_argument("--steps", type=int, default=15, help="timed steps per method (median)")
+  parser.add_argument("--warmup", type=int, default=2)
+  args = parser.parse_args(argv)
+  if args.steps < 1 or args.warmup < 0:
+    raise ValueError(f"--steps must be >= 1 and --warmup >= 0; got {args.steps}, {args.warmup}")
+
+  names = ["finetune"] + [m for m in args.methods if m != "finetune"]
+  steps = {n: build_step(n, model_name=args.model, batch=args.batch, size=args.size,
+                         num_classes=args.num_classes) for n in names}
+  for run in steps.values():
+    for _ in range(args.warmup + 1):  # the first call compiles
+      run()
+  times: dict[str, list[float]] = {n: [] for n in names}
+  for _ in range(args.steps):
+    for n, run in steps.items():
+      start = time.perf_counter()
+      run()
+      times[n].append(time.perf_counter() - start)
+  base = statistics.median(times["finetune"])
+  print(f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPUs; {args.model} "
+        f"batch {args.batch} at {args.size} px, {args.num_classes} target classes; median of "
+        f"{args.steps} steps; load average {os.getloadavg()[0]:.1f}")
+  print(f"{'method':<16} {'step ms':>9} {'images/s':>9} {'x finetune':>11}")
+  for n in names:
+    t = statistics.median(times[n])
+    print(f"{n:<16} {1e3 * t:9.1f} {args.batch / t:9.1f} {t / base:11.3f}")
+
+
+if __name__ == "__main__":
+  main()
