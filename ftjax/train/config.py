@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-BASELINES = ("finetune", "linear_probe", "last_k", "scratch")
+BASELINES = ("finetune", "linear_probe", "last_k", "scratch", "patch")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -47,6 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Which parameters train: a baseline picks default rules; explicit param_rules win.
   c.baseline = "finetune"         # one of BASELINES
   c.last_k = 1                    # for baseline "last_k"
+  c.patch = ml_collections.ConfigDict()   # for baseline "patch" (model patches)
+  c.patch.selection = "scale_bias"  # scale_bias | depthwise | head | all, or a union "scale_bias+depthwise"
+  c.patch.train_head = True       # False: the head stays at its random init ("random fixed last layer")
   c.head_lr_mult = 10.0           # new head's lr relative to the pretrained backbone
   c.param_rules = ()              # ((regex, group), ...); () = the baseline's rules
   c.groups = ml_collections.ConfigDict()  # group -> {lr_mult, weight_decay, frozen}

@@ -39,8 +39,13 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------- rules
 
 
-def baseline_rules(config: ml_collections.ConfigDict) -> tuple[list[tuple[str, str]], dict[str, Any], str]:
-  """Parameter rules, group settings and BatchNorm mode of ``config.baseline``."""
+def baseline_rules(config: ml_collections.ConfigDict, variables: Any = None
+                   ) -> tuple[list[tuple[str, str]], dict[str, Any], str]:
+  """Parameter rules, group settings and BatchNorm mode of ``config.baseline``.
+
+  ``variables`` (the model's initial variables) are needed by the ``patch``
+  baseline, whose rules come from the model's structure.
+  """
   baseline = config.baseline
   if baseline not in BASELINES:
     raise ConfigError(f"unknown baseline {baseline!r}; known: {', '.join(BASELINES)}")
@@ -56,6 +61,12 @@ def baseline_rules(config: ml_collections.ConfigDict) -> tuple[list[tuple[str, s
   elif baseline == "linear_probe":
     rules = [(new_heads, "head"), ("backbone/.*|source_head/.*", "frozen")]
     groups = {"head": head, "frozen": {"frozen": True}}
+  elif baseline == "patch":
+    if variables is None:
+      raise ConfigError("the patch baseline needs the model's variables to find its patch parameters")
+    rules = patches.patch_rules(variables["params"], batch_stats=variables.get("batch_stats"),
+                                selection=config.patch.selection, train_head=config.patch.train_head)
+    groups = {"patch": {}, "head": head, "frozen": {"frozen": True}}
   else:  # last_k
     blocks = models.block_prefixes(config.model)
     k = int(config.last_k)
@@ -74,8 +85,8 @@ def baseline_rules(config: ml_collections.ConfigDict) -> tuple[list[tuple[str, s
   return rules, groups, bn_mode
 
 
-def resolve_rules(config: ml_collections.ConfigDict):
-  rules, groups, bn_mode = baseline_rules(config)
+def resolve_rules(config: ml_collections.ConfigDict, variables: Any = None):
+  rules, groups, bn_mode = baseline_rules(config, variables)
   if config.param_rules:
     rules = [tuple(r) for r in config.param_rules]
   groups.update({name: dict(g) for name, g in config.groups.items()})
@@ -169,7 +180,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   validate_config(config)
   components = methods.build_components(config.losses)
-  rules, groups, bn_mode = resolve_rules(config)
+  if config.baseline != "patch":  # fail fast on bad rules; patch rules need the model
+    resolve_rules(config)
   needed = step_lib.required_outputs(components)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -199,6 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         for path in c.write_artifacts(workdir=workdir, dataset=dataset, config=config):
           logging.info("%s: wrote %s", c.name, path)
 
+  rules, groups, bn_mode = resolve_rules(config, variables)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   labels = patches.path_labels(params, rules, log=True)
@@ -312,6 +325,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "trainable_parameters": sum(n for g, n in sizes.items() if g not in frozen),
       "total_parameters": sum(sizes.values()),
   }
+  if config.baseline == "patch":
+    patch = patches.extract_patch(
+        jax.device_get(best_vars), labels, include_batch_stats=bn_mode == "train",
+        info={"model": config.model, "pretrained": config.pretrained, "selection": config.patch.selection,
+              "train_head": config.patch.train_head, "dataset": config.dataset.name,
+              "num_classes": dataset.num_classes, "image_size": config.dataset.image_size})
+    size = patches.patch_size(patch, params)
+    results.update(patch_parameters=size.parameters, patch_bytes=size.bytes,
+                   patch_percent=size.percent)
+    if jax.process_index() == 0:
+      patches.save_patch(os.path.join(workdir, "patch.npz"), patch)
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, "results.json"), results)
   return results

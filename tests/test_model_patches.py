@@ -1,0 +1,227 @@
+"""Model patches (Mudrakarta et al., 2019): selections, rules, training, patch files."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax import models, patches
+from ftjax.methods.finetune import CrossEntropy
+from ftjax.train import optim
+from ftjax.train import sharding as shd
+from ftjax.train import step as step_lib
+from ftjax.train.config import default_config
+from ftjax.train.loop import ConfigError, resolve_rules
+from ftjax.train.state import TrainState
+
+NUM_CLASSES = 5
+
+
+def _variables(name):
+  model = models.create_model(name, num_classes=NUM_CLASSES)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False,
+                         outputs=model.all_outputs)
+  return model, jax.tree.map(np.asarray, dict(variables))
+
+
+@pytest.fixture(scope="module")
+def effnet():
+  model, variables = _variables("efficientnet_tiny")
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.uniform(0, 255, (8, 32, 32, 3)).astype(np.float32),
+           "label": rng.integers(0, NUM_CLASSES, 8).astype(np.int32)}
+  return model, variables, batch
+
+
+def _leaves(tree):
+  return {patches.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+# ----------------------------------------------------------------------------- selections
+
+
+@pytest.mark.parametrize("name", ["efficientnet_tiny", "resnet_tiny"])
+def test_scale_bias_selects_exactly_the_batchnorm_parameters(name):
+  _, v = _variables(name)
+  flat = _leaves(v["params"])
+  # Independent check: a BatchNorm layer is a module whose params are exactly {scale, bias}
+  # with 1-D leaves and which has running statistics of the same length.
+  stats = _leaves(v["batch_stats"])
+  expected = sorted(p for p in flat if p.rsplit("/", 1)[-1] in ("scale", "bias")
+                    and p.rsplit("/", 1)[0] + "/mean" in stats
+                    and stats[p.rsplit("/", 1)[0] + "/mean"].shape == flat[p].shape)
+  got = sorted(patches.structural_paths(v["params"], batch_stats=v["batch_stats"], selection="scale_bias"))
+  assert got == expected and len(got) > 0
+  assert all(flat[p].ndim == 1 for p in got)
+  regex = patches.selection_regex(v["params"], batch_stats=v["batch_stats"], selection="scale_bias")
+  assert sorted(p for p in flat if __import__("re").fullmatch(regex, p)) == expected
+
+
+def test_depthwise_selects_the_depthwise_kernels(effnet):
+  _, v, _ = effnet
+  flat = _leaves(v["params"])
+  got = patches.structural_paths(v["params"], selection="depthwise")
+  assert sorted(got) == sorted(p for p in flat if p.endswith("depthwise_conv/kernel"))
+  _, resnet = _variables("resnet_tiny")
+  with pytest.raises(ValueError, match="depthwise selection matches no parameter"):
+    patches.selection_regex(resnet["params"], selection="depthwise")
+
+
+def test_selection_errors_name_the_problem(effnet):
+  _, v, _ = effnet
+  with pytest.raises(ValueError, match="unknown patch selection 'bn'"):
+    patches.patch_rules(v["params"], batch_stats=v["batch_stats"], selection="scale_bias+bn")
+  with pytest.raises(ValueError, match="needs the model's batch_stats"):
+    patches.structural_paths(v["params"], selection="scale_bias")
+  # A dense layer whose name collides with a BatchNorm layer's is caught by the structure check.
+  params = jax.tree.map(lambda x: x, v["params"])
+  params["backbone"]["blocks_0"]["extra"] = {"depthwise_bn": {"scale": np.ones((3, 3))}}
+  with pytest.raises(ValueError, match="also matches.*extra/depthwise_bn/scale"):
+    patches.selection_regex(params, batch_stats=v["batch_stats"], selection="scale_bias")
+
+
+@pytest.mark.parametrize("selection,train_head", [("scale_bias", True), ("scale_bias", False),
+                                                  ("depthwise", True), ("scale_bias+depthwise", True),
+                                                  ("head", True), ("all", True)])
+def test_patch_rules_cover_every_parameter_exactly_once(effnet, selection, train_head):
+  _, v, _ = effnet
+  rules = patches.patch_rules(v["params"], batch_stats=v["batch_stats"], selection=selection,
+                              train_head=train_head)
+  labels = _leaves(patches.path_labels(v["params"], rules))  # raises on a gap or an overlap
+  body = set()
+  for part in patches.parse_selection(selection):
+    if part != "head":
+      body |= set(patches.structural_paths(v["params"], batch_stats=v["batch_stats"], selection=part))
+  for path, label in labels.items():
+    if selection == "all":
+      assert label == "patch"
+    elif path.startswith("head/"):
+      assert label == ("head" if train_head else "frozen")
+    else:
+      assert label == ("patch" if path in body else "frozen"), path
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _train_patch(model, variables, batch, config, steps=3):
+  rules, groups, bn_mode = resolve_rules(config, variables)
+  labels = patches.path_labels(variables["params"], rules)
+  tx = optim.make_optimizer(labels=labels, groups=groups, schedule=lambda s: 0.05, momentum=0.9,
+                            weight_decay=0.1)  # large decay: it must not reach frozen weights
+  frozen = {n for n, g in groups.items() if g.frozen}
+  mask = jax.tree.map(lambda label: label in frozen, labels)
+  mesh = shd.make_data_mesh()
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                     batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+                     method_state={"ce": ()}, rng=jax.random.PRNGKey(1))
+  fn = step_lib.jit_train_step(
+      step_lib.make_train_step(model=model, optimizer=tx, components=[CrossEntropy()],
+                               train_bn=bn_mode == "train", frozen_mask=mask), mesh=mesh, state=state)
+  for _ in range(steps):
+    state, _ = fn(state, shd.global_batch(batch, mesh))
+  return jax.device_get(state), labels, bn_mode
+
+
+@pytest.mark.parametrize("selection,train_head", [("scale_bias", True), ("depthwise", False)])
+def test_training_a_patch_leaves_every_other_parameter_bitwise_equal(effnet, selection, train_head):
+  model, v, batch = effnet
+  config = default_config()
+  config.model, config.baseline = "efficientnet_tiny", "patch"
+  config.patch.selection, config.patch.train_head = selection, train_head
+  state, labels, bn_mode = _train_patch(model, v, batch, config)
+  assert bn_mode == "train"
+  before, after, label = _leaves(v["params"]), _leaves(state.params), _leaves(labels)
+  changed = {p for p in before if not np.array_equal(before[p], after[p])}
+  trained = {p for p, g in label.items() if g in ("patch", "head")}
+  assert changed == trained  # every patch parameter moved, nothing else did (bitwise)
+  assert any(p.startswith("head/") for p in changed) == train_head
+
+
+# ----------------------------------------------------------------------------- patch files
+
+
+def test_save_load_apply_gives_identical_logits_and_sizes(effnet, tmp_path):
+  model, v, batch = effnet
+  config = default_config()
+  config.model, config.baseline = "efficientnet_tiny", "patch"
+  state, labels, _ = _train_patch(model, v, batch, config)
+  trained = {"params": state.params, "batch_stats": state.batch_stats}
+  patch = patches.extract_patch(trained, labels, info={"selection": "scale_bias"})
+  path = patches.save_patch(tmp_path / "p" / "patch.npz", patch)
+  loaded = patches.load_patch(path)
+  assert loaded.info == {"selection": "scale_bias"}
+  applied = patches.apply_patch(v, loaded)
+  x = batch["image"]
+  ref = model.apply(trained, x, train=False)["logits"]
+  np.testing.assert_array_equal(np.asarray(model.apply(applied, x, train=False)["logits"]), np.asarray(ref))
+  # The base is untouched by apply (a copy is returned).
+  np.testing.assert_array_equal(_leaves(v["params"])["head/kernel"], _leaves(model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"])["head/kernel"])
+
+  label = _leaves(labels)
+  n_expected = sum(int(np.size(x)) for p, x in _leaves(v["params"]).items() if label[p] != "frozen")
+  n_total = sum(int(np.size(x)) for x in jax.tree.leaves(v["params"]))
+  bytes_expected = 4 * (n_expected + sum(int(np.size(x)) for x in jax.tree.leaves(v["batch_stats"])))
+  size = patches.patch_size(loaded, v["params"])
+  assert size == (n_expected, bytes_expected, pytest.approx(100 * n_expected / n_total))
+  assert size.percent < 25
+
+
+def test_patch_file_errors(effnet, tmp_path):
+  _, v, _ = effnet
+  with pytest.raises(FileNotFoundError, match="patch file .*missing.npz"):
+    patches.load_patch(tmp_path / "missing.npz")
+  bad = patches.Patch({"head/kernel": np.zeros((3, 3), np.float32)}, {}, {})
+  with pytest.raises(ValueError, match=r"head/kernel has shape \(3, 3\)"):
+    patches.apply_patch(v, bad)
+  bad = patches.Patch({"nope/kernel": np.zeros((3,), np.float32)}, {}, {})
+  with pytest.raises(ValueError, match="not in the base model: nope/kernel"):
+    patches.apply_patch(v, bad)
+  labels = jax.tree.map(lambda _: "frozen", v["params"])
+  with pytest.raises(ValueError, match="no parameter is labelled"):
+    patches.extract_patch(v, labels)
+
+
+def test_patch_baseline_needs_variables():
+  config = default_config()
+  config.baseline = "patch"
+  with pytest.raises(ConfigError, match="patch baseline needs the model's variables"):
+    resolve_rules(config)
+
+
+PATCH_RUN = r"""
+import sys, json
+import jax, numpy as np
+from experiments.configs import tiny
+from ftjax import patches
+from ftjax.data import load_dataset
+from ftjax.train import loop
+c = tiny.get_config()
+c.baseline = "patch"
+c.num_steps, c.eval_every_steps = 4, 4
+results = loop.train_and_evaluate(c, sys.argv[1])
+# Rebuild the same base (same seed) and apply the saved patch: its val accuracy must equal
+# the one the run recorded for the chosen checkpoint.
+init_rng = jax.random.split(jax.random.PRNGKey(c.seed), 3)[0]
+model, base = loop.build_model(c, num_classes=10, keep_source_head=False, rng=init_rng)
+patched = patches.apply_patch(base, patches.load_patch(sys.argv[1] + "/patch.npz"))
+ds = load_dataset("fashion_mnist", sampling_rate=c.dataset.sampling_rate, seed=c.seed,
+                  val_fraction=c.dataset.val_fraction, image_size=c.dataset.image_size)
+mesh = loop.shd.make_data_mesh()
+eval_step = loop.step_lib.make_eval_step(model=model, num_classes=10, mesh=mesh)
+val = loop.evaluate(eval_step, patched, ds, "val", batch_size=c.eval_batch_size, mesh=mesh)
+print(json.dumps({"results": results, "val": val["top1"]}))
+"""
+
+
+def test_patch_run_writes_a_patch_that_reproduces_the_chosen_checkpoint(tmp_path, fashion_mnist_ready):
+  from conftest import run_python
+  out = json.loads(run_python(["-c", PATCH_RUN, str(tmp_path)]).stdout.strip().splitlines()[-1])
+  r = out["results"]
+  assert out["val"] == pytest.approx(r["best_val"], abs=1e-7)
+  assert 0 < r["patch_parameters"] < r["total_parameters"]
+  assert r["patch_parameters"] == r["trainable_parameters"]
+  assert (tmp_path / "patch.npz").exists()
