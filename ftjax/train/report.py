@@ -42,23 +42,37 @@ def _apply(cfg: ml_collections.ConfigDict, overrides: dict[str, Any], prefix: st
 
 
 def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict[str, Any]]]:
-  """Trains every variant for ``config.num_seeds`` seeds; writes ``results_table.md``/``.json``."""
-  results: dict[str, list[dict[str, Any]]] = {}
-  for name, cfg in variant_configs(config).items():
-    results[name] = []
-    for i in range(config.num_seeds):
+  """Trains every variant for ``config.num_seeds`` seeds; writes ``results_table.md``/``.json``.
+
+  Seeds are the outer loop (seed 0 of every variant, then seed 1, ...) and the
+  table is rewritten after every run, so a long comparison stopped early still
+  leaves a table with the same seeds for each variant.
+  """
+  variants = variant_configs(config)
+  results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+  table = ""
+  for i in range(config.num_seeds):
+    for name, cfg in variants.items():
       seeded = copy.deepcopy(cfg)
       seeded.seed = config.seed + i
       run_dir = os.path.join(workdir, name if name != "run" else "", f"seed{seeded.seed}")
       results[name].append(train_and_evaluate(seeded, run_dir))
+      if jax.process_index() == 0:
+        table = write_table({k: v for k, v in results.items() if v}, workdir, title=_title(config))
   if jax.process_index() == 0:
-    table = format_table(results, title=_title(config)) + _figure_list(workdir)
-    with open(os.path.join(workdir, "results_table.md"), "w") as f:
-      f.write(table + "\n")
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
     print(table, flush=True)
   return results
+
+
+def write_table(results: dict[str, list[dict[str, Any]]], workdir: str, *, title: str = "") -> str:
+  """Writes ``results_table.md`` (with the figures found under ``workdir``) and ``results.json``."""
+  table = format_table(results, title=title) + _figure_list(workdir)
+  for name, text in (("results_table.md", table + "\n"), ("results.json", json.dumps(results, indent=2))):
+    tmp = os.path.join(workdir, name + ".tmp")
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(workdir, name))
+  return table
 
 
 def _figure_list(workdir: str) -> str:
