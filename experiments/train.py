@@ -33,7 +33,11 @@ def main(argv):
   # Heavy imports after flag parsing so that --help and flag errors are instant.
   from ftjax.train import report
   try:
-    report.run_all(FLAGS.config, FLAGS.workdir)
+    if FLAGS.config.get("tasks"):
+      from ftjax.train import multitask
+      print(multitask.train_multitask(FLAGS.config, FLAGS.workdir)["table"], flush=True)
+    else:
+      report.run_all(FLAGS.config, FLAGS.workdir)
   except (ValueError, KeyError, FileNotFoundError, FloatingPointError, ImportError) as e:
     logging.debug("error", exc_info=True)
     print(f"ftjax: error: {e}", file=sys.stderr)

@@ -225,3 +225,99 @@ def test_patch_run_writes_a_patch_that_reproduces_the_chosen_checkpoint(tmp_path
   assert 0 < r["patch_parameters"] < r["total_parameters"]
   assert r["patch_parameters"] == r["trainable_parameters"]
   assert (tmp_path / "patch.npz").exists()
+
+
+# ----------------------------------------------------------------------------- multitask
+
+
+def test_multitask_step_sums_task_gradients_on_the_shared_weights(effnet):
+  import optax
+  from ftjax.train import multitask
+  model, v, batch = effnet
+  privates = multitask.private_paths(v, selection="scale_bias", share_head=False)
+  shared, private = multitask.split_params(v["params"], privates)
+  rng = np.random.default_rng(3)
+  other = jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(x.dtype) * 0.05, private)
+  params = {"shared": shared, "tasks": {"a": private, "b": other}}
+  batches = {"a": batch, "b": {"image": rng.uniform(0, 255, (8, 40, 40, 3)).astype(np.float32),
+                                "label": rng.integers(0, NUM_CLASSES, 8).astype(np.int32)}}
+  sgd = optax.sgd(1.0)  # update = -gradient
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     batch_stats={"a": v["batch_stats"], "b": v["batch_stats"]},
+                     opt_state=sgd.init(params), method_state={}, rng=jax.random.PRNGKey(0))
+  step = jax.jit(multitask.make_multitask_step(models={"a": model, "b": model}, optimizer=sgd))
+  new, metrics = step(state, batches)
+
+  def task_grad(task_private, b):  # single-task gradient on the merged tree, computed independently
+    def loss(full):
+      out, _ = model.apply({"params": full, "batch_stats": v["batch_stats"]}, b["image"], train=True,
+                           mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(out["logits"], b["label"]).mean()
+    return _leaves(jax.grad(loss)(multitask.merge_params(shared, task_private)))
+
+  ga, gb = task_grad(private, batches["a"]), task_grad(other, batches["b"])
+  for path, value in _leaves(new.params["shared"]).items():
+    np.testing.assert_allclose(_leaves(shared)[path] - value, ga[path] + gb[path], rtol=2e-4, atol=1e-6)
+  for task, g, before in (("a", ga, private), ("b", gb, other)):
+    for path, value in _leaves(new.params["tasks"][task]).items():
+      np.testing.assert_allclose(_leaves(before)[path] - value, g[path], rtol=2e-4, atol=1e-6)
+  assert set(privates) == {p for p in _leaves(v["params"]) if p.startswith("head/")} | set(
+      patches.structural_paths(v["params"], batch_stats=v["batch_stats"], selection="scale_bias"))
+
+
+MULTITASK_RUN = r"""
+import sys, json
+import jax, numpy as np
+from experiments.configs import tiny
+from ftjax import patches
+from ftjax.train import multitask
+c = tiny.get_config()
+c.baseline = "patch"
+c.num_steps, c.eval_every_steps = 4, 4
+c.tasks = {"px32": {"image_size": 32}, "px40": {"image_size": 40}}
+c.share_head = True
+results = multitask.train_multitask(c, sys.argv[1])
+print(json.dumps({k: v for k, v in results.items() if k != "table"}))
+"""
+
+
+def test_multitask_run_saves_patches_that_rebuild_each_task(tmp_path, fashion_mnist_ready):
+  from conftest import run_python
+  from ftjax.train import multitask
+  out = json.loads(run_python(["-c", MULTITASK_RUN, str(tmp_path)]).stdout.strip().splitlines()[-1])
+  assert set(out["tasks"]) == {"px32", "px40"}
+  shared = patches.load_patch(tmp_path / "shared.npz").params
+  pa, pb = (patches.load_patch(tmp_path / f"patch_{t}.npz") for t in ("px32", "px40"))
+  assert set(pa.params) == set(pb.params) and not set(pa.params) & set(shared)
+  assert all("bn" in p.rsplit("/", 2)[-2] for p in pa.params)  # BatchNorm scale/bias only
+  # The two tasks trained their own patches: different values at the same paths.
+  assert any(not np.array_equal(pa.params[p], pb.params[p]) for p in pa.params)
+  n_private = sum(v.size for v in pa.params.values())
+  assert out["tasks"]["px32"]["patch_parameters"] == n_private
+  assert out["total_parameters"] == out["shared_parameters"] + 2 * n_private
+  assert out["shared_parameters"] == sum(v.size for v in shared.values())
+  table = (tmp_path / "results_table.md").read_text()
+  assert "| px40 | 40 |" in table
+
+
+def test_model_patches_configs_and_lr_sweep_plot(tmp_path):
+  from experiments import plot_lr_sweep
+  from experiments.configs import model_patches
+  t1 = model_patches.get_config("table1")
+  assert sorted(t1.compare) == sorted(["last_layer", "sb_last_layer", "sb_random_last_layer",
+                                       "dw_last_layer", "all"])
+  assert t1.compare.sb_random_last_layer.patch.train_head is False
+  f2 = model_patches.get_config("fig2")
+  lrs = sorted({v.optimizer.lr for v in f2.compare.values()})
+  np.testing.assert_allclose(lrs, 0.0045 * 3.0 ** np.arange(5))
+  t4 = model_patches.get_config("table4")
+  assert [t4.tasks[k].image_size for k in sorted(t4.tasks, key=lambda k: int(k[2:]))] == [96, 128, 160, 192, 224]
+  with pytest.raises(ValueError, match="unknown model_patches config 'x'"):
+    model_patches.get_config("x")
+  rng = np.random.default_rng(0)
+  results = {name: [{"test_top1": float(a)} for a in rng.uniform(0.5, 0.9, 2)] for name in f2.compare}
+  pts = plot_lr_sweep.sweep_points(results)
+  assert [lr for lr, _, _ in pts["sb_last_layer"]] == pytest.approx(lrs)
+  row = [r["test_top1"] for r in results["sb_last_layer_lr0p0405"]]
+  assert pts["sb_last_layer"][2][1:] == pytest.approx((100 * np.mean(row), 100 * np.std(row, ddof=1)))
+  assert plot_lr_sweep.plot_lr_sweep(results, str(tmp_path / "f.png")).endswith("f.png")

@@ -1,0 +1,64 @@
+r"""Model patches (Mudrakarta et al., 2019): Table 1, Fig. 2 and Table 4 on any TFDS dataset.
+
+  .venv/bin/python -m experiments.train --config experiments/configs/model_patches.py:table1 --workdir runs/patches_t1
+  .venv/bin/python -m experiments.train --config experiments/configs/model_patches.py:fig2 --workdir runs/patches_f2
+  .venv/bin/python -m experiments.plot_lr_sweep runs/patches_f2          # the Fig. 2 picture
+  .venv/bin/python -m experiments.train --config experiments/configs/model_patches.py:table4 --workdir runs/patches_t4
+  .venv/bin/python -m experiments.train --config experiments/configs/model_patches.py:table4_shared --workdir runs/patches_t4s
+
+Arguments:
+  table1          last layer; S/B + last layer; S/B only with a random fixed last
+                  layer; DW + last layer; all (full fine-tuning).
+  fig2            the learning-rate sweep 0.0045 ... 0.3645 (factor 3) for last layer,
+                  S/B + last layer, DW + last layer and full fine-tuning.
+  table4          multitask across resolutions 96 ... 224 px: shared weights, one
+                  scale-and-bias patch per resolution, last layer shared.
+  table4_shared   the same with nothing private ("all shared").
+  ("independently trained" of Table 4 = table1's ``all`` row at each resolution:
+  ``--config.dataset.image_size=96`` etc.)
+
+Defaults follow the main job (EfficientNet-Lite0 from ImageNet, Fashion-MNIST at 5%,
+64 px for table1/fig2, 10 epochs, SGD momentum, cosine). BatchNorm statistics are
+re-estimated on the task (they belong to the S/B patch); ``--config.bn_mode=eval``
+keeps the pretrained ones. Each patch run saves ``patch.npz`` (the patch and the
+head it trained) and reports its size in results.json.
+Expected numbers: not yet measured in this repository (see the issue tracker).
+"""
+
+from experiments.configs import default
+
+LR_SWEEP = (0.0045, 0.0135, 0.0405, 0.1215, 0.3645)   # 0.0045 x 3^k, the paper's Fig. 2 range
+RESOLUTIONS = (96, 128, 160, 192, 224)
+
+_ROWS = {
+    "last_layer": {"baseline": "patch", "patch": {"selection": "head"}},
+    "sb_last_layer": {"baseline": "patch", "patch": {"selection": "scale_bias", "train_head": True}},
+    "sb_random_last_layer": {"baseline": "patch", "patch": {"selection": "scale_bias", "train_head": False}},
+    "dw_last_layer": {"baseline": "patch", "patch": {"selection": "depthwise", "train_head": True}},
+    "all": {"baseline": "finetune"},
+}
+
+
+def _lr_name(lr: float) -> str:
+  return f"lr{lr:g}".replace(".", "p")   # variant names may not hold dots
+
+
+def get_config(arg: str = "table1"):
+  c = default.get_config()
+  c.dataset.sampling_rate = 5.0
+  c.head_lr_mult = 1.0   # the paper trains the last layer at the patch's learning rate
+  c.bn_mode = "train"
+  if arg == "table1":
+    c.compare = {name: dict(row) for name, row in _ROWS.items()}
+  elif arg == "fig2":
+    c.compare = {f"{name}_{_lr_name(lr)}": dict(_ROWS[name], optimizer={"lr": lr})
+                 for name in ("last_layer", "sb_last_layer", "dw_last_layer", "all") for lr in LR_SWEEP}
+  elif arg in ("table4", "table4_shared"):
+    c.compare = {}
+    c.baseline = "patch"
+    c.patch.selection = "scale_bias" if arg == "table4" else "none"
+    c.share_head = True
+    c.tasks = {f"px{size}": {"image_size": size} for size in RESOLUTIONS}
+  else:
+    raise ValueError(f"unknown model_patches config {arg!r}; expected table1, fig2, table4 or table4_shared")
+  return c

@@ -1,0 +1,310 @@
+"""Multitask learning with model patches: one shared base, a private patch per task.
+
+Mudrakarta et al. (2019), Sec. 3.2: several tasks train *simultaneously* one
+network whose weights they share, except for a small private patch per task
+(the scale-and-bias patch, and the last layer unless it is shared, as in the
+paper's Table 4 across resolutions). All weights train; each task sees its own
+patched model.
+
+Here every step takes one batch from each task, runs each task's patched model
+on its batch and sums the tasks' cross-entropies, so the shared weights get the
+sum of the tasks' gradients and each patch only its own task's. The paper keeps
+the tasks' learning rates "comparable at any given point in time" (App. D); one
+synchronous step over all tasks with one schedule gives every task the same
+learning rate at every step by construction, whatever the dataset sizes (each
+task's stream simply wraps around its own data).
+
+The parameters are ``{"shared": ..., "tasks": {task: ...}}`` (nested dicts, the
+model's own paths split in two); BatchNorm statistics are per task (a patch's
+statistics are re-estimated on its own data).
+
+Config (``ftjax.train.config.default_config`` plus a ``tasks`` dict)::
+
+  c.baseline = "patch"; c.patch.selection = "scale_bias"
+  c.tasks = {"px96": {"image_size": 96}, "px128": {"image_size": 128}}   # dataset overrides
+  c.share_head = True         # one last layer for all tasks (Table 4); False = one per task
+
+Example:
+  >>> results = train_multitask(config, "runs/multitask")
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ftjax import data as ftdata
+from ftjax import patches
+from ftjax.losses import softmax_cross_entropy
+from ftjax.train import optim
+from ftjax.train import sharding as shd
+from ftjax.train import step as step_lib
+from ftjax.train.checkpoint import Checkpointer
+from ftjax.train.loop import ConfigError, build_model, evaluate, _write_json
+from ftjax.train.metrics import MetricWriter
+from ftjax.train.state import TrainState
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  return {patches.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split("/")
+    node = tree
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return tree
+
+
+def split_params(params: Any, private_paths: set[str]) -> tuple[dict, dict]:
+  """``params`` -> (shared tree, private tree) by '/'-path."""
+  flat = _flat(params)
+  return (_unflatten({p: v for p, v in flat.items() if p not in private_paths}),
+          _unflatten({p: v for p, v in flat.items() if p in private_paths}))
+
+
+def merge_params(shared: Any, private: Any) -> dict:
+  """The full parameter tree of one task: shared weights with the task's patch in place."""
+  flat = _flat(shared)
+  flat.update(_flat(private))
+  return _unflatten(flat)
+
+
+def private_paths(variables: Any, *, selection: str, share_head: bool) -> set[str]:
+  """Paths private to each task: the patch selection (``"none"``: no patch), plus the head unless shared."""
+  if selection == "none":  # everything shared (Table 4's "all shared" column)
+    parts = []
+  else:
+    parts = [p for p in patches.parse_selection(selection) if p != "all"]
+    if len(parts) != len(patches.parse_selection(selection)):
+      raise ConfigError("a multitask patch cannot be 'all': nothing would be shared")
+  paths: set[str] = set()
+  for part in parts:
+    paths |= set(patches.structural_paths(variables["params"], batch_stats=variables.get("batch_stats"),
+                                          selection=part))
+  if not share_head:
+    paths |= set(patches.structural_paths(variables["params"], selection="head"))
+  return paths
+
+
+def task_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+  """One config per task: ``config`` with the task's ``dataset`` overrides applied."""
+  if not config.get("tasks"):
+    raise ConfigError("config.tasks is empty: a multitask run needs at least two tasks, e.g. "
+                      "{'px96': {'image_size': 96}, 'px128': {'image_size': 128}}")
+  out = {}
+  for name, overrides in sorted(config.tasks.items()):
+    cfg = copy.deepcopy(config)
+    with cfg.unlocked():
+      for key, value in dict(overrides).items():
+        if key not in cfg.dataset:
+          raise ConfigError(f"task {name!r}: unknown dataset field {key!r}; known: {sorted(cfg.dataset)}")
+        cfg.dataset[key] = value
+    out[name] = cfg
+  if len(out) < 2:
+    raise ConfigError(f"a multitask run needs at least two tasks, got {list(out)}")
+  return out
+
+
+def make_multitask_step(*, models: dict[str, Any], optimizer: optax.GradientTransformation,
+                        frozen_mask: Any = None):
+  """``(state, batches) -> (state, metrics)``; ``batches`` maps task -> ``{image, label}``.
+
+  Loss: sum over tasks of the mean cross-entropy of the task's patched model on
+  its batch; one gradient for the shared weights and every patch.
+  """
+  names = sorted(models)
+
+  def step(state: TrainState, batches: dict[str, dict[str, jax.Array]]):
+    def loss_fn(params):
+      if frozen_mask is not None:
+        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen_mask)
+      total, new_stats, metrics = 0.0, {}, {}
+      for name in names:
+        full = merge_params(params["shared"], params["tasks"][name])
+        outputs, updated = models[name].apply(
+            {"params": full, "batch_stats": state.batch_stats[name]}, batches[name]["image"],
+            train=True, outputs=("logits",), mutable=["batch_stats"])
+        loss = softmax_cross_entropy(logits=outputs["logits"], labels=batches[name]["label"])
+        total = total + loss
+        new_stats[name] = updated["batch_stats"]
+        metrics[f"loss/{name}"] = loss
+        metrics[f"accuracy/{name}"] = jnp.mean(jnp.argmax(outputs["logits"], -1) == batches[name]["label"])
+      return total, (new_stats, metrics)
+
+    (loss, (new_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    metrics["loss"] = loss
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         batch_stats=new_stats, opt_state=opt_state), metrics
+
+  return step
+
+
+def train_multitask(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains all ``config.tasks`` together into ``workdir`` (resumable); returns the results.
+
+  Writes per-task patches (``patch_<task>.npz``: the task's private parameters and
+  BatchNorm statistics) and ``shared.npz`` (the shared weights), so any task's
+  model is ``apply_patch(shared base, patch_<task>)``.
+  """
+  tasks = task_configs(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, _, state_rng = jax.random.split(rng, 3)
+
+  datasets, models, task_vars = {}, {}, {}
+  for name, cfg in tasks.items():
+    d = cfg.dataset
+    ftdata.prepare_offline(d.name, data_dir=d.data_dir or None)
+    datasets[name] = ftdata.load_dataset(
+        d.name, data_dir=d.data_dir or None, sampling_rate=d.sampling_rate, seed=cfg.seed,
+        val_fraction=d.val_fraction, image_size=d.image_size, resize_size=d.resize_size or None,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        crop_scale=tuple(d.crop_scale))
+    # Same pretrained weights (or the same init key) for every task: identical
+    # bases, heads sized to each task's classes.
+    models[name], task_vars[name] = build_model(cfg, num_classes=datasets[name].num_classes,
+                                                keep_source_head=False, rng=init_rng)
+  class_counts = {n: ds.num_classes for n, ds in datasets.items()}
+  if config.share_head and len(set(class_counts.values())) > 1:
+    raise ConfigError(f"share_head=True needs the same classes in every task; got {class_counts}")
+  base = task_vars[min(tasks)]
+  privates = private_paths(base, selection=config.patch.selection, share_head=config.share_head)
+  shared, _ = split_params(base["params"], privates)
+  task_private = {n: split_params(v["params"], privates)[1] for n, v in task_vars.items()}
+  params = {"shared": shared, "tasks": task_private}
+  batch_stats = {name: jax.tree.map(np.copy, base["batch_stats"]) for name in tasks}
+  logging.info("multitask: %d tasks %s; %d private arrays per task (%s%s)", len(tasks), sorted(tasks),
+               len(privates), config.patch.selection, "" if config.share_head else " + head")
+
+  groups = {"shared": optim.GroupConfig(), "patch": optim.GroupConfig()}
+  labels = {"shared": jax.tree.map(lambda _: "shared", shared),
+            "tasks": jax.tree.map(lambda _: "patch", task_private)}
+  if config.get("patch_lr_mult", 1.0) != 1.0:
+    groups["patch"] = optim.GroupConfig(lr_mult=config.patch_lr_mult)
+  steps_per_epoch = max(ds.steps_per_epoch(config.batch_size) for ds in datasets.values())
+  total_steps = config.num_steps or config.num_epochs * steps_per_epoch
+  eval_every = config.eval_every_steps or steps_per_epoch
+  schedule = optim.make_schedule(
+      name=config.optimizer.schedule, base_lr=config.optimizer.lr, total_steps=total_steps,
+      warmup_steps=config.optimizer.warmup_steps, boundaries=config.optimizer.boundaries,
+      decay_factor=config.optimizer.decay_factor)
+  optimizer = optim.make_optimizer(labels=labels, groups=groups, schedule=schedule,
+                                   momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
+                                   weight_decay=config.optimizer.weight_decay)
+
+  mesh = shd.make_data_mesh()
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                     opt_state=optimizer.init(params), method_state={}, rng=state_rng)
+  state = jax.device_put(state, shd.state_sharding(mesh, state))
+  best = {"params": state.params, "batch_stats": state.batch_stats,
+          "metric": jnp.asarray(-1.0, jnp.float32), "step": jnp.asarray(0, jnp.int32)}
+  writer = MetricWriter(workdir, tensorboard=config.tensorboard)
+  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+  start = ckpt.latest_step()
+  if start is not None:
+    state, best, _ = ckpt.restore(start, state=state, best=best)
+    writer.truncate_after(start)
+    logging.info("resumed from step %d", start)
+  else:
+    writer.truncate_after(0)
+  step = int(state.step)
+
+  train_step = jax.jit(make_multitask_step(models=models, optimizer=optimizer),
+                       donate_argnums=(0,))
+  eval_steps = {n: step_lib.make_eval_step(model=models[n], num_classes=datasets[n].num_classes, mesh=mesh)
+                for n in tasks}
+
+  def task_variables(variables_params, variables_stats, name):
+    return {"params": merge_params(variables_params["shared"], variables_params["tasks"][name]),
+            "batch_stats": variables_stats[name]}
+
+  streams = {n: datasets[n].train_batches(batch_size=config.batch_size, start_step=step) for n in tasks}
+  try:
+    while step < total_steps:
+      batches = {n: shd.global_batch(next(streams[n]), mesh) for n in tasks}
+      state, metrics = train_step(state, batches)
+      step += 1
+      evaluate_now = step % eval_every == 0 or step == total_steps
+      if step % config.log_every_steps == 0 or evaluate_now:
+        host = jax.device_get(metrics)
+        if not math.isfinite(float(host["loss"])):
+          raise FloatingPointError(f"non-finite loss {float(host['loss'])} at step {step}")
+        writer.write(step, "train", host)
+      if evaluate_now:
+        vals = {n: evaluate(eval_steps[n], task_variables(state.params, state.batch_stats, n), datasets[n],
+                            "val", batch_size=config.eval_batch_size, mesh=mesh) for n in tasks}
+        mean_val = float(np.mean([v[config.selection_metric] for v in vals.values()]))
+        writer.write(step, "val", {"mean_" + config.selection_metric: mean_val,
+                                   **{f"{n}/{k}": v for n, r in vals.items() for k, v in r.items()}})
+        if mean_val > float(best["metric"]):
+          best = {"params": jax.tree.map(jnp.copy, state.params),
+                  "batch_stats": jax.tree.map(jnp.copy, state.batch_stats),
+                  "metric": jnp.asarray(mean_val, jnp.float32), "step": jnp.asarray(step, jnp.int32)}
+        ckpt.save(step, state=state, best=best, record={"step": step})
+  finally:
+    ckpt.close()
+
+  best_params = jax.device_get(best["params"])
+  best_stats = jax.device_get(best["batch_stats"])
+  results: dict[str, Any] = {"best_step": int(best["step"]), "steps": step, "tasks": {}}
+  shared_size = sum(int(np.size(v)) for v in jax.tree.leaves(best_params["shared"]))
+  total = shared_size
+  for n in tasks:
+    test = evaluate(eval_steps[n], task_variables(best_params, best_stats, n), datasets[n], "test",
+                    batch_size=config.eval_batch_size, mesh=mesh)
+    patch = patches.Patch(_flat(best_params["tasks"][n]), _flat(best_stats[n]),
+                          {"task": n, "selection": config.patch.selection, "share_head": config.share_head})
+    size = patches.patch_size(patch, task_variables(best_params, best_stats, n)["params"])
+    total += size.parameters
+    if jax.process_index() == 0:
+      patches.save_patch(os.path.join(workdir, f"patch_{n}.npz"), patch)
+    results["tasks"][n] = {"test_top1": test["top1"], "test_mean_per_class": test["mean_per_class"],
+                           "image_size": tasks[n].dataset.image_size, "patch_parameters": size.parameters,
+                           "patch_percent": size.percent}
+    writer.write(step, "test", {f"{n}/{k}": v for k, v in test.items()})
+  writer.close()
+  results["shared_parameters"] = shared_size
+  results["total_parameters"] = total
+  results["table"] = format_multitask_table(results, title=_title(config))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results_table.md"), "w") as f:
+      f.write(results["table"] + "\n")
+    shared_patch = patches.Patch(_flat(best_params["shared"]), {}, {"shared": True})
+    patches.save_patch(os.path.join(workdir, "shared.npz"), shared_patch)
+    _write_json(os.path.join(workdir, "results.json"), results)
+  return results
+
+
+def _title(config: ml_collections.ConfigDict) -> str:
+  head = "shared last layer" if config.share_head else "a last layer per task"
+  return (f"multitask: {config.model} ({config.pretrained or 'random init'}), private patch "
+          f"{config.patch.selection!r}, {head}; checkpoint chosen on mean val {config.selection_metric}, "
+          f"test evaluated once")
+
+
+def format_multitask_table(results: dict[str, Any], *, title: str = "") -> str:
+  lines = [title, ""] if title else []
+  lines += ["| task | image size | test top-1 | test mean per-class | private params |", "|---|---|---|---|---|"]
+  for name, r in results["tasks"].items():
+    lines.append(f"| {name} | {r['image_size']} | {100 * r['test_top1']:.2f} | "
+                 f"{100 * r['test_mean_per_class']:.2f} | {r['patch_parameters']:,} |")
+  lines.append(f"\nparameters in total: {results['total_parameters']:,} "
+               f"(shared {results['shared_parameters']:,})")
+  return "\n".join(lines)
