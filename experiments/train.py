@@ -14,6 +14,12 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `:arg`.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.DEFINE_string("coordinator_address", None, "Multi-process runs: host:port of process 0's coordinator "
+                    "(default $JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of processes (default $JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index (default $JAX_PROCESS_ID).")
+flags.DEFINE_bool("distributed_auto", False, "Let JAX detect the cluster (Slurm, Cloud TPU pod slice, MPI).")
+flags.DEFINE_integer("heartbeat_timeout", 30, "Seconds after which a silent peer process counts as dead.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -31,6 +37,14 @@ def main(argv):
   from absl import logging as absl_logging
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   # Heavy imports after flag parsing so that --help and flag errors are instant.
+  from ftjax.train import distributed
+  try:
+    distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+                           process_id=FLAGS.process_id, auto=FLAGS.distributed_auto,
+                           heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
+  except ValueError as e:
+    print(f"ftjax: error: {e}", file=sys.stderr)
+    sys.exit(2)
   from ftjax.train import report
   try:
     if FLAGS.config.get("tasks"):

@@ -251,7 +251,7 @@ class ImageDataset:
   def __init__(self, *, builder: tfds.core.DatasetBuilder, image_key: str, label_key: str,
                splits: dict[str, _Split], seed: int, image_size: int, resize_size: int,
                crop_scale: tuple[float, float] = (0.08, 1.0),
-               process_index: int, process_count: int):
+               process_index: int, process_count: int, num_shards: int = 0):
     self._builder = builder
     self._image_key = image_key
     self._label_key = label_key
@@ -262,6 +262,15 @@ class ImageDataset:
     self.crop_scale = tuple(crop_scale)
     self._process_index = process_index
     self._process_count = process_count
+    # Data shards: each global train batch is num_shards equal slices, slice s
+    # drawn from TFDS even split s of num_shards; a process owns a contiguous run
+    # of num_shards / process_count shards. The stream depends on num_shards,
+    # not on the process count, so 1, 2 or 4 processes give the same batches.
+    self.num_shards = int(num_shards or process_count)
+    if self.num_shards % process_count:
+      raise ValueError(f"dataset.num_shards={self.num_shards} must be a multiple of the process "
+                       f"count {process_count}")
+    self._shards_per_process = self.num_shards // process_count
     self._cache = {}
     label_feature = builder.info.features[label_key]
     self.name: str = builder.name
@@ -286,13 +295,23 @@ class ImageDataset:
       raise ValueError(f"dataset {self.name!r} has no {split!r} split")
     return s
 
-  def _host_range(self, tfds_split: str, process_index: int) -> tuple[int, int]:
-    """[start, end) of ``tfds.even_splits(tfds_split)[process_index]``."""
-    sub = tfds.even_splits(tfds_split, n=self._process_count)[process_index]
+  def _shard_range(self, tfds_split: str, shard: int) -> tuple[int, int]:
+    """[start, end) of ``tfds.even_splits(tfds_split, n=num_shards)[shard]``."""
+    sub = tfds.even_splits(tfds_split, n=self.num_shards)[shard]
     (inst,) = sub.to_absolute(self._builder.info.splits)
     start = 0 if inst.from_ is None else int(inst.from_)
     end = self._builder.info.splits[tfds_split].num_examples if inst.to is None else int(inst.to)
     return start, end
+
+  def _process_shards(self, process_index: int) -> range:
+    k = self._shards_per_process
+    return range(process_index * k, (process_index + 1) * k)
+
+  def _host_range(self, tfds_split: str, process_index: int) -> tuple[int, int]:
+    """[start, end) of the TFDS examples a process reads: the union of its shards."""
+    shards = self._process_shards(process_index)
+    return (self._shard_range(tfds_split, shards[0])[0],
+            self._shard_range(tfds_split, shards[-1])[1])
 
   def _host_positions(self, split: str, process_index: int) -> np.ndarray:
     """Positions (into the split's selection) that belong to a process."""
@@ -308,6 +327,20 @@ class ImageDataset:
       raise ValueError(f"batch_size={batch_size} must be a positive multiple of "
                        f"process_count={self._process_count}")
     return batch_size // self._process_count
+
+  def _shard_batch_size(self, batch_size: int) -> int:
+    if batch_size <= 0 or batch_size % self.num_shards:
+      raise ValueError(f"batch_size={batch_size} must be a positive multiple of "
+                       f"dataset.num_shards={self.num_shards}")
+    return batch_size // self.num_shards
+
+  def _shard_counts(self, split: str) -> list[int]:
+    s = self._split(split)
+    counts = []
+    for shard in range(self.num_shards):
+      start, end = self._shard_range(s.tfds_split, shard)
+      counts.append(int(np.count_nonzero((s.indices >= start) & (s.indices < end))))
+    return counts
 
   def labels(self, split: str) -> np.ndarray:
     """int32 labels of this process's examples of ``split``, in eval order."""
@@ -327,11 +360,11 @@ class ImageDataset:
   def steps_per_epoch(self, batch_size: int) -> int:
     """Train steps per epoch at global ``batch_size`` (every process agrees).
 
-    Each process drops its remainder; the epoch ends when the process with the
-    fewest selected examples runs out of whole batches.
+    Each shard drops its remainder; the epoch ends when the shard with the
+    fewest selected examples runs out of whole slices.
     """
-    local = self._local_batch_size(batch_size)
-    return min(self._host_counts("train")) // local
+    self._local_batch_size(batch_size)
+    return min(self._shard_counts("train")) // self._shard_batch_size(batch_size)
 
   # -- reading ------------------------------------------------------------------
 
@@ -345,7 +378,7 @@ class ImageDataset:
       assert self._split(split).tfds_split == tfds_split
       keep[self.example_indices(split) - start] = True
     keep = tf.constant(keep)
-    sub = tfds.even_splits(tfds_split, n=self._process_count)[self._process_index]
+    sub = f"{tfds_split}[{start}:{end}]"
     ds = self._builder.as_dataset(
         split=sub, shuffle_files=False, read_config=_in_order_read_config(),
         decoders={self._image_key: tfds.decode.SkipDecoding()})
@@ -388,7 +421,7 @@ class ImageDataset:
 
   # -- iterators ----------------------------------------------------------------
 
-  def train_batches(self, *, batch_size: int, start_step: int = 0
+  def train_batches(self, *, batch_size: int, start_step: int = 0, views: int = 1
                     ) -> Iterator[dict[str, np.ndarray]]:
     """Infinite augmented train batches of this process, from global step ``start_step``.
 
@@ -397,39 +430,62 @@ class ImageDataset:
         process_count`` examples.
       start_step: first step to yield; skipping is arithmetic (whole epochs) plus
         a cheap skip over example positions (no decoding).
+      views: 1, or 2 for a second, independently augmented view of every image
+        under ``"image_key"`` (contrastive methods: Bi-Tuning's key encoder). Its
+        augmentation seed is ``fold_in(key, 1)`` of the first view's key, so
+        ``"image"`` is the same with either setting.
 
     Yields:
-      ``{"image": float32 [b, S, S, 3] in [0, 255], "label": int32 [b]}``.
+      ``{"image": float32 [b, S, S, 3] in [0, 255], "label": int32 [b]}``, plus
+      ``"image_key"`` (same shape as ``"image"``) when ``views=2``.
     """
+    if views not in (1, 2):
+      raise ValueError(f"views must be 1 or 2, got {views}")
     local = self._local_batch_size(batch_size)
     steps = self.steps_per_epoch(batch_size)
     if steps == 0:
       raise ValueError(
-          f"batch_size={batch_size} exceeds the train examples per process "
-          f"({min(self._host_counts('train'))} on the smallest of {self._process_count})")
+          f"batch_size={batch_size} exceeds the train examples: {min(self._shard_counts('train'))} "
+          f"on the smallest of {self.num_shards} data shard(s), each giving "
+          f"{self._shard_batch_size(batch_size)} per batch")
     if start_step < 0:
       raise ValueError(f"start_step must be >= 0, got {start_step}")
     start_epoch, step_in_epoch = divmod(int(start_step), steps)
     encoded, labels, indices = self._encoded("train")
-    n = int(encoded.shape[0])
-    per_epoch = steps * local
+    slice_size = self._shard_batch_size(batch_size)
+    host_indices = indices.numpy()
+    shard_positions = []
+    for shard in self._process_shards(self._process_index):
+      lo, hi = self._shard_range(self._split("train").tfds_split, shard)
+      shard_positions.append(tf.constant(np.flatnonzero((host_indices >= lo) & (host_indices < hi)), tf.int64))
     seed = self._seed
     image_size = self.image_size
     crop_scale = self.crop_scale
 
     def epoch_positions(epoch):
-      # Reshuffle for epoch e: argsort of stateless uniforms keyed by (seed, e).
-      keys = tf.random.stateless_uniform([n], seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
-      order = tf.argsort(keys, stable=True)[:per_epoch]
+      # Reshuffle each shard for epoch e: argsort of stateless uniforms keyed by
+      # (seed, e); batch i of the epoch is slice i of each of this process's shards.
+      key = tf.stack([tf.constant(seed, tf.int64), epoch])
+      slices = []
+      for positions in shard_positions:
+        keys = tf.random.stateless_uniform(tf.shape(positions), seed=key)
+        order = tf.argsort(keys, stable=True)[:steps * slice_size]
+        slices.append(tf.reshape(tf.gather(positions, order), [steps, slice_size]))
+      order = tf.reshape(tf.stack(slices, axis=1), [-1])   # [steps, shards, slice] step-major
       return tf.data.Dataset.from_tensor_slices(order).map(lambda pos: (epoch, pos))
 
     def load(epoch, pos):
       index = tf.gather(indices, pos)
       key = tf.random.experimental.stateless_fold_in(
           tf.stack([tf.constant(seed, tf.int64), epoch]), index)
-      image = augment.train_transform(augment.decode_rgb(tf.gather(encoded, pos)),
-                                      seed=key, image_size=image_size, scale=crop_scale)
-      return {"image": image, "label": tf.gather(labels, pos)}
+      decoded = augment.decode_rgb(tf.gather(encoded, pos))
+      image = augment.train_transform(decoded, seed=key, image_size=image_size, scale=crop_scale)
+      example = {"image": image, "label": tf.gather(labels, pos)}
+      if views == 2:
+        example["image_key"] = augment.train_transform(
+            decoded, seed=tf.random.experimental.stateless_fold_in(key, 1), image_size=image_size,
+            scale=crop_scale)
+      return example
 
     ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch_positions)
     ds = ds.skip(step_in_epoch * local)  # positions only: cheap
@@ -499,7 +555,8 @@ def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]
 def load_dataset(name: str, *, data_dir: str | None = None, sampling_rate: float = 100.0,
                  seed: int = 0, val_fraction: float = 0.2, image_size: int = 224,
                  resize_size: int | None = None, process_index: int = 0,
-                 process_count: int = 1, crop_scale: tuple[float, float] = (0.08, 1.0)) -> ImageDataset:
+                 process_count: int = 1, crop_scale: tuple[float, float] = (0.08, 1.0),
+                 num_shards: int = 0) -> ImageDataset:
   """Builds the train / val / test pipelines of a TFDS image-classification dataset.
 
   Offline-buildable datasets (``fashion_mnist``) are prepared on first use; other
@@ -518,6 +575,10 @@ def load_dataset(name: str, *, data_dir: str | None = None, sampling_rate: float
     crop_scale: area range of the training random-resized crop (torchvision's
       default (0.08, 1); small source images such as Fashion-MNIST's 28 px do
       better with a milder range).
+    num_shards: data shards per global batch (0 = ``process_count``). The train
+      stream depends on it and not on the process count: fix it (e.g. to the
+      largest process count you will use) to get the same batches from 1, 2 or
+      4 processes. Must be a multiple of ``process_count``.
 
   Returns:
     The :class:`ImageDataset`.
@@ -571,5 +632,6 @@ def load_dataset(name: str, *, data_dir: str | None = None, sampling_rate: float
   dataset = ImageDataset(builder=builder, image_key=image_key, label_key=label_key,
                          splits=splits, seed=seed, image_size=image_size,
                          resize_size=resize_size, process_index=process_index,
-                         process_count=process_count, crop_scale=crop_scale)
+                         process_count=process_count, crop_scale=crop_scale,
+                         num_shards=num_shards)
   return dataset

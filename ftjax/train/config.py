@@ -27,6 +27,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.image_size = 224
   c.dataset.resize_size = 0       # 0 = image_size / 0.875
   c.dataset.crop_scale = (0.08, 1.0)  # area range of the training random-resized crop
+  c.dataset.num_shards = 0        # data shards per global batch (0 = process count); fix it to get the
+                                  # same batches from any number of processes (a multiple of it)
 
   c.batch_size = 32               # global
   c.eval_batch_size = 128

@@ -195,7 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       seed=config.seed, val_fraction=config.dataset.val_fraction,
       image_size=config.dataset.image_size, resize_size=config.dataset.resize_size or None,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      crop_scale=tuple(config.dataset.crop_scale))
+      crop_scale=tuple(config.dataset.crop_scale), num_shards=config.dataset.num_shards)
   model, variables = build_model(config, num_classes=dataset.num_classes,
                                  keep_source_head="source_logits" in needed, rng=init_rng,
                                  projection_dim=_projection_dim(components, needed))
@@ -237,8 +237,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                      opt_state=optimizer.init(params), method_state=method_state, rng=state_rng)
   state = jax.device_put(state, shd.state_sharding(mesh, state))
-  best = {"params": _copy(state.params), "batch_stats": _copy(state.batch_stats),
-          "metric": jnp.asarray(-1.0, jnp.float32), "step": jnp.asarray(0, jnp.int32)}
+  # Scalars too live on the mesh (replicated): multi-process checkpoints cannot
+  # hold arrays that sit on one process's device.
+  best = jax.device_put({"params": _copy(state.params), "batch_stats": _copy(state.batch_stats),
+                         "metric": np.float32(-1.0), "step": np.int32(0)}, shd.replicated(mesh))
 
   writer = MetricWriter(workdir, tensorboard=config.tensorboard)
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -294,9 +296,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         val = evaluate(eval_step, state.variables, dataset, "val", batch_size=config.eval_batch_size, mesh=mesh)
         writer.write(step, "val", val)
         if val[config.selection_metric] > float(best["metric"]):
-          best = {"params": _copy(state.params), "batch_stats": _copy(state.batch_stats),
-                  "metric": jnp.asarray(val[config.selection_metric], jnp.float32),
-                  "step": jnp.asarray(step, jnp.int32)}
+          best = jax.device_put(
+              {"params": _copy(state.params), "batch_stats": _copy(state.batch_stats),
+               "metric": np.float32(val[config.selection_metric]), "step": np.int32(step)},
+              shd.replicated(mesh))
         ckpt.save(step, state=state, best=best, record={"config": semantic, "step": step})
       if progress is not None:
         progress.update(1)
