@@ -213,8 +213,9 @@ def train_multitask(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                      opt_state=optimizer.init(params), method_state={}, rng=state_rng)
   state = jax.device_put(state, shd.state_sharding(mesh, state))
-  best = {"params": state.params, "batch_stats": state.batch_stats,
-          "metric": jnp.asarray(-1.0, jnp.float32), "step": jnp.asarray(0, jnp.int32)}
+  best = jax.device_put({"params": jax.tree.map(jnp.copy, state.params),
+                         "batch_stats": jax.tree.map(jnp.copy, state.batch_stats),
+                         "metric": np.float32(-1.0), "step": np.int32(0)}, shd.replicated(mesh))
   writer = MetricWriter(workdir, tensorboard=config.tensorboard)
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
   start = ckpt.latest_step()
@@ -254,9 +255,10 @@ def train_multitask(config: ml_collections.ConfigDict, workdir: str) -> dict[str
         writer.write(step, "val", {"mean_" + config.selection_metric: mean_val,
                                    **{f"{n}/{k}": v for n, r in vals.items() for k, v in r.items()}})
         if mean_val > float(best["metric"]):
-          best = {"params": jax.tree.map(jnp.copy, state.params),
-                  "batch_stats": jax.tree.map(jnp.copy, state.batch_stats),
-                  "metric": jnp.asarray(mean_val, jnp.float32), "step": jnp.asarray(step, jnp.int32)}
+          best = jax.device_put({"params": jax.tree.map(jnp.copy, state.params),
+                                 "batch_stats": jax.tree.map(jnp.copy, state.batch_stats),
+                                 "metric": np.float32(mean_val), "step": np.int32(step)},
+                                shd.replicated(mesh))
         ckpt.save(step, state=state, best=best, record={"step": step})
   finally:
     ckpt.close()
