@@ -6,12 +6,15 @@ same model, batch and image size, with random weights and random images: the
 cost of a step does not depend on the values. The method's loss components are
 built from the same ``losses`` dictionaries the configs use; components that
 normally prepare themselves from data (Co-Tuning's relationship) get a random
-stand-in of the right shape. Timings: median of ``--steps`` steps after
+stand-in of the right shape (DELTA's channel weights: uniform). DELTA and LwF
+run the frozen source model inside the step, so their cost includes its
+forward pass. Timings: median of ``--steps`` steps after
 ``--warmup`` untimed ones, the methods interleaved round-robin so that load
 changes on a shared machine hit them alike.
 
 Usage::
 
+  python -m experiments.bench.method_step_cost                        # every method, Lite0 64 px
   python -m experiments.bench.method_step_cost --methods co_tuning
   python -m experiments.bench.method_step_cost --methods co_tuning --size 224 --batch 32
 """
@@ -19,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -31,11 +35,17 @@ import numpy as np
 import optax
 
 from ftjax import methods
+from ftjax.methods import regularizers as reg_methods
 from ftjax.models import create_model
 from ftjax.train import step as step_lib
 from ftjax.train.state import TrainState
 
 NUM_SOURCE = 1000
+
+
+CE = {"ce": {"weight": 1.0}}
+BSS = {"weight": 0.001, "k": 1}
+METHODS = ("finetune", "co_tuning", "l2_sp", "delta", "bss", "lwf", "co_tuning_bss_l2sp")
 
 
 def _random_relationship(num_target: int, num_source: int) -> np.ndarray:
@@ -45,13 +55,32 @@ def _random_relationship(num_target: int, num_source: int) -> np.ndarray:
 
 def method_losses(name: str, num_classes: int) -> dict[str, dict[str, Any]]:
   """The ``losses`` section of a method, as in experiments/configs."""
-  if name == "finetune":
-    return {"ce": {"weight": 1.0}}
-  if name == "co_tuning":
-    return {"ce": {"weight": 1.0},
-            "co_tuning": {"weight": 2.3,
-                          "relationship": _random_relationship(num_classes, NUM_SOURCE)}}
-  raise ValueError(f"unknown method {name!r}; known: finetune, co_tuning")
+  rel = _random_relationship(num_classes, NUM_SOURCE)
+  losses = {
+      "finetune": dict(CE),
+      "co_tuning": {**CE, "co_tuning": {"weight": 2.3, "relationship": rel}},
+      "l2_sp": {**CE, "l2_sp": {"alpha": 0.01, "beta": 0.01}},
+      "delta": {**CE, "delta": {"weight": 0.01}},
+      "bss": {**CE, "bss": dict(BSS)},
+      "lwf": {**CE, "lwf": {"weight": 1.0, "temperature": 3.0}},
+      "co_tuning_bss_l2sp": {**CE, "co_tuning": {"weight": 2.3, "relationship": rel},
+                             "bss": dict(BSS), "l2_sp": {}},
+  }
+  if name not in losses:
+    raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+  return losses[name]
+
+
+def _bind(component: Any, model: Any) -> Any:
+  """The component with what its ``prepare`` would set from data (model, stand-in weights)."""
+  if isinstance(component, reg_methods.Delta):
+    layers = component.resolved_layers(model)
+    shapes = dict(reg_methods.feature_map_order(model))
+    weights = {k: np.full(shapes[k][-1], 1.0 / shapes[k][-1], np.float32) for k in layers}
+    return dataclasses.replace(component, model=model, layers=layers, channel_weights=weights)
+  if isinstance(component, reg_methods.LwF):
+    return dataclasses.replace(component, model=model)
+  return component
 
 
 def build_step(name: str, *, model_name: str, batch: int, size: int, num_classes: int
@@ -59,8 +88,9 @@ def build_step(name: str, *, model_name: str, batch: int, size: int, num_classes
   """A zero-argument callable running one jitted training step of method ``name``."""
   components = methods.build_components(method_losses(name, num_classes))
   needed = step_lib.required_outputs(components)
-  model = create_model(model_name, num_classes=num_classes,
+  model = create_model(model_name, num_classes=num_classes, num_source_classes=NUM_SOURCE,
                        keep_source_head="source_logits" in needed)
+  components = [_bind(c, model) for c in components]
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.uniform(0, 255, (batch, size, size, 3)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32)
@@ -88,7 +118,7 @@ def build_step(name: str, *, model_name: str, batch: int, size: int, num_classes
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--methods", nargs="+", default=["co_tuning"],
+  parser.add_argument("--methods", nargs="+", default=list(METHODS[1:]), choices=METHODS,
                       help="methods compared with finetune")
   parser.add_argument("--model", default="efficientnet_lite0")
   parser.add_argument("--batch", type=int, default=32)

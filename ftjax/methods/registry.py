@@ -7,10 +7,15 @@ from typing import Any
 
 from ftjax.methods.co_tuning import CoTuning
 from ftjax.methods.finetune import CrossEntropy
+from ftjax.methods.regularizers import L2SP, BatchSpectralShrinkage, Delta, LwF
 
 _FACTORIES: dict[str, Callable[..., Any]] = {
     "ce": CrossEntropy,
     "co_tuning": CoTuning,
+    "l2_sp": L2SP,
+    "delta": Delta,
+    "bss": BatchSpectralShrinkage,
+    "lwf": LwF,
 }
 
 
