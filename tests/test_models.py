@@ -213,7 +213,9 @@ def test_errors():
   def apply(outputs, x=images):  # traced only: the errors come before any computation
     return jax.eval_shape(lambda v: model.apply(v, x, train=False, outputs=outputs), variables)
 
-  with pytest.raises(ValueError, match="unknown output 'projection'"):
+  with pytest.raises(ValueError, match="unknown output 'embeddings'"):
+    apply(("embeddings",))
+  with pytest.raises(ValueError, match="projection_dim=0"):  # Bi-Tuning's output needs a projector
     apply(("projection",))
   with pytest.raises(ValueError, match="keep_source_head=False"):
     apply(("source_logits",))

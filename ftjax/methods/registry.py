@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ftjax.methods.bi_tuning import BiTuning
 from ftjax.methods.co_tuning import CoTuning
 from ftjax.methods.finetune import CrossEntropy
 from ftjax.methods.regularizers import L2SP, BatchSpectralShrinkage, Delta, LwF
@@ -16,6 +17,7 @@ _FACTORIES: dict[str, Callable[..., Any]] = {
     "delta": Delta,
     "bss": BatchSpectralShrinkage,
     "lwf": LwF,
+    "bi_tuning": BiTuning,
 }
 
 

@@ -30,6 +30,7 @@ def create_model(
     num_classes: int,
     keep_source_head: bool = False,
     num_source_classes: int = 1000,
+    projection_dim: int = 0,
 ) -> ImageClassifier:
   """Builds an :class:`~ftjax.models.layers.ImageClassifier` by name.
 
@@ -39,6 +40,8 @@ def create_model(
     num_classes: width of the target ``head``.
     keep_source_head: also build ``source_head`` (the pretrained classifier).
     num_source_classes: width of ``source_head``.
+    projection_dim: width of the Bi-Tuning ``projector`` (output ``projection``);
+      0 = none, and the parameters are exactly those of a model without it.
 
   Returns:
     An unbound Linen module; input is NHWC raw pixels in ``[0, 255]``.
@@ -47,6 +50,8 @@ def create_model(
   if num_classes < 1 or num_source_classes < 1:
     raise ValueError(
         f"num_classes and num_source_classes must be >= 1, got {num_classes}, {num_source_classes}")
+  if projection_dim < 0:
+    raise ValueError(f"projection_dim must be >= 0 (0 = no projector), got {projection_dim}")
   if name in RESNET_SPECS:
     backbone, mean, std = ResNetBackbone(RESNET_SPECS[name]), IMAGENET_MEAN, IMAGENET_STD
   else:
@@ -59,6 +64,7 @@ def create_model(
       std=std,
       keep_source_head=keep_source_head,
       num_source_classes=num_source_classes,
+      projection_dim=int(projection_dim),
   )
 
 

@@ -106,7 +106,7 @@ def normalize_pixels(images: jax.Array, mean: Sequence[float], std: Sequence[flo
   return (images - mean_a) / std_a
 
 
-OUTPUT_NAMES = ("features", "logits", "source_logits", "feature_maps")
+OUTPUT_NAMES = ("features", "logits", "source_logits", "feature_maps", "projection")
 
 
 class ImageClassifier(nn.Module):
@@ -119,7 +119,10 @@ class ImageClassifier(nn.Module):
   * ``logits``: target head ``[B, num_classes]``;
   * ``source_logits``: the kept pretrained head ``[B, num_source_classes]``
     (only with ``keep_source_head=True``);
-  * ``feature_maps``: dict block name -> NHWC output of that block.
+  * ``feature_maps``: dict block name -> NHWC output of that block;
+  * ``projection``: Bi-Tuning's projector, ``normalise(Dense(features))``
+    ``[B, projection_dim]`` (only with ``projection_dim > 0``; parameters under
+    ``projector``).
 
   Only the requested heads run; initialise with ``outputs=model.all_outputs`` to
   create every parameter.
@@ -132,6 +135,7 @@ class ImageClassifier(nn.Module):
     std: per-channel pixel std the input is divided by.
     keep_source_head: build ``source_head``.
     num_source_classes: width of ``source_head``.
+    projection_dim: width of the ``projector`` (0 = no projector, no parameters).
     min_image_size: smallest accepted height/width.
   """
 
@@ -142,12 +146,14 @@ class ImageClassifier(nn.Module):
   std: tuple[float, float, float]
   keep_source_head: bool = False
   num_source_classes: int = 1000
+  projection_dim: int = 0
   min_image_size: int = 32
 
   @property
   def all_outputs(self) -> tuple[str, ...]:
     """Every output this model can produce (init with these to get all parameters)."""
-    return tuple(n for n in OUTPUT_NAMES if n != "source_logits" or self.keep_source_head)
+    return tuple(n for n in OUTPUT_NAMES if (n != "source_logits" or self.keep_source_head)
+                 and (n != "projection" or self.projection_dim > 0))
 
   def _check_inputs(self, images: jax.Array, outputs: Sequence[str]) -> None:
     if isinstance(outputs, str):
@@ -159,6 +165,10 @@ class ImageClassifier(nn.Module):
         raise ValueError(
             f"output 'source_logits' requested but {self.model_name} was created with "
             "keep_source_head=False")
+      if name == "projection" and self.projection_dim <= 0:
+        raise ValueError(
+            f"output 'projection' requested but {self.model_name} was created with "
+            "projection_dim=0 (no projector)")
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be NHWC with 3 channels, got shape {tuple(images.shape)}")
     size = min(images.shape[1], images.shape[2])
@@ -184,4 +194,7 @@ class ImageClassifier(nn.Module):
       elif name == "source_logits":
         result[name] = nn.Dense(
             self.num_source_classes, kernel_init=head_kernel_init, name="source_head")(features)
+      elif name == "projection":
+        z = nn.Dense(self.projection_dim, kernel_init=head_kernel_init, name="projector")(features)
+        result[name] = z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), 1e-24))
     return result
