@@ -23,10 +23,10 @@ from conftest import ROOT, run_python
 TINY = "experiments/configs/tiny.py"
 
 
-def _launch_cmd(workdir, log_dir, *overrides, processes=2, devices=2):
+def _launch_cmd(workdir, log_dir, *overrides, processes=2, devices=2, config=TINY):
   return [sys.executable, "-m", "experiments.launch_local", f"--num_processes={processes}",
           f"--devices_per_process={devices}", f"--log_dir={log_dir}", "--grace=5", "--",
-          "-m", "experiments.train", f"--config={TINY}", f"--workdir={workdir}", *overrides]
+          "-m", "experiments.train", f"--config={config}", f"--workdir={workdir}", *overrides]
 
 
 def _env():
@@ -41,11 +41,11 @@ def _train_losses(run_dir):
   return [(r["step"], r["loss"]) for r in rows if r["split"] == "train"]
 
 
-def _final_params(run_dir):
+def _final_params(run_dir, key="params"):
   from ftjax.train.checkpoint import load_checkpoint_arrays
   import jax
   ckpt = load_checkpoint_arrays(run_dir)
-  return ckpt["step"], [np.asarray(x) for x in jax.tree.leaves(ckpt["state"]["params"])]
+  return ckpt["step"], [np.asarray(x) for x in jax.tree.leaves(ckpt["state"][key])]
 
 
 def test_global_batches_do_not_depend_on_the_process_count(fashion_mnist_ready):
@@ -73,12 +73,17 @@ def test_global_batches_do_not_depend_on_the_process_count(fashion_mnist_ready):
 STEPS = ["--config.num_steps=6", "--config.eval_every_steps=3", "--config.dataset.num_shards=2"]
 
 
-def test_two_processes_equal_one_process_with_four_devices_and_with_one(tmp_path, fashion_mnist_ready):
-  proc = subprocess.run(_launch_cmd(tmp_path / "mp", tmp_path / "logs", *STEPS), cwd=ROOT, env=_env(),
-                        capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("method", ["finetune", pytest.param("bi_tuning", marks=pytest.mark.slow)])
+def test_two_processes_equal_one_process_with_four_devices_and_with_one(tmp_path, fashion_mnist_ready,
+                                                                        method):
+  # Bi-Tuning carries state through the step (key encoder, per-class queues): the
+  # queues must be filled from the global batch, so they match across layouts too.
+  config = TINY if method == "finetune" else f"{TINY}:{method}"
+  proc = subprocess.run(_launch_cmd(tmp_path / "mp", tmp_path / "logs", *STEPS, config=config), cwd=ROOT,
+                        env=_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for devices in (4, 1):
-    run_python(["-m", "experiments.train", f"--config={TINY}", f"--workdir={tmp_path / f'sp{devices}'}",
+    run_python(["-m", "experiments.train", f"--config={config}", f"--workdir={tmp_path / f'sp{devices}'}",
                 *STEPS], devices=devices)
   ref_losses = _train_losses(tmp_path / "mp" / "seed0")
   ref_step, ref_params = _final_params(tmp_path / "mp" / "seed0")
@@ -92,6 +97,15 @@ def test_two_processes_equal_one_process_with_four_devices_and_with_one(tmp_path
     assert step == ref_step
     for a, b in zip(params, ref_params):
       np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    if method == "bi_tuning":
+      _, state = _final_params(run_dir, "method_state")
+      _, ref_state = _final_params(tmp_path / "mp" / "seed0", "method_state")
+      assert len(state) == len(ref_state) > 0
+      for a, b in zip(state, ref_state):
+        if a.dtype.kind in "iub":  # pointers and counts: exact
+          np.testing.assert_array_equal(a, b)
+        else:
+          np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
   # Only process 0 wrote logs: one metrics file, one results table, written once.
   results = json.loads((tmp_path / "mp" / "seed0" / "results.json").read_text())
   assert results["steps"] == 6
