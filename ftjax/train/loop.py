@@ -28,6 +28,7 @@ from ftjax.train import sharding as shd
 from ftjax.train import step as step_lib
 from ftjax.train.checkpoint import Checkpointer
 from ftjax.train.config import BASELINES
+from ftjax.train.config import default_config
 from ftjax.train.metrics import MetricWriter
 from ftjax.train.state import TrainState
 
@@ -170,6 +171,27 @@ def _semantic_config(config) -> dict[str, Any]:
   return cfg
 
 
+def _same_config(stored: Any, current: Any, default: Any) -> bool:
+  """Whether a checkpoint's config ``stored`` describes the run ``current``.
+
+  A key that ``stored`` lacks but whose current value is its default (a setting
+  added to ftjax after the checkpoint was written, left at its neutral value)
+  does not make the configs differ, so upgrading ftjax does not strand runs.
+  """
+  if not (isinstance(stored, dict) and isinstance(current, dict)):
+    return stored == current
+  default = default if isinstance(default, dict) else {}
+  for key in set(stored) | set(current):
+    if key not in current:
+      return False
+    if key not in stored:
+      if key not in default or current[key] != default[key]:
+        return False
+    elif not _same_config(stored[key], current[key], default.get(key)):
+      return False
+  return True
+
+
 # ----------------------------------------------------------------------------- train
 
 
@@ -199,6 +221,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model, variables = build_model(config, num_classes=dataset.num_classes,
                                  keep_source_head="source_logits" in needed, rng=init_rng,
                                  projection_dim=_projection_dim(components, needed))
+
+  # Components that change the model (SpotTune: frozen and trainable block copies and a
+  # policy network) wrap the plain model and its variables.
+  for c in components:
+    if hasattr(c, "wrap_model"):
+      model, variables = c.wrap_model(model=model, variables=variables, config=config,
+                                      rng=jax.random.fold_in(init_rng, 1))
 
   # Components that need the target data or the initial model before training
   # (Co-Tuning's category relationship) return a prepared copy of themselves.
@@ -248,7 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = ckpt.latest_step()
   if start is not None:
     state, best, record = ckpt.restore(start, state=state, best=best)
-    if record.get("config") != semantic:
+    if not _same_config(record.get("config"), semantic, _semantic_config(default_config())):
       raise ConfigError(f"{workdir} holds a checkpoint of a different config; use a new --workdir "
                         f"(or delete {ckpt.directory}) to start over")
     writer.truncate_after(start)
@@ -328,6 +357,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "trainable_parameters": sum(n for g, n in sizes.items() if g not in frozen),
       "total_parameters": sum(sizes.values()),
   }
+  # Components with after-training analyses (SpotTune: routing of the test split, figures).
+  for c in components:
+    if hasattr(c, "finalize"):
+      results.update(c.finalize(model=model, variables=best_vars, dataset=dataset, workdir=workdir,
+                                config=config))
   if config.baseline == "patch":
     patch = patches.extract_patch(
         jax.device_get(best_vars), labels, include_batch_stats=bn_mode == "train",
