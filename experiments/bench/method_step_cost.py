@@ -8,7 +8,9 @@ built from the same ``losses`` dictionaries the configs use; components that
 normally prepare themselves from data (Co-Tuning's relationship) get a random
 stand-in of the right shape (DELTA's channel weights: uniform). DELTA and LwF
 run the frozen source model inside the step, so their cost includes its
-forward pass. Timings: median of ``--steps`` steps after
+forward pass; Bi-Tuning's includes the momentum key encoder's forward pass on
+a second view and the queue updates, and the run prints its queue memory (and
+that of K = 32 keys per class for 200 classes at 1280 dimensions). Timings: median of ``--steps`` steps after
 ``--warmup`` untimed ones, the methods interleaved round-robin so that load
 changes on a shared machine hit them alike.
 
@@ -17,6 +19,7 @@ Usage::
   python -m experiments.bench.method_step_cost                        # every method, Lite0 64 px
   python -m experiments.bench.method_step_cost --methods co_tuning
   python -m experiments.bench.method_step_cost --methods co_tuning --size 224 --batch 32
+  python -m experiments.bench.method_step_cost --methods bi_tuning
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import numpy as np
 import optax
 
 from ftjax import methods
+from ftjax.methods import bi_tuning as bi_methods
 from ftjax.methods import regularizers as reg_methods
 from ftjax.models import create_model
 from ftjax.train import step as step_lib
@@ -45,7 +49,9 @@ NUM_SOURCE = 1000
 
 CE = {"ce": {"weight": 1.0}}
 BSS = {"weight": 0.001, "k": 1}
-METHODS = ("finetune", "co_tuning", "l2_sp", "delta", "bss", "lwf", "co_tuning_bss_l2sp")
+BI_TUNING = {"weight": 1.0, "keys_per_class": 8, "temperature": 0.07, "momentum": 0.999,
+             "projection_dim": 128}
+METHODS = ("finetune", "co_tuning", "bi_tuning", "l2_sp", "delta", "bss", "lwf", "co_tuning_bss_l2sp")
 
 
 def _random_relationship(num_target: int, num_source: int) -> np.ndarray:
@@ -59,6 +65,7 @@ def method_losses(name: str, num_classes: int) -> dict[str, dict[str, Any]]:
   losses = {
       "finetune": dict(CE),
       "co_tuning": {**CE, "co_tuning": {"weight": 2.3, "relationship": rel}},
+      "bi_tuning": {**CE, "bi_tuning": dict(BI_TUNING)},
       "l2_sp": {**CE, "l2_sp": {"alpha": 0.01, "beta": 0.01}},
       "delta": {**CE, "delta": {"weight": 0.01}},
       "bss": {**CE, "bss": dict(BSS)},
@@ -80,6 +87,8 @@ def _bind(component: Any, model: Any) -> Any:
     return dataclasses.replace(component, model=model, layers=layers, channel_weights=weights)
   if isinstance(component, reg_methods.LwF):
     return dataclasses.replace(component, model=model)
+  if isinstance(component, bi_methods.BiTuning):
+    return dataclasses.replace(component, model=model, key_bn_mode="train")
   return component
 
 
@@ -88,8 +97,10 @@ def build_step(name: str, *, model_name: str, batch: int, size: int, num_classes
   """A zero-argument callable running one jitted training step of method ``name``."""
   components = methods.build_components(method_losses(name, num_classes))
   needed = step_lib.required_outputs(components)
+  bi = [c for c in components if isinstance(c, bi_methods.BiTuning)]
   model = create_model(model_name, num_classes=num_classes, num_source_classes=NUM_SOURCE,
-                       keep_source_head="source_logits" in needed)
+                       keep_source_head="source_logits" in needed,
+                       projection_dim=bi[0].projection_dim if bi else 0)
   components = [_bind(c, model) for c in components]
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.uniform(0, 255, (batch, size, size, 3)), jnp.float32)
@@ -107,6 +118,8 @@ def build_step(name: str, *, model_name: str, batch: int, size: int, num_classes
   step_fn = jax.jit(step_lib.make_train_step(model=model, optimizer=optimizer, components=components),
                     donate_argnums=0)
   batch_arrays = {"image": images, "label": labels}
+  if bi:  # the key encoder's view
+    batch_arrays["image_key"] = jnp.asarray(rng.uniform(0, 255, images.shape), jnp.float32)
   holder = [state]
 
   def run() -> None:
@@ -150,6 +163,18 @@ def main(argv: list[str] | None = None) -> None:
   for n in names:
     t = statistics.median(times[n])
     print(f"{n:<16} {1e3 * t:9.1f} {args.batch / t:9.1f} {t / base:11.3f}")
+  if "bi_tuning" in names:
+    bt = BI_TUNING
+    model = create_model(args.model, num_classes=args.num_classes)
+    feature_dim = int(jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                                     jnp.zeros((1, args.size, args.size, 3)))["params"]["head"]["kernel"].shape[0])
+    here = bi_methods.queue_nbytes(num_classes=args.num_classes, keys_per_class=bt["keys_per_class"],
+                                   feature_dim=feature_dim, projection_dim=bt["projection_dim"])
+    big = bi_methods.queue_nbytes(num_classes=200, keys_per_class=32, feature_dim=1280,
+                                  projection_dim=bt["projection_dim"])
+    print(f"bi_tuning queues: {here:,} bytes here ({args.num_classes} classes x K={bt['keys_per_class']} "
+          f"x ({feature_dim}+1 + {bt['projection_dim']})); 200 classes x K=32 x (1280+1 + 128): "
+          f"{big:,} bytes ({big / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":
