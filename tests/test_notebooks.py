@@ -1,0 +1,186 @@
+"""The notebooks in notebooks/: generated, committed without outputs, executed top to bottom.
+
+Each notebook runs in a fresh Jupyter kernel of *this* interpreter (a kernelspec
+written to a temporary directory points at ``sys.executable``, so the venv's
+packages are the ones under test); a cell that raises fails the test. The last
+cell prints ``NOTEBOOK_RESULTS {json}``; the tests re-derive the key numbers in
+this process (the UOT scores with ``uot_scores`` and POT on the saved
+features, the patched model's logits from a freshly built base plus the saved
+patch file) instead of trusting the notebook's own checks. The notebooks
+prepare Fashion-MNIST themselves (offline from the Debian package here).
+
+Run: ``pytest -p no:xdist tests/test_notebooks.py`` (the two training notebooks
+are ``slow``: add ``-m "slow or not slow"``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import nbformat
+import numpy as np
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from nbclient import NotebookClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK_DIR = os.path.join(ROOT, "notebooks")
+KERNEL_NAME = "ftjax-test-python"
+
+
+def _generator():
+  spec = importlib.util.spec_from_file_location("build_notebooks",
+                                                os.path.join(NOTEBOOK_DIR, "build_notebooks.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _kernel_manager(kernel_dir: str) -> AsyncKernelManager:
+  """A kernel manager whose one kernelspec runs ipykernel on this interpreter."""
+  spec_dir = os.path.join(kernel_dir, KERNEL_NAME)
+  os.makedirs(spec_dir, exist_ok=True)
+  with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
+    json.dump({"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+               "display_name": "ftjax tests", "language": "python"}, f)
+  return AsyncKernelManager(kernel_name=KERNEL_NAME,
+                            kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_dir]))
+
+
+def execute_notebook(name: str, tmp_path, monkeypatch, timeout: int = 300) -> dict:
+  """Runs ``notebooks/<name>`` in a fresh kernel; returns its ``NOTEBOOK_RESULTS`` dict."""
+  prefix = _generator().RESULTS_PREFIX
+  out_dir = tmp_path / "out"
+  out_dir.mkdir()
+  monkeypatch.setenv("FTJAX_NOTEBOOK_OUT", str(out_dir))   # the kernel inherits the environment
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name), as_version=4)
+  client = NotebookClient(nb, km=_kernel_manager(str(tmp_path / "kernels")), timeout=timeout,
+                          resources={"metadata": {"path": str(tmp_path)}})
+  start = time.perf_counter()
+  client.execute()  # raises CellExecutionError, naming the cell, when a cell raises
+  print(f"{name}: executed in {time.perf_counter() - start:.1f} s")
+  lines = [line for cell in nb.cells if cell.cell_type == "code"
+           for output in cell.get("outputs", []) if output.get("output_type") == "stream"
+           for line in output["text"].splitlines() if line.startswith(prefix)]
+  assert len(lines) == 1, f"{name} printed {len(lines)} result lines, expected 1"
+  results = json.loads(lines[0][len(prefix):])
+  assert results["python"] == sys.executable, "the notebook ran on another interpreter"
+  return results
+
+
+# ----------------------------------------------------------------------------- the files
+
+
+def test_notebooks_are_generated_and_have_no_outputs():
+  generator = _generator()
+  assert generator.stale_notebooks() == [], "run python notebooks/build_notebooks.py"
+  assert sorted(generator.NOTEBOOKS) == sorted(f for f in os.listdir(NOTEBOOK_DIR)
+                                               if f.endswith(".ipynb"))
+  for name in generator.NOTEBOOKS:
+    nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name), as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), f"{name} has outputs"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    for cell in nb.cells:  # an indented markdown line would render as a code block
+      if cell.cell_type == "markdown":
+        assert not any(line.startswith("    ") for line in cell.source.splitlines()), name
+    install = code[0].source
+    assert "except ImportError" in install and "%pip install" in install and "import ftjax" in install
+
+
+# ----------------------------------------------------------------------------- executions
+
+
+@pytest.mark.slow
+def test_compose_losses_notebook(tmp_path, monkeypatch):
+  results = execute_notebook("compose_losses.ipynb", tmp_path, monkeypatch)
+  first, weights = results["first_step"], results["weights"]
+  assert set(weights) == {"ce", "co_tuning", "bi_tuning", "bss"}
+  # The step's total is the weighted sum of the terms it reports.
+  weighted = sum(w * first[f"loss/{name}"] for name, w in weights.items())
+  assert first["loss"] == pytest.approx(weighted, rel=1e-5)
+  assert first["loss/bi_tuning"] == pytest.approx(first["bi_tuning/cce"] + first["bi_tuning/ccl"], abs=1e-5)
+  # Before any training the target CE of a 10-class head is near log(10).
+  assert abs(first["loss/ce"] - np.log(10)) < 1.0
+  loss = np.asarray(results["loss"])
+  assert len(loss) == results["num_steps"] >= 30 and np.all(np.isfinite(loss))
+  # Bi-Tuning's terms count only once its queues hold keys; compare steps with full queues.
+  fill = np.asarray(results["queue_fill"])
+  assert fill[0] < 1 and fill[-1] == pytest.approx(1.0) and np.all(np.diff(fill) >= 0)
+  active = loss[int(np.argmax(fill >= 1.0)):]
+  assert len(active) >= 20 and active[-10:].mean() < active[:10].mean()
+  for term in ("ce", "co_tuning"):
+    values = np.asarray(results[term])
+    assert values[-10:].mean() < values[:10].mean(), f"{term} did not fall"
+  # The Co-Tuning term is a cross-entropy against the relationship rows: never below their entropy.
+  rows = np.full(20, 0.1 / 18)
+  rows[:2] = 0.45
+  assert np.min(results["co_tuning"]) > -np.sum(rows * np.log(rows)) - 1e-4
+
+
+def test_uot_selection_notebook(tmp_path, monkeypatch):
+  import ot
+
+  from ftjax.selection import select_top_k, uot_scores
+  results = execute_notebook("uot_selection.ipynb", tmp_path, monkeypatch)
+  saved = np.load(results["features_path"])
+  pool, target = saved["pool_means"], saved["target_means"]
+  # The library function, called here on the notebook's saved features.
+  here = np.asarray(uot_scores(target_means=jnp.asarray(target), pool_means=jnp.asarray(pool)).scores)
+  np.testing.assert_allclose(saved["scores"], here, rtol=1e-5)
+  assert results["top_k"] == select_top_k(here, len(results["top_k"])).tolist()
+  for targets, scores in zip(saved["stacked_targets"], saved["vmapped_scores"]):
+    direct = np.asarray(uot_scores(target_means=jnp.asarray(targets), pool_means=jnp.asarray(pool)).scores)
+    np.testing.assert_allclose(scores, direct, rtol=1e-4)
+  # An independent solver: POT's generalised Sinkhorn in float64 at the paper's settings.
+  p = pool.astype(np.float64) / np.linalg.norm(pool, axis=1, keepdims=True)
+  t = target.astype(np.float64) / np.linalg.norm(target, axis=1, keepdims=True)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    plan = ot.unbalanced.sinkhorn_unbalanced(np.ones(len(p)), np.ones(len(t)), (1 - p @ t.T) / 0.01,
+                                             reg=1.0, reg_m=(1.0, 100.0), reg_type="entropy",
+                                             numItermax=20000, stopThr=1e-13)
+  np.testing.assert_allclose(here, plan.sum(1), rtol=1e-3)
+  assert results["same_top_k_as_pot"] and results["converged"]
+  assert results["footwear_share"] >= 0.5  # the selection finds footwear-like clusters
+  for timing in results["timings"].values():
+    assert timing["ftjax_s"] > 0 and timing["pot_s"] > 0
+
+
+@pytest.mark.slow
+def test_model_patches_notebook(tmp_path, monkeypatch):
+  from ftjax import models, patches
+  results = execute_notebook("model_patches.ipynb", tmp_path, monkeypatch)
+  assert results["patch_logit_diff"] <= 1e-5
+  # Rebuild the base here, apply the saved patch file, compare with the trained model's logits.
+  model = models.create_model("resnet_tiny", num_classes=10)
+  init = jax.jit(lambda key, x: model.init(key, x, train=False, outputs=model.all_outputs))
+  base = jax.device_get(init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  patch = patches.load_patch(results["patch_path"])
+  check = np.load(os.path.join(results["out_dir"], "patch_check.npz"))
+  logits = model.apply(patches.apply_patch(base, patch), check["images"], train=False,
+                       outputs=("logits",))["logits"]
+  np.testing.assert_allclose(np.asarray(logits), check["logits"], atol=1e-5)
+  # The patch is BatchNorm scale/bias plus the head, counted from the structure here.
+  params = base["params"]
+  flat = dict(zip(patches.param_paths(params), jax.tree.leaves(params)))
+  expected = patches.structural_paths(params, batch_stats=base["batch_stats"], selection="scale_bias")
+  expected += [p for p in flat if p.startswith("head/")]
+  assert sorted(patch.params) == sorted(expected)
+  assert results["patch_parameters"] == sum(flat[p].size for p in expected)
+  assert results["head_parameters"] == sum(flat[p].size for p in flat if p.startswith("head/"))
+  assert results["total_parameters"] == sum(x.size for x in flat.values())
+  for name, losses in results["losses"].items():
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]), f"{name}: the loss did not fall"
