@@ -9,6 +9,7 @@ from ftjax.methods.bi_tuning import BiTuning
 from ftjax.methods.co_tuning import CoTuning
 from ftjax.methods.finetune import CrossEntropy
 from ftjax.methods.regularizers import L2SP, BatchSpectralShrinkage, Delta, LwF
+from ftjax.methods.spottune import SpotTune
 
 _FACTORIES: dict[str, Callable[..., Any]] = {
     "ce": CrossEntropy,
@@ -18,6 +19,7 @@ _FACTORIES: dict[str, Callable[..., Any]] = {
     "bss": BatchSpectralShrinkage,
     "lwf": LwF,
     "bi_tuning": BiTuning,
+    "spottune": SpotTune,
 }
 
 

@@ -102,6 +102,8 @@ def block_prefixes(name: str) -> list[str]:
 
 
 from ftjax.models.registry import Preprocessing, Pretrained, pretrained  # noqa: E402
+from ftjax.models.spottune import (SpotTuneClassifier, create_spottune_model, spottune_groups,  # noqa: E402
+                                   spottune_rules, spottune_variables_from_pretrained)
 
 __all__ = [
     "Conv",
@@ -110,8 +112,13 @@ __all__ = [
     "OUTPUT_NAMES",
     "Preprocessing",
     "Pretrained",
+    "SpotTuneClassifier",
     "block_prefixes",
     "create_model",
+    "create_spottune_model",
     "num_features",
     "pretrained",
+    "spottune_groups",
+    "spottune_rules",
+    "spottune_variables_from_pretrained",
 ]

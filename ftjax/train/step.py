@@ -58,12 +58,14 @@ def make_train_step(
       variables = {"params": params}
       if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
+      # SpotTune's routing noise; Flax ignores rng streams a model does not use.
+      rngs = {"gumbel": jax.random.fold_in(step_rng, 2**20)}
       if train_bn and state.batch_stats:
         outputs, new_vars = model.apply(variables, batch["image"], train=True, outputs=outputs_needed,
-                                        mutable=["batch_stats"])
+                                        mutable=["batch_stats"], rngs=rngs)
         new_stats = new_vars["batch_stats"]
       else:
-        outputs = model.apply(variables, batch["image"], train=False, outputs=outputs_needed)
+        outputs = model.apply(variables, batch["image"], train=False, outputs=outputs_needed, rngs=rngs)
         new_stats = state.batch_stats
       total = 0.0
       metrics: dict[str, jax.Array] = {}
@@ -112,7 +114,10 @@ def make_eval_step(*, model: Any, num_classes: int, mesh: Mesh) -> Callable:
   """
 
   def eval_step(variables, batch):
-    logits = model.apply(variables, batch["image"], train=False, outputs=("logits",))["logits"]
+    # A fixed "gumbel" key: only SpotTune's sampled / random inference routings read it
+    # (the default routing is deterministic); other models ignore it.
+    logits = model.apply(variables, batch["image"], train=False, outputs=("logits",),
+                         rngs={"gumbel": jax.random.PRNGKey(0)})["logits"]
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * mask

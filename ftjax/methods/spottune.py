@@ -1,0 +1,223 @@
+"""SpotTune (Guo et al., CVPR 2019): adaptive per-image fine-tuning, and its Global-k variant.
+
+The model does the routing (:mod:`ftjax.models.spottune`: frozen and trainable
+copies of each routed block, a policy network, straight-through Gumbel-softmax
+in training); the classification loss is the ``ce`` component. This component
+adds the Global-k terms of Eq. 7, ``λ1 · l_k + λ2 · l_e`` (Eq. 5 and 6), on the
+model's ``policy`` output, and reports how the policy routes::
+
+  losses = {"ce": {"weight": 1.0}, "spottune": {}}                                   # SpotTune
+  losses = {"ce": {"weight": 1.0}, "spottune": {"lambda1": 1.0, "lambda2": 1.0, "k": 3}}  # Global-k
+
+With ``lambda1 = lambda2 = 0`` (plain SpotTune) the term is exactly 0.
+
+How the model reaches the trainer: the component also carries the SpotTune
+model options (policy depth/width/input size, temperature, routings, mask). The
+trainer calls :meth:`SpotTune.wrap_model` right after building the plain
+(pretrained) model; it returns the SpotTune model and variables built from it
+(:func:`ftjax.models.spottune.spottune_variables_from_pretrained`). The config
+must use :func:`ftjax.models.spottune.spottune_rules` as ``param_rules`` and
+:func:`~ftjax.models.spottune.spottune_groups` as ``groups`` (the policy is its
+own group with its own learning-rate multiplier), and BatchNorm mode ``train``.
+After the test evaluation :meth:`SpotTune.finalize` routes the test split,
+records the accuracy of each inference routing, writes the decisions and the
+paper's Fig. 3 and Fig. 4, and the parameter count with the unused fine-tuned
+blocks dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax.losses.spottune import block_usage, global_k_loss, policy_entropy_loss
+from ftjax.methods.base import TermOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class SpotTune:
+  """Global-k terms on the ``policy`` output, routing metrics, and the SpotTune model options.
+
+  Attributes:
+    weight: multiplier of the whole term in the step's sum.
+    lambda1: λ1 of Eq. 7, weight of ``l_k`` (Eq. 5); 0 = plain SpotTune.
+    lambda2: λ2 of Eq. 7, weight of ``l_e`` (Eq. 6).
+    k: the number of blocks every image should fine-tune (paper: 3).
+    policy_depth: residual blocks of the policy ResNet.
+    policy_width: channels of the policy's first block (doubling per block).
+    policy_image_size: input size of the policy (0 = the image as given).
+    temperature: Gumbel-softmax temperature (reference code: 5).
+    train_routing: routing in training (``"gumbel"``, or a baseline: ``"random"``,
+      ``"fixed"``, ``"all_frozen"``, ``"all_finetuned"``).
+    eval_routing: routing in evaluation (``"argmax"`` deterministic, ``"sample"``,
+      or as above); recorded in the results.
+    routing_mask: 0/1 per routed block for the ``"fixed"`` routing (``()`` = none).
+    random_finetune_last: the ``"random"`` routing always fine-tunes these last blocks.
+    prune_threshold: blocks used by at most this fraction of test images count as
+      unused in :meth:`finalize` (0 = no image).
+
+  Example:
+    >>> st = SpotTune(lambda1=1.0, lambda2=1.0, k=3)
+    >>> term = st(outputs={"policy": decisions}, batch=batch, state=(), params=None, rng=None)
+    >>> term.metrics["finetuned_blocks"]
+  """
+  weight: float = 1.0
+  lambda1: float = 0.0
+  lambda2: float = 0.0
+  k: float = 3.0
+  policy_depth: int = 3
+  policy_width: int = 64
+  policy_image_size: int = 64
+  temperature: float = 5.0
+  train_routing: Any = "gumbel"
+  eval_routing: Any = "argmax"
+  routing_mask: tuple[int, ...] = ()
+  random_finetune_last: int = 0
+  prune_threshold: float = 0.0
+  name: str = "spottune"
+  outputs: tuple[str, ...] = ("policy",)
+
+  def __post_init__(self):
+    for field in ("weight", "lambda1", "lambda2", "k", "prune_threshold"):
+      if getattr(self, field) < 0:
+        raise ValueError(f"spottune {field} must be >= 0, got {getattr(self, field)}")
+    if not self.temperature > 0:
+      raise ValueError(f"spottune temperature must be > 0, got {self.temperature}")
+    from ftjax.models.spottune import _static_mask
+    for routing in (self.train_routing, self.eval_routing):
+      if isinstance(routing, str) and routing != "fixed":
+        _static_mask(routing, None, 1)  # raises on an unknown name
+
+  def model_options(self) -> dict[str, Any]:
+    """Keyword arguments of :func:`ftjax.models.spottune.create_spottune_model`."""
+    return dict(policy_depth=self.policy_depth, policy_width=self.policy_width,
+                policy_image_size=self.policy_image_size, temperature=self.temperature,
+                train_routing=self.train_routing, eval_routing=self.eval_routing,
+                routing_mask=tuple(self.routing_mask) or None,
+                random_finetune_last=self.random_finetune_last)
+
+  def wrap_model(self, *, model: Any, variables: Any, config: Any, rng: jax.Array) -> tuple[Any, Any]:
+    """The SpotTune model over ``model`` and its variables (frozen + trainable copies, new policy).
+
+    Args:
+      model: the plain :class:`ftjax.models.ImageClassifier` (pretrained weights in
+        ``variables``); a SpotTune model is returned unchanged.
+      variables: its variables.
+      config: the run config (BatchNorm mode: SpotTune trains with ``train=True``;
+        with ``bn_mode="eval"`` the step would run the evaluation routing).
+      rng: key of the policy initialisation.
+    """
+    from ftjax.models.spottune import (SpotTuneClassifier, create_spottune_model,
+                                       spottune_variables_from_pretrained)
+    if isinstance(model, SpotTuneClassifier):
+      return model, variables
+    if getattr(model, "projection_dim", 0):
+      raise ValueError("spottune does not support a model with a projector (projection_dim > 0)")
+    if config is not None and config.get("bn_mode", "") == "eval":
+      raise ValueError("spottune needs bn_mode 'train' (or ''): the step runs the model with train=False "
+                       "in 'eval' mode, which would train with the evaluation routing")
+    spot = create_spottune_model(model.model_name, num_classes=model.num_classes,
+                                 keep_source_head=model.keep_source_head,
+                                 num_source_classes=model.num_source_classes, **self.model_options())
+    return spot, spottune_variables_from_pretrained(spot, variables, rng=rng)
+
+  def init_state(self, *, variables: Any, rng: jax.Array) -> tuple:
+    del rng
+    if "policy" not in variables["params"] and "frozen_backbone" not in variables["params"]:
+      raise ValueError("spottune needs a SpotTune model (no 'frozen_backbone' / 'policy' parameters "
+                       "found): build it with create_spottune_model or let the trainer call wrap_model")
+    return ()
+
+  def __call__(self, *, outputs, batch, state, params, rng) -> TermOutput:
+    del batch, params, rng
+    decisions = outputs["policy"]
+    if decisions.ndim != 2:
+      raise ValueError(f"spottune needs the policy output [batch, blocks], got shape {decisions.shape}")
+    loss = jnp.zeros((), jnp.float32)
+    metrics: dict[str, jax.Array] = {}
+    if self.lambda1:
+      l_k = global_k_loss(decisions=decisions, k=self.k)
+      loss = loss + self.lambda1 * l_k
+      metrics["global_k"] = l_k
+    if self.lambda2:
+      l_e = policy_entropy_loss(decisions=decisions)
+      loss = loss + self.lambda2 * l_e
+      metrics["entropy"] = l_e
+    hard = jax.lax.stop_gradient(decisions)
+    metrics["finetuned_blocks"] = jnp.mean(jnp.sum(hard, axis=1))
+    for j, v in enumerate(block_usage(decisions=hard)):
+      metrics[f"usage/{j}"] = v
+    return TermOutput(loss=loss, state=state, metrics=metrics)
+
+  # --------------------------------------------------------------------------- after training
+
+  def route(self, *, model: Any, variables: Any, dataset: Any, split: str, batch_size: int,
+            routing: Any = None, seed: int = 0) -> tuple[np.ndarray, float]:
+    """Decisions ``[N, L]`` and top-1 accuracy of ``split`` under ``routing`` (None: the model's eval one).
+
+    Single process (the host's part of the split); sampled routings use keys
+    ``fold_in(PRNGKey(seed), batch_index)``.
+    """
+    apply = jax.jit(lambda v, images, key: model.apply(v, images, train=False, outputs=("logits", "policy"),
+                                                       routing=routing, rngs={"gumbel": key}))
+    decisions, correct, count = [], 0.0, 0.0
+    for i, batch in enumerate(dataset.eval_batches(split, batch_size=batch_size)):
+      out = apply(variables, batch["image"], jax.random.fold_in(jax.random.PRNGKey(seed), i))
+      mask = np.asarray(batch["mask"]) > 0
+      decisions.append(np.asarray(out["policy"])[mask])
+      correct += float(np.sum((np.argmax(np.asarray(out["logits"]), -1) == np.asarray(batch["label"]))[mask]))
+      count += float(mask.sum())
+    return np.concatenate(decisions, axis=0), correct / max(count, 1.0)
+
+  def finalize(self, *, model: Any, variables: Any, dataset: Any, workdir: str, config: Any) -> dict[str, Any]:
+    """Routes the test split; writes decisions, Fig. 3 / Fig. 4 and the pruned size; returns results.
+
+    Returns:
+      ``spottune_eval_routing``, ``spottune_test_top1/<routing>`` for the eval
+      routing and for ``argmax``/``sample``/``all_finetuned`` (the paper's
+      "running fine-tuned blocks" variant), the mean number of fine-tuned blocks,
+      the per-block usage, the unused blocks and the parameter counts with them
+      dropped, and the files written.
+    """
+    from ftjax.models import spottune as st
+    if jax.process_count() > 1:
+      logging.warning("spottune: finalize runs on one process only; skipped")
+      return {}
+    batch_size = int(config.eval_batch_size)
+    eval_routing = model.eval_routing
+    decisions, top1 = self.route(model=model, variables=variables, dataset=dataset, split="test",
+                                 batch_size=batch_size, routing=eval_routing, seed=int(config.seed))
+    name = lambda r: r if isinstance(r, str) else "mask"
+    results: dict[str, Any] = {"spottune_eval_routing": name(eval_routing),
+                               f"spottune_test_top1/{name(eval_routing)}": top1}
+    for routing in ("argmax", "sample", "all_finetuned"):
+      if routing != eval_routing:
+        results[f"spottune_test_top1/{routing}"] = self.route(
+            model=model, variables=variables, dataset=dataset, split="test", batch_size=batch_size,
+            routing=routing, seed=int(config.seed))[1]
+    blocks = list(model.routed_blocks)
+    size = st.pruned_size(jax.device_get(variables["params"]), decisions, blocks,
+                          threshold=self.prune_threshold)
+    os.makedirs(workdir, exist_ok=True)
+    npy = os.path.join(workdir, "spottune_decisions.npy")
+    np.save(npy + ".tmp.npy", decisions.astype(np.uint8))
+    os.replace(npy + ".tmp.npy", npy)
+    fig3 = st.plot_block_usage(decisions, os.path.join(workdir, "spottune_block_usage.png"),
+                               block_names=blocks)
+    fig4 = st.plot_finetuned_histogram(decisions, os.path.join(workdir, "spottune_finetuned_blocks.png"))
+    results.update({
+        "spottune_finetuned_blocks_mean": float(decisions.sum(axis=1).mean()),
+        "spottune_block_usage": list(size.usage),
+        "spottune_unused_blocks": list(size.unused_blocks),
+        "spottune_parameters_total": size.total,
+        "spottune_parameters_pruned": size.pruned,
+        "spottune_parameters_pruned_without_policy": size.pruned_without_policy,
+        "spottune_files": [npy, fig3, fig4],
+    })
+    return results
