@@ -6,10 +6,11 @@ packages are the ones under test); a cell that raises fails the test. The last
 cell prints ``NOTEBOOK_RESULTS {json}``; the tests re-derive the key numbers in
 this process (the UOT scores with ``uot_scores`` and POT on the saved
 features, the patched model's logits from a freshly built base plus the saved
-patch file) instead of trusting the notebook's own checks. The notebooks
+patch file, SpotTune's Fig. 3 / Fig. 4 numbers and pruned size from the saved
+decisions) instead of trusting the notebook's own checks. The notebooks
 prepare Fashion-MNIST themselves (offline from the Debian package here).
 
-Run: ``pytest -p no:xdist tests/test_notebooks.py`` (the two training notebooks
+Run: ``pytest -p no:xdist tests/test_notebooks.py`` (the three training notebooks
 are ``slow``: add ``-m "slow or not slow"``).
 """
 
@@ -84,6 +85,8 @@ def execute_notebook(name: str, tmp_path, monkeypatch, timeout: int = 300) -> di
 
 def test_notebooks_are_generated_and_have_no_outputs():
   generator = _generator()
+  assert sorted(generator.NOTEBOOKS) == ["compose_losses.ipynb", "model_patches.ipynb",
+                                         "spottune_policy.ipynb", "uot_selection.ipynb"]
   assert generator.stale_notebooks() == [], "run python notebooks/build_notebooks.py"
   assert sorted(generator.NOTEBOOKS) == sorted(f for f in os.listdir(NOTEBOOK_DIR)
                                                if f.endswith(".ipynb"))
@@ -184,3 +187,51 @@ def test_model_patches_notebook(tmp_path, monkeypatch):
   assert results["total_parameters"] == sum(x.size for x in flat.values())
   for name, losses in results["losses"].items():
     assert np.mean(losses[-10:]) < np.mean(losses[:10]), f"{name}: the loss did not fall"
+
+
+@pytest.mark.slow
+def test_spottune_policy_notebook(tmp_path, monkeypatch):
+  from ftjax import models
+  from ftjax.models import spottune as st
+  results = execute_notebook("spottune_policy.ipynb", tmp_path, monkeypatch)
+  saved = np.load(results["decisions_path"])
+  routed = results["routed_blocks"]
+  assert routed == st.routed_block_names("resnet_tiny")
+  # Fig. 3 and Fig. 4 from the saved test decisions: v_l = decisions.mean(0), counts per image.
+  decisions = saved["decisions"].astype(np.int64)
+  assert decisions.shape == (results["num_test"], len(routed)) and set(np.unique(decisions)) <= {0, 1}
+  np.testing.assert_allclose(results["block_usage"], decisions.mean(0), rtol=0, atol=1e-12)
+  per_image = decisions.sum(axis=1)
+  histogram = [int(np.sum(per_image == n)) for n in range(len(routed) + 1)]
+  assert results["finetuned_histogram"] == histogram and sum(histogram) == results["num_test"]
+  for path in results["figures"]:
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # The arg-max routing is the policy's more likely decision.
+  np.testing.assert_array_equal(decisions, saved["policy_logits"].argmax(-1))
+  # All frozen = the pretrained model: the notebook's exact check, and the base rebuilt here.
+  assert results["frozen_copies_max_abs_diff"] == 0.0 and results["all_frozen_max_abs_diff"] == 0.0
+  assert results["finetuned_copies_max_abs_diff"] > 0.0
+  size = results["image_size"]
+  base = models.create_model("resnet_tiny", num_classes=10)
+  init = jax.jit(lambda key, x: base.init(key, x, train=False, outputs=base.all_outputs))
+  base_vars = jax.device_get(init(jax.random.key(results["seed"]), jnp.zeros((1, size, size, 3))))
+  logits = jax.jit(lambda v, x: base.apply(v, x, train=False)["logits"])(base_vars, saved["check_images"])
+  np.testing.assert_allclose(saved["all_frozen_logits"], np.asarray(logits), rtol=0, atol=1e-6)
+  # Global-k: the blocks with v_l = 0 and the parameter counts without their fine-tuned copies,
+  # counted here from the model's structure.
+  gk, gk_decisions = results["global_k"], saved["global_k_decisions"].astype(np.float64)
+  usage = gk_decisions.mean(0)
+  np.testing.assert_allclose(gk["block_usage"], usage, rtol=0, atol=1e-12)
+  assert gk["unused_blocks"] == [name for name, v in zip(routed, usage) if v == 0.0]
+  assert len(gk["unused_blocks"]) >= 1 and abs(usage.sum() - gk["k"]) <= 0.25  # Eq. 5-7 did their job
+  model = st.create_spottune_model("resnet_tiny", num_classes=10, **results["policy"])
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False,
+                                             outputs=model.all_outputs, routing="argmax"))["params"]
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  assert gk["parameters_total"] == count(shapes)
+  dropped = sum(count(shapes["backbone"][name]) for name in gk["unused_blocks"])
+  assert gk["parameters_pruned"] == count(shapes) - dropped
+  assert gk["parameters_pruned_without_policy"] == count(shapes) - dropped - count(shapes["policy"])
+  ce = np.asarray(results["ce"])
+  assert np.all(np.isfinite(ce)) and ce[-10:].mean() < ce[:10].mean(), "the loss did not fall"
