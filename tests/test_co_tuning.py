@@ -231,6 +231,7 @@ report.run_all(c, sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_run_writes_results_table_and_relationship_figure(tmp_path, fashion_mnist_ready):
   """ce + co_tuning through the experiment runner on real data; the workdir holds Fig. 1."""
   from conftest import run_python

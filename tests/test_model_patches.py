@@ -281,6 +281,7 @@ print(json.dumps({k: v for k, v in results.items() if k != "table"}))
 """
 
 
+@pytest.mark.slow
 def test_multitask_run_saves_patches_that_rebuild_each_task(tmp_path, fashion_mnist_ready):
   from conftest import run_python
   from ftjax.train import multitask
