@@ -19,7 +19,10 @@ Rows (``compare``):
 Bi-Tuning settings: τ = 0.07, key-encoder momentum 0.999, projector 128-d, and K
 keys per class chosen by data scale as in the paper (8 / 16 / 24 / 32 for the
 25 / 50 / 75 / 100% rates; 8 below 25%). Two augmented views per image.
-Expected numbers: not yet measured in this repository (see the issue tracker).
+Expected numbers at 5% (K = 8; Fashion-MNIST, ImageNet Lite0, 64 px, 10 epochs, seed 0
+only, test top-1 %; table in experiments/results/bi_tuning_5/): finetune 81.60,
+bi_tuning 83.33, ce_cce 81.86, ce_ccl 83.84, cce_ccl 79.91. One seed: the spread
+between seeds is not measured.
 """
 
 import math
