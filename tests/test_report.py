@@ -37,3 +37,23 @@ def test_run_all_is_seed_major_and_tables_mean_and_std(tmp_path, monkeypatch):
     assert f"| {name} | 3 | {values.mean():.2f} ± {values.std(ddof=1):.2f} |" in table
   saved = json.loads((tmp_path / "results.json").read_text())
   assert [r["seed"] for r in saved["b"]] == [4, 5, 6]
+
+
+def test_combine_results_keeps_equal_shared_rows_once_and_rejects_conflicts(tmp_path):
+  run = {"seed": 0, "best_val": 0.5, "test_top1": 0.6, "test_mean_per_class": 0.6,
+         "trainable_parameters": 10}
+  a, b, c = (tmp_path / n for n in "abc")
+  for d, results in ((a, {"finetune": [run], "co_tuning": [dict(run, test_top1=0.7)]}),
+                     (b, {"finetune": [run], "bss": [dict(run, test_top1=0.65)]}),
+                     (c, {"finetune": [dict(run, test_top1=0.1)]})):
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps(results))
+  combined = report.combine_results([str(a), str(b)])
+  assert list(combined) == ["finetune", "co_tuning", "bss"]
+  assert combined["bss"][0]["test_top1"] == 0.65
+  table = report.write_table(combined, str(tmp_path), title="t")
+  assert table.count("| finetune |") == 1 and "| bss | 1 | 50.00 | 65.00 |" in table
+  with pytest.raises(ValueError, match="variant 'finetune' differs"):
+    report.combine_results([str(a), str(c)])
+  with pytest.raises(FileNotFoundError, match="results.json not found"):
+    report.combine_results([str(tmp_path / "missing")])

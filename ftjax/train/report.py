@@ -75,6 +75,31 @@ def write_table(results: dict[str, list[dict[str, Any]]], workdir: str, *, title
   return table
 
 
+def combine_results(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
+  """The variants of several comparisons' ``results.json`` in one table's results.
+
+  Runs of the same protocol made by different configs (Co-Tuning's rows, the
+  regularisers' rows) share rows such as ``finetune``: a variant found in several
+  workdirs appears once when its records are equal and raises otherwise, since
+  two different results under one name would make the table ambiguous.
+  """
+  combined: dict[str, list[dict[str, Any]]] = {}
+  origin: dict[str, str] = {}
+  for workdir in workdirs:
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} not found: is {workdir} a comparison's workdir?")
+    with open(path) as f:
+      results = json.load(f)
+    for name, runs in results.items():
+      if name in combined and combined[name] != runs:
+        raise ValueError(f"variant {name!r} differs between {origin[name]} and {workdir}; "
+                         "rename one of them")
+      combined.setdefault(name, runs)
+      origin.setdefault(name, workdir)
+  return combined
+
+
 def _figure_list(workdir: str) -> str:
   """Markdown lines naming the figures the runs wrote (e.g. Co-Tuning's Fig. 1)."""
   found = sorted(os.path.relpath(os.path.join(root, f), workdir)
