@@ -3,7 +3,9 @@ r"""The model-patches Fig. 2 picture: test accuracy against learning rate, one l
   .venv/bin/python -m experiments.plot_lr_sweep runs/patches_f2     # writes runs/patches_f2/lr_sweep.png
 
 Reads ``results.json`` of a ``model_patches.py:fig2`` run (variants named
-``<row>_lr<value with p for the dot>``); mean over seeds, error bars = std.
+``<row>_lr<value with p for the dot>``); mean over seeds, error bars = std. Runs
+recorded as diverged (``--config.on_divergence=record``) are marked with an x at the
+bottom edge.
 """
 
 from __future__ import annotations
@@ -38,9 +40,17 @@ def plot_lr_sweep(results: dict[str, list[dict]], path: str) -> str:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
+  diverged = []
   for row, pts in sweep_points(results).items():
     lr, mean, std = map(np.asarray, zip(*pts))
-    ax.errorbar(lr, mean, yerr=std, marker="o", capsize=3, label=row)
+    ok = np.isfinite(mean)
+    line = ax.errorbar(lr[ok], mean[ok], yerr=std[ok], marker="o", capsize=3, label=row)
+    diverged.extend((x, line.lines[0].get_color()) for x in lr[~ok])
+  if diverged:   # a diverged run has no accuracy: an x on the bottom edge marks its learning rate
+    y = ax.get_ylim()[0]
+    for i, (x, color) in enumerate(diverged):
+      ax.plot([x], [y], marker="x", color=color, ms=9, clip_on=False, ls="none",
+              label="diverged (loss non-finite)" if i == 0 else None)
   ax.set_xscale("log")
   ax.set_xlabel("initial learning rate")
   ax.set_ylabel("test top-1 (%)")

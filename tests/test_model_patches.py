@@ -322,3 +322,12 @@ def test_model_patches_configs_and_lr_sweep_plot(tmp_path):
   row = [r["test_top1"] for r in results["sb_last_layer_lr0p0405"]]
   assert pts["sb_last_layer"][2][1:] == pytest.approx((100 * np.mean(row), 100 * np.std(row, ddof=1)))
   assert plot_lr_sweep.plot_lr_sweep(results, str(tmp_path / "f.png")).endswith("f.png")
+  results["all_lr0p3645"] = [{"test_top1": float("nan"), "diverged": "non-finite loss"}]   # recorded divergence
+  assert np.isnan(plot_lr_sweep.sweep_points(results)["all"][-1][1])
+  assert plot_lr_sweep.plot_lr_sweep(results, str(tmp_path / "g.png")).endswith("g.png")
+  t4 = model_patches.get_config("table4_independent,32,48")
+  assert {k: (v.baseline, v.dataset.image_size) for k, v in t4.compare.items()} == {
+      "px32": ("finetune", 32), "px48": ("finetune", 48)}
+  assert sorted(model_patches.get_config("table4,32,48").tasks) == ["px32", "px48"]
+  with pytest.raises(ValueError, match="must be integers"):
+    model_patches.get_config("table4,big")

@@ -57,3 +57,22 @@ def test_combine_results_keeps_equal_shared_rows_once_and_rejects_conflicts(tmp_
     report.combine_results([str(a), str(c)])
   with pytest.raises(FileNotFoundError, match="results.json not found"):
     report.combine_results([str(tmp_path / "missing")])
+
+
+def test_diverged_variant_is_recorded_and_the_comparison_goes_on(tmp_path, fashion_mnist_ready):
+  from experiments.configs import tiny
+  config = tiny.get_config()
+  config.num_steps, config.eval_every_steps, config.log_every_steps = 3, 3, 1
+  config.compare = {"huge_lr": {"optimizer": {"lr": 1e30}}, "ok": {}}
+  with pytest.raises(FloatingPointError, match="non-finite loss .* last good checkpoint"):
+    report.run_all(config, str(tmp_path / "raise"))
+  config.on_divergence = "record"
+  results = report.run_all(config, str(tmp_path / "record"))
+  assert "non-finite loss" in results["huge_lr"][0]["diverged"]
+  assert np.isnan(results["huge_lr"][0]["test_top1"])
+  assert 0 <= results["ok"][0]["test_top1"] <= 1 and "diverged" not in results["ok"][0]
+  table = (tmp_path / "record" / "results_table.md").read_text()
+  assert "| huge_lr | 1 | diverged (1/1) | diverged (1/1) | diverged (1/1) | n/a |" in table
+  config.on_divergence = "ignore"
+  with pytest.raises(report.ConfigError, match="on_divergence must be 'raise' or 'record'"):
+    report.run_all(config, str(tmp_path / "bad"))

@@ -64,6 +64,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.selection_metric = "top1"     # on the validation split: picks the checkpoint tested at the end
   c.progress = True
+  # A run whose loss becomes non-finite: "raise" stops (the error names the last good
+  # checkpoint); "record" (learning-rate sweeps) records it as diverged and goes on
+  # with the comparison's next variant.
+  c.on_divergence = "raise"
   c.tensorboard = True
 
   # Named variants run one after another into workdir/<name>, then a table is printed:

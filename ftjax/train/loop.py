@@ -111,6 +111,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("set num_epochs or num_steps to a positive number")
   if config.selection_metric not in ("top1", "mean_per_class"):
     raise ConfigError(f"selection_metric must be 'top1' or 'mean_per_class', got {config.selection_metric!r}")
+  if config.get("on_divergence", "raise") not in ("raise", "record"):
+    raise ConfigError(f"on_divergence must be 'raise' or 'record', got {config.on_divergence!r}")
 
 
 def build_model(config, *, num_classes: int, keep_source_head: bool, rng: jax.Array,
@@ -166,7 +168,8 @@ def evaluate(eval_step, variables, dataset, split: str, *, batch_size: int, mesh
 
 def _semantic_config(config) -> dict[str, Any]:
   cfg = json.loads(config.to_json_best_effort())
-  for key in ("progress", "log_every_steps", "tensorboard", "compare", "num_seeds", "keep_checkpoints"):
+  for key in ("progress", "log_every_steps", "tensorboard", "compare", "num_seeds", "keep_checkpoints",
+              "on_divergence"):
     cfg.pop(key, None)
   return cfg
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 import numpy as np
 
 from ftjax.train.loop import ConfigError, train_and_evaluate
@@ -56,12 +57,25 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[d
       seeded = copy.deepcopy(cfg)
       seeded.seed = config.seed + i
       run_dir = os.path.join(workdir, name if name != "run" else "", f"seed{seeded.seed}")
-      results[name].append(train_and_evaluate(seeded, run_dir))
+      try:
+        results[name].append(train_and_evaluate(seeded, run_dir))
+      except FloatingPointError as err:
+        if seeded.get("on_divergence", "raise") != "record":
+          raise
+        logging.warning("%s seed %d diverged (recorded, going on): %s", name, seeded.seed, err)
+        results[name].append(diverged_record(seed=seeded.seed, error=str(err)))
       if jax.process_index() == 0:
         table = write_table({k: v for k, v in results.items() if v}, workdir, title=_title(config))
   if jax.process_index() == 0:
     print(table, flush=True)
   return results
+
+
+def diverged_record(*, seed: int, error: str) -> dict[str, Any]:
+  """The result of a run whose loss became non-finite (``on_divergence="record"``)."""
+  nan = float("nan")
+  return {"seed": seed, "diverged": error, "best_val": nan, "test_top1": nan,
+          "test_mean_per_class": nan, "trainable_parameters": None}
 
 
 def write_table(results: dict[str, list[dict[str, Any]]], workdir: str, *, title: str = "") -> str:
@@ -117,10 +131,17 @@ def _title(config) -> str:
 
 
 def _mean_std(values: list[float]) -> str:
-  arr = 100 * np.asarray(values)
+  arr = 100 * np.asarray(values, dtype=float)
+  if np.isnan(arr).any():
+    return f"diverged ({int(np.isnan(arr).sum())}/{len(arr)})"
   if len(arr) == 1:
     return f"{arr[0]:.2f}"
   return f"{arr.mean():.2f} ± {arr.std(ddof=1):.2f}"
+
+
+def _count(runs: list[dict[str, Any]]) -> str:
+  counts = [r["trainable_parameters"] for r in runs if r.get("trainable_parameters") is not None]
+  return f"{counts[0]:,}" if counts else "n/a"
 
 
 def format_table(results: dict[str, list[dict[str, Any]]], *, title: str = "") -> str:
@@ -131,5 +152,5 @@ def format_table(results: dict[str, list[dict[str, Any]]], *, title: str = "") -
     lines.append(
         f"| {name} | {len(runs)} | {_mean_std([r['best_val'] for r in runs])} | "
         f"{_mean_std([r['test_top1'] for r in runs])} | "
-        f"{_mean_std([r['test_mean_per_class'] for r in runs])} | {runs[0]['trainable_parameters']:,} |")
+        f"{_mean_std([r['test_mean_per_class'] for r in runs])} | {_count(runs)} |")
   return "\n".join(lines)
