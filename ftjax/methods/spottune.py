@@ -61,6 +61,8 @@ class SpotTune:
     random_finetune_last: the ``"random"`` routing always fine-tunes these last blocks.
     prune_threshold: blocks used by at most this fraction of test images count as
       unused in :meth:`finalize` (0 = no image).
+    first_routed_block: routing starts at this routable block; the stem and the
+      blocks before it are frozen and not routed (Visual Decathlon ResNet-26: 4).
 
   Example:
     >>> st = SpotTune(lambda1=1.0, lambda2=1.0, k=3)
@@ -80,11 +82,12 @@ class SpotTune:
   routing_mask: tuple[int, ...] = ()
   random_finetune_last: int = 0
   prune_threshold: float = 0.0
+  first_routed_block: int = 0
   name: str = "spottune"
   outputs: tuple[str, ...] = ("policy",)
 
   def __post_init__(self):
-    for field in ("weight", "lambda1", "lambda2", "k", "prune_threshold"):
+    for field in ("weight", "lambda1", "lambda2", "k", "prune_threshold", "first_routed_block"):
       if getattr(self, field) < 0:
         raise ValueError(f"spottune {field} must be >= 0, got {getattr(self, field)}")
     if not self.temperature > 0:
@@ -100,7 +103,8 @@ class SpotTune:
                 policy_image_size=self.policy_image_size, temperature=self.temperature,
                 train_routing=self.train_routing, eval_routing=self.eval_routing,
                 routing_mask=tuple(self.routing_mask) or None,
-                random_finetune_last=self.random_finetune_last)
+                random_finetune_last=self.random_finetune_last,
+                first_routed_block=self.first_routed_block)
 
   def wrap_model(self, *, model: Any, variables: Any, config: Any, rng: jax.Array) -> tuple[Any, Any]:
     """The SpotTune model over ``model`` and its variables (frozen + trainable copies, new policy).

@@ -15,7 +15,11 @@ activation included; with hard decisions this is exactly Eq. 2).
 Routed blocks: every residual block of a ResNet (any depth, basic or
 bottleneck), and the residual MBConv blocks (stride 1, equal channels) of an
 EfficientNet-Lite; the other Lite blocks, the stems and Lite's head conv exist
-once (trainable, under ``backbone``).
+once (trainable, under ``backbone``). With ``first_routed_block=i > 0`` routing
+starts at the i-th of those blocks and everything before it (the stem and every
+earlier block) is a frozen, unrouted feature extractor: the paper's Visual
+Decathlon setting, where the first macro block (4 residual blocks) of ResNet-26
+is frozen and only the later blocks are routed.
 
 Parameter layout (``params`` and ``batch_stats``):
 
@@ -23,6 +27,9 @@ Parameter layout (``params`` and ``batch_stats``):
   Lite's head conv): the trainable copies, so pretrained weights and
   :func:`ftjax.models.block_prefixes` apply unchanged;
 * ``frozen_backbone/<block>/...``: the frozen copies of the routed blocks;
+  with ``first_routed_block > 0`` also the frozen prefix (``stem_conv``,
+  ``stem_bn`` and the blocks before the first routed one), which then exists
+  only here, not under ``backbone``;
 * ``policy/...``: the policy network; ``head`` (and ``source_head``) as usual.
 
 Routing (``routing=`` call argument, else the model's ``train_routing`` when
@@ -261,6 +268,7 @@ class SpotTuneClassifier(nn.Module):
   keep_source_head: bool = False
   num_source_classes: int = 1000
   min_image_size: int = 32
+  first_routed_block: int = 0
 
   @property
   def model_name(self) -> str:
@@ -268,7 +276,15 @@ class SpotTuneClassifier(nn.Module):
 
   @property
   def routed_blocks(self) -> tuple[str, ...]:
-    return tuple(routed_block_names(self.base_name))
+    return tuple(routed_block_names(self.base_name)[self.first_routed_block:])
+
+  @property
+  def frozen_prefix(self) -> tuple[str, ...]:
+    """Blocks before the first routed block (frozen, not routed); empty when routing starts at 0."""
+    if not self.first_routed_block:
+      return ()
+    names = block_names(self.base_name)
+    return tuple(names[:names.index(self.routed_blocks[0])])
 
   @property
   def all_outputs(self) -> tuple[str, ...]:
@@ -331,10 +347,15 @@ class SpotTuneClassifier(nn.Module):
 
     backbone = _Backbone(_spec(self.base_name), name="backbone")
     frozen = _Backbone(_spec(self.base_name), name="frozen_backbone")
-    x = backbone.stem(x, train=train)
+    prefix = self.frozen_prefix
+    # A frozen prefix (stem and the blocks before the first routed one) runs the
+    # frozen copy on its running statistics, like every frozen block.
+    x = frozen.stem(x, train=False) if prefix else backbone.stem(x, train=train)
     feature_maps = {}
     for name in block_names(self.base_name):
-      if name not in routed:
+      if name in prefix:
+        x = frozen.block(name, x, train=False)
+      elif name not in routed:
         x = backbone.block(name, x, train=train)
       else:
         j = routed.index(name)
@@ -384,6 +405,7 @@ def create_spottune_model(
     random_finetune_last: int = 0,
     keep_source_head: bool = False,
     num_source_classes: int = 1000,
+    first_routed_block: int = 0,
 ) -> SpotTuneClassifier:
   """Builds a :class:`SpotTuneClassifier` over a ResNet or EfficientNet-Lite by name.
 
@@ -404,6 +426,10 @@ def create_spottune_model(
       always fine-tuned (the paper's random-policy baseline: 3).
     keep_source_head: also build ``source_head``.
     num_source_classes: width of ``source_head``.
+    first_routed_block: routing starts at this index of
+      :func:`routed_block_names`; the stem and every block before it are frozen
+      and not routed (``frozen_backbone``, running BatchNorm statistics). The
+      paper's Visual Decathlon ResNet-26: 4 (its first macro block frozen).
 
   Returns:
     An unbound Linen module; input is NHWC raw pixels in ``[0, 255]``.
@@ -412,6 +438,8 @@ def create_spottune_model(
     >>> model = create_spottune_model("resnet26", num_classes=10, policy_depth=3, policy_width=64)
     >>> len(model.routed_blocks)
     12
+    >>> len(create_spottune_model("resnet26", num_classes=10, first_routed_block=4).routed_blocks)
+    8
   """
   spec = _spec(base_name)
   if num_classes < 1 or num_source_classes < 1:
@@ -422,7 +450,11 @@ def create_spottune_model(
     raise ValueError(f"policy_image_size must be 0 (as given) or >= 8, got {policy_image_size}")
   if not temperature > 0:
     raise ValueError(f"temperature must be > 0, got {temperature}")
-  num_routed = len(routed_block_names(base_name))
+  routable = len(routed_block_names(base_name))
+  if not 0 <= int(first_routed_block) < routable:
+    raise ValueError(f"first_routed_block must be in [0, {routable}) for {base_name} ({routable} routable "
+                     f"blocks), got {first_routed_block}")
+  num_routed = routable - int(first_routed_block)
   mask = None if routing_mask is None else tuple(int(v) for v in routing_mask)
   for routing in (train_routing, eval_routing):
     _static_mask(routing if isinstance(routing, str) else tuple(routing), mask, num_routed)
@@ -439,7 +471,7 @@ def create_spottune_model(
       policy_image_size=int(policy_image_size), temperature=float(temperature),
       train_routing=as_static(train_routing), eval_routing=as_static(eval_routing), routing_mask=mask,
       random_finetune_last=int(random_finetune_last), keep_source_head=bool(keep_source_head),
-      num_source_classes=int(num_source_classes))
+      num_source_classes=int(num_source_classes), first_routed_block=int(first_routed_block))
 
 
 def random_block_mask(num_blocks: int, *, fraction: float = 0.5, seed: int = 0) -> tuple[int, ...]:
@@ -466,13 +498,18 @@ def _tree_shapes(tree: Any) -> Any:
   return jax.tree.map(lambda a: tuple(np.shape(a)), tree)
 
 
+def _copy_tree(tree: Any) -> Any:
+  return jax.tree.map(lambda a: np.array(a, copy=True), tree)
+
+
 def spottune_variables_from_pretrained(model: SpotTuneClassifier, pretrained_variables: Any, *,
                                        rng: jax.Array) -> dict[str, Any]:
   """SpotTune variables from the plain model's (pretrained) variables.
 
   The plain backbone goes to ``backbone`` (the trainable copies, same names) and
   each routed block is copied again into ``frozen_backbone`` (parameters and
-  BatchNorm statistics); ``head``/``source_head`` are taken over; the policy
+  BatchNorm statistics); a frozen prefix (``first_routed_block > 0``) goes only to
+  ``frozen_backbone``; ``head``/``source_head`` are taken over; the policy
   network is initialised at random (one jitted init with the ``rbg`` generator
   seeded from ``rng``).
 
@@ -499,18 +536,24 @@ def spottune_variables_from_pretrained(model: SpotTuneClassifier, pretrained_var
   for collection, tree in variables.items():
     tree = dict(tree)
     source = plain.get(collection, {})
+    frozen_parts = dict(tree.get("frozen_backbone", {}))
     for name in ("backbone", "head", "source_head"):
       if name not in tree:
         continue
       if name not in source:
         raise ValueError(f"the pretrained variables have no {collection}/{name} for {model.model_name}")
-      if _tree_shapes(source[name]) != _tree_shapes(tree[name]):
+      expected = tree[name]
+      if name == "backbone":  # the frozen prefix exists only in frozen_backbone
+        expected = dict(expected, **{k: v for k, v in frozen_parts.items() if k not in expected})
+      if _tree_shapes(source[name]) != _tree_shapes(expected):
         raise ValueError(f"{collection}/{name} of the pretrained variables does not fit {model.model_name} "
                          "(different names or shapes: was it built from another base model or class count?)")
-      tree[name] = jax.tree.map(lambda a: np.array(a, copy=True), source[name])
-    if "frozen_backbone" in tree:
-      tree["frozen_backbone"] = {block: jax.tree.map(lambda a: np.array(a, copy=True), tree["backbone"][block])
-                                 for block in tree["frozen_backbone"]}
+      if name == "backbone":
+        tree[name] = {part: _copy_tree(v) for part, v in source[name].items() if part in tree[name]}
+      else:
+        tree[name] = _copy_tree(source[name])
+    if frozen_parts:
+      tree["frozen_backbone"] = {part: _copy_tree(source["backbone"][part]) for part in frozen_parts}
     out[collection] = tree
   return out
 

@@ -1,6 +1,7 @@
 """Train state, step factory, loop, evaluation, checkpointing, metrics."""
 
 from ftjax.train.config import default_config
+from ftjax.train.metrics import decathlon_domain_scores, decathlon_score
 from ftjax.train.state import TrainState
 from ftjax.train.step import make_eval_step, make_train_step
 
@@ -13,5 +14,5 @@ def __getattr__(name):
   raise AttributeError(name)
 
 
-__all__ = ["ConfigError", "TrainState", "default_config", "make_eval_step", "make_train_step",
-           "train_and_evaluate"]
+__all__ = ["ConfigError", "TrainState", "decathlon_domain_scores", "decathlon_score", "default_config",
+           "make_eval_step", "make_train_step", "train_and_evaluate"]
