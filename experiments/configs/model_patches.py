@@ -10,7 +10,8 @@ Arguments:
   table1          last layer; S/B + last layer; S/B only with a random fixed last
                   layer; DW + last layer; all (full fine-tuning).
   fig2            the learning-rate sweep 0.0045 ... 0.3645 (factor 3) for last layer,
-                  S/B + last layer, DW + last layer and full fine-tuning.
+                  S/B + last layer, DW + last layer, full fine-tuning and S/B with
+                  a random fixed last layer.
   table4          multitask across resolutions 96 ... 224 px: shared weights, one
                   scale-and-bias patch per resolution, last layer shared.
   table4_shared   the same with nothing private ("all shared").
@@ -63,7 +64,8 @@ def get_config(arg: str = "table1"):
     c.compare = {name: dict(row) for name, row in _ROWS.items()}
   elif arg == "fig2":
     c.compare = {f"{name}_{_lr_name(lr)}": dict(_ROWS[name], optimizer={"lr": lr})
-                 for name in ("last_layer", "sb_last_layer", "dw_last_layer", "all") for lr in LR_SWEEP}
+                 for name in ("last_layer", "sb_last_layer", "dw_last_layer", "all", "sb_random_last_layer")
+                 for lr in LR_SWEEP}
   elif arg in ("table4", "table4_shared"):
     c.compare = {}
     c.baseline = "patch"
