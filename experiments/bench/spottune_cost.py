@@ -20,6 +20,7 @@ interleaved round-robin so that load changes hit them alike.
 Usage::
 
   python -m experiments.bench.spottune_cost                                 # resnet26, 64 px, batch 32
+  python -m experiments.bench.spottune_cost --first_routed_block 4            # Visual Decathlon protocol
   python -m experiments.bench.spottune_cost --model efficientnet_lite0 --size 64
   python -m experiments.bench.spottune_cost --model resnet_tiny --size 32 --batch 8 --steps 3
 """
@@ -109,12 +110,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
   parser.add_argument("--policy_depth", type=int, default=3)
   parser.add_argument("--policy_width", type=int, default=64)
   parser.add_argument("--policy_image_size", type=int, default=64)
+  parser.add_argument("--first_routed_block", type=int, default=0,
+                      help="stem and blocks before it frozen and unrouted (Visual Decathlon ResNet-26: 4)")
   args = parser.parse_args(argv)
 
   plain = create_model(args.model, num_classes=NUM_CLASSES)
   plain_vars = _init(plain, args.size)
   spot = st.create_spottune_model(args.model, num_classes=NUM_CLASSES, policy_depth=args.policy_depth,
-                                  policy_width=args.policy_width, policy_image_size=args.policy_image_size)
+                                  policy_width=args.policy_width, policy_image_size=args.policy_image_size,
+                                  first_routed_block=args.first_routed_block)
   spot_vars = st.spottune_variables_from_pretrained(spot, plain_vars, rng=jax.random.key(1))
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.uniform(0, 255, (args.batch, args.size, args.size, 3)).astype(np.float32))
@@ -134,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
   }, steps=args.steps, warmup=args.warmup)
 
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); model {args.model}, "
-        f"{args.size} px, batch {args.batch}, {len(spot.routed_blocks)} routed blocks, policy ResNet "
+        f"{args.size} px, batch {args.batch}, {len(spot.routed_blocks)} routed blocks "
+        f"(first {args.first_routed_block} frozen), policy ResNet "
         f"depth {args.policy_depth} width {args.policy_width} at {args.policy_image_size or args.size} px; "
         f"median of {args.steps}")
   print("| what | ms | relative |")
