@@ -366,3 +366,20 @@ def test_errors(data_dir, small):
     next(small.train_batches(batch_size=4096))
   with pytest.raises(ValueError, match="resize_size=20 must be >= image_size=32"):
     data.load_dataset("fashion_mnist", data_dir=data_dir, image_size=32, resize_size=20)
+
+
+def test_view_crop_scales_give_each_view_its_crop_range(small, idx_data):
+  # Area range (1, 1) is the whole image: that view is the resized image, maybe flipped.
+  batch = next(small.train_batches(batch_size=32, views=2, view_crop_scales=((1.0, 1.0), (0.08, 0.1))))
+  full = next(small.train_batches(batch_size=32, views=2, view_crop_scales=((1.0, 1.0), (1.0, 1.0))))
+  np.testing.assert_array_equal(batch["image"], full["image"])   # same seed, same first-view crop
+  for image, other in zip(full["image"], full["image_key"]):     # both whole-image: equal up to a flip
+    assert np.array_equal(image, other) or np.array_equal(image, other[:, ::-1])
+  # The second view's small crops (8-10% of the area) are blown-up details, not the whole image.
+  differs = [not (np.array_equal(a, b) or np.array_equal(a, b[:, ::-1]))
+             for a, b in zip(full["image"], batch["image_key"])]
+  assert all(differs)
+  with pytest.raises(ValueError, match="view_crop_scales"):
+    next(small.train_batches(batch_size=32, views=1, view_crop_scales=((1.0, 1.0), (1.0, 1.0))))
+  with pytest.raises(ValueError, match="view_crop_scales"):
+    next(small.train_batches(batch_size=32, views=2, view_crop_scales=((0.5, 0.2), (1.0, 1.0))))

@@ -33,7 +33,7 @@ import difflib
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -251,7 +251,8 @@ class ImageDataset:
   def __init__(self, *, builder: tfds.core.DatasetBuilder, image_key: str, label_key: str,
                splits: dict[str, _Split], seed: int, image_size: int, resize_size: int,
                crop_scale: tuple[float, float] = (0.08, 1.0),
-               process_index: int, process_count: int, num_shards: int = 0):
+               process_index: int, process_count: int, num_shards: int = 0,
+               classes: Sequence[int] | None = None):
     self._builder = builder
     self._image_key = image_key
     self._label_key = label_key
@@ -276,6 +277,15 @@ class ImageDataset:
     self.name: str = builder.name
     self.num_classes: int = int(label_feature.num_classes)
     self.class_names: list[str] = list(label_feature.names)
+    # A class subset: TFDS label classes[i] is read as label i (others are never selected).
+    self.classes: tuple[int, ...] | None = None if classes is None else tuple(int(c) for c in classes)
+    self._label_map = None
+    if self.classes is not None:
+      label_map = np.full(self.num_classes, -1, np.int32)
+      label_map[list(self.classes)] = np.arange(len(self.classes), dtype=np.int32)
+      self._label_map = tf.constant(label_map)
+      self.class_names = [self.class_names[c] for c in self.classes]
+      self.num_classes = len(self.classes)
     self.num_examples: dict[str, int] = {
         k: 0 if s is None else len(s.indices) for k, s in splits.items()}
     self.image_size: int = image_size
@@ -384,7 +394,13 @@ class ImageDataset:
         decoders={self._image_key: tfds.decode.SkipDecoding()})
     ds = ds.enumerate(start=start)
     ds = ds.filter(lambda i, ex: tf.gather(keep, i - start))
-    return ds.map(lambda i, ex: (ex[self._image_key], tf.cast(ex[self._label_key], tf.int32), i))
+    label_map = self._label_map
+
+    def label_of(ex):
+      label = tf.cast(ex[self._label_key], tf.int32)
+      return label if label_map is None else tf.gather(label_map, label)
+
+    return ds.map(lambda i, ex: (ex[self._image_key], label_of(ex), i))
 
   def _encoded(self, split: str) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """This process's selected examples of a split, still encoded, held in memory.
@@ -421,7 +437,8 @@ class ImageDataset:
 
   # -- iterators ----------------------------------------------------------------
 
-  def train_batches(self, *, batch_size: int, start_step: int = 0, views: int = 1
+  def train_batches(self, *, batch_size: int, start_step: int = 0, views: int = 1,
+                    view_crop_scales: tuple[tuple[float, float], tuple[float, float]] | None = None
                     ) -> Iterator[dict[str, np.ndarray]]:
     """Infinite augmented train batches of this process, from global step ``start_step``.
 
@@ -434,6 +451,9 @@ class ImageDataset:
         under ``"image_key"`` (contrastive methods: Bi-Tuning's key encoder). Its
         augmentation seed is ``fold_in(key, 1)`` of the first view's key, so
         ``"image"`` is the same with either setting.
+      view_crop_scales: with ``views=2``, the random-resized-crop area ranges of
+        the first and the second view (default: the dataset's ``crop_scale`` for
+        both). Eq. 7 of data reuse uses a mild crop for the weak view.
 
     Yields:
       ``{"image": float32 [b, S, S, 3] in [0, 255], "label": int32 [b]}``, plus
@@ -441,6 +461,14 @@ class ImageDataset:
     """
     if views not in (1, 2):
       raise ValueError(f"views must be 1 or 2, got {views}")
+    if view_crop_scales is not None:
+      if views != 2 or len(view_crop_scales) != 2 or not all(
+          len(sc) == 2 and 0 < sc[0] <= sc[1] <= 1 for sc in view_crop_scales):
+        raise ValueError("view_crop_scales must be two (low, high) area ranges with 0 < low <= high <= 1, "
+                         f"for views=2; got {view_crop_scales} with views={views}")
+      first_scale, second_scale = (tuple(float(v) for v in sc) for sc in view_crop_scales)
+    else:
+      first_scale = second_scale = self.crop_scale
     local = self._local_batch_size(batch_size)
     steps = self.steps_per_epoch(batch_size)
     if steps == 0:
@@ -460,7 +488,6 @@ class ImageDataset:
       shard_positions.append(tf.constant(np.flatnonzero((host_indices >= lo) & (host_indices < hi)), tf.int64))
     seed = self._seed
     image_size = self.image_size
-    crop_scale = self.crop_scale
 
     def epoch_positions(epoch):
       # Reshuffle each shard for epoch e: argsort of stateless uniforms keyed by
@@ -479,12 +506,12 @@ class ImageDataset:
       key = tf.random.experimental.stateless_fold_in(
           tf.stack([tf.constant(seed, tf.int64), epoch]), index)
       decoded = augment.decode_rgb(tf.gather(encoded, pos))
-      image = augment.train_transform(decoded, seed=key, image_size=image_size, scale=crop_scale)
+      image = augment.train_transform(decoded, seed=key, image_size=image_size, scale=first_scale)
       example = {"image": image, "label": tf.gather(labels, pos)}
       if views == 2:
         example["image_key"] = augment.train_transform(
             decoded, seed=tf.random.experimental.stateless_fold_in(key, 1), image_size=image_size,
-            scale=crop_scale)
+            scale=second_scale)
       return example
 
     ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch_positions)
@@ -556,7 +583,8 @@ def load_dataset(name: str, *, data_dir: str | None = None, sampling_rate: float
                  seed: int = 0, val_fraction: float = 0.2, image_size: int = 224,
                  resize_size: int | None = None, process_index: int = 0,
                  process_count: int = 1, crop_scale: tuple[float, float] = (0.08, 1.0),
-                 num_shards: int = 0) -> ImageDataset:
+                 num_shards: int = 0, classes: Sequence[int] | None = None,
+                 train_indices: Sequence[int] | None = None) -> ImageDataset:
   """Builds the train / val / test pipelines of a TFDS image-classification dataset.
 
   Offline-buildable datasets (``fashion_mnist``) are prepared on first use; other
@@ -579,6 +607,14 @@ def load_dataset(name: str, *, data_dir: str | None = None, sampling_rate: float
       stream depends on it and not on the process count: fix it (e.g. to the
       largest process count you will use) to get the same batches from 1, 2 or
       4 processes. Must be a multiple of ``process_count``.
+    classes: a class subset (TFDS label ids): every split keeps only these
+      classes, relabelled ``0 .. len(classes) - 1`` in the given order
+      (``num_classes`` and ``class_names`` follow); ``sampling_rate`` applies
+      within the subset (per class, the same examples as without ``classes``).
+    train_indices: restrict 'train' to these example indices of the TFDS train
+      split (e.g. the images of selected pre-training units); each must be in
+      the train part (not val, and of a kept class). ``sampling_rate`` then
+      applies within them.
 
   Returns:
     The :class:`ImageDataset`.
@@ -611,6 +647,8 @@ def load_dataset(name: str, *, data_dir: str | None = None, sampling_rate: float
   if "train" not in available:
     raise ValueError(f"dataset {name!r} has no 'train' split (has {sorted(available)})")
 
+  num_classes = int(builder.info.features[label_key].num_classes)
+  relabel = _check_classes(classes, num_classes)
   train_labels = _cached_labels(builder, "train", label_key)
   if "validation" in available:
     val_split = "validation"
@@ -619,19 +657,70 @@ def load_dataset(name: str, *, data_dir: str | None = None, sampling_rate: float
   else:
     val_split, val_labels = "train", train_labels
     train_pool, val_pool = stratified_split(train_labels, val_fraction, SPLIT_SEED)
+  if relabel is not None:
+    train_pool = train_pool[relabel[train_labels[train_pool]] >= 0]
+    val_pool = val_pool[relabel[val_labels[val_pool]] >= 0]
+  if train_indices is not None:
+    train_pool = _check_train_indices(train_indices, train_pool, len(train_labels))
   train_idx = stratified_sample(train_labels, train_pool, sampling_rate, seed)
   val_idx = stratified_sample(val_labels, val_pool, sampling_rate, SPLIT_SEED)
+
+  def split_labels(labels: np.ndarray) -> np.ndarray:
+    return labels if relabel is None else relabel[labels].astype(labels.dtype)
+
   splits = {
-      "train": _Split("train", train_idx, train_labels[train_idx]),
-      "val": _Split(val_split, val_idx, val_labels[val_idx]),
+      "train": _Split("train", train_idx, split_labels(train_labels[train_idx])),
+      "val": _Split(val_split, val_idx, split_labels(val_labels[val_idx])),
       "test": None,
   }
   if "test" in available:
     test_labels = _cached_labels(builder, "test", label_key)
-    splits["test"] = _Split("test", np.arange(len(test_labels)), test_labels)
+    test_idx = np.arange(len(test_labels))
+    if relabel is not None:
+      test_idx = test_idx[relabel[test_labels] >= 0]
+    splits["test"] = _Split("test", test_idx, split_labels(test_labels[test_idx]))
   dataset = ImageDataset(builder=builder, image_key=image_key, label_key=label_key,
                          splits=splits, seed=seed, image_size=image_size,
                          resize_size=resize_size, process_index=process_index,
                          process_count=process_count, crop_scale=crop_scale,
-                         num_shards=num_shards)
+                         num_shards=num_shards, classes=None if relabel is None else classes)
   return dataset
+
+
+def _check_classes(classes: Sequence[int] | None, num_classes: int) -> np.ndarray | None:
+  """``old label -> new label`` (-1 = dropped) for a class subset, or None for all classes."""
+  if classes is None:
+    return None
+  ids = list(classes)
+  if not ids:
+    raise ValueError("classes must name at least one class (or be None for all)")
+  for c in ids:
+    if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
+      raise ValueError(f"classes must be integer class ids, got {c!r}")
+    if not 0 <= c < num_classes:
+      raise ValueError(f"class id {c} in classes is out of range [0, {num_classes})")
+  repeated = sorted({int(c) for c in ids if ids.count(c) > 1})
+  if repeated:
+    raise ValueError(f"classes repeats class id(s) {repeated}")
+  relabel = np.full(num_classes, -1, np.int64)
+  relabel[ids] = np.arange(len(ids))
+  return relabel
+
+
+def _check_train_indices(train_indices: Sequence[int], train_pool: np.ndarray,
+                         num_train: int) -> np.ndarray:
+  """The sorted, validated ``train_indices`` (a subset of ``train_pool``)."""
+  chosen = np.asarray(train_indices)
+  if chosen.ndim != 1 or chosen.size == 0 or not np.issubdtype(chosen.dtype, np.integer):
+    raise ValueError(f"train_indices must be a non-empty 1-D list of integer example indices, got "
+                     f"shape {chosen.shape} dtype {chosen.dtype}")
+  chosen = np.unique(chosen.astype(np.int64))
+  if len(chosen) != len(train_indices):
+    raise ValueError("train_indices holds repeated indices")
+  if chosen[0] < 0 or chosen[-1] >= num_train:
+    raise ValueError(f"train_indices out of range [0, {num_train}): found [{chosen[0]}, {chosen[-1]}]")
+  outside = np.setdiff1d(chosen, train_pool)
+  if outside.size:
+    raise ValueError(f"{outside.size} train_indices are not in the train part of the split (they are "
+                     f"in 'val' or of a class not in classes), e.g. {outside[:5].tolist()}")
+  return chosen

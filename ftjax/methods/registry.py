@@ -7,6 +7,7 @@ from typing import Any
 
 from ftjax.methods.bi_tuning import BiTuning
 from ftjax.methods.co_tuning import CoTuning
+from ftjax.methods.data_reuse import DataReuse
 from ftjax.methods.finetune import CrossEntropy
 from ftjax.methods.regularizers import L2SP, BatchSpectralShrinkage, Delta, LwF
 from ftjax.methods.spottune import SpotTune
@@ -14,6 +15,7 @@ from ftjax.methods.spottune import SpotTune
 _FACTORIES: dict[str, Callable[..., Any]] = {
     "ce": CrossEntropy,
     "co_tuning": CoTuning,
+    "data_reuse": DataReuse,
     "l2_sp": L2SP,
     "delta": Delta,
     "bss": BatchSpectralShrinkage,

@@ -3,6 +3,8 @@
 from ftjax.selection.baselines import greedy_ot_scores
 from ftjax.selection.baselines import label_overlap_units
 from ftjax.selection.baselines import random_units
+from ftjax.selection.features import extract_features
+from ftjax.selection.features import load_cached_features
 from ftjax.selection.kmeans import KMeansResult
 from ftjax.selection.kmeans import kmeans
 from ftjax.selection.uot import UOTScores
@@ -16,9 +18,11 @@ __all__ = [
     "UOTScores",
     "class_means",
     "cost_matrix",
+    "extract_features",
     "greedy_ot_scores",
     "kmeans",
     "label_overlap_units",
+    "load_cached_features",
     "random_units",
     "select_top_k",
     "uot_scores",

@@ -29,6 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.crop_scale = (0.08, 1.0)  # area range of the training random-resized crop
   c.dataset.num_shards = 0        # data shards per global batch (0 = process count); fix it to get the
                                   # same batches from any number of processes (a multiple of it)
+  c.dataset.classes = ()          # a class subset (TFDS label ids, relabelled 0..n-1 in this order); () = all
 
   c.batch_size = 32               # global
   c.eval_batch_size = 128
@@ -73,4 +74,21 @@ def default_config() -> ml_collections.ConfigDict:
   # Named variants run one after another into workdir/<name>, then a table is printed:
   # {"linear_probe": {"baseline": "linear_probe"}, "finetune": {}}.
   c.compare = ml_collections.ConfigDict()
+
+  # Start from these backbone variables (an .npz of "params/backbone/..." and
+  # "batch_stats/backbone/..." arrays, e.g. a model pretrained here); "" = none.
+  c.init_from = ""
+
+  # Pre-training data reuse (papers/uot-data-reuse.txt, Eq. 6 / Eq. 7): each step
+  # also forwards an equal-size batch of (selected) pool data; the ``data_reuse``
+  # loss component (added automatically) weighs its term by ``weight``.
+  c.reuse = ml_collections.ConfigDict()
+  c.reuse.enabled = False
+  c.reuse.weight = 0.3            # λ (paper grid {1, 0.3, 0.1})
+  c.reuse.mode = "labelled"       # "labelled": pool head on pool labels (Eq. 6); "pseudo_label": Eq. 7
+  c.reuse.dataset = ""            # TFDS name of the pool; "" = dataset.name
+  c.reuse.classes = ()            # pool class subset (TFDS label ids); () = all
+  c.reuse.indices_path = ""       # .npy of pool train example indices (the selected units); "" = all
+  c.reuse.sampling_rate = 100.0   # percent of the pool's train part, per class
+  c.reuse.weak_crop_scale = (0.8, 1.0)   # Eq. 7: crop area range of the weak view (strong: dataset.crop_scale)
   return c

@@ -51,8 +51,9 @@ def baseline_rules(config: ml_collections.ConfigDict, variables: Any = None
   if baseline not in BASELINES:
     raise ConfigError(f"unknown baseline {baseline!r}; known: {', '.join(BASELINES)}")
   head = {"lr_mult": config.head_lr_mult}
-  # New heads: the target head and Bi-Tuning's projector (both randomly initialised).
-  new_heads = "(?:head|projector)/.*"
+  # New heads: the target head, Bi-Tuning's projector and data reuse's pool head
+  # (all randomly initialised).
+  new_heads = "(?:head|projector|pool_head)/.*"
   if baseline == "finetune":
     rules = [(new_heads, "head"), ("backbone/.*|source_head/.*", "backbone")]
     groups = {"head": head, "backbone": {}}
@@ -111,6 +112,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("set num_epochs or num_steps to a positive number")
   if config.selection_metric not in ("top1", "mean_per_class"):
     raise ConfigError(f"selection_metric must be 'top1' or 'mean_per_class', got {config.selection_metric!r}")
+  reuse = config.get("reuse")
+  if reuse is not None and reuse.enabled:
+    if jax.process_count() > 1:
+      raise ConfigError("reuse (pre-training data reuse) supports one process only")
+    if "data_reuse" in config.losses and reuse.mode != config.losses["data_reuse"].get("mode", reuse.mode):
+      raise ConfigError(f"reuse.mode={reuse.mode!r} but losses.data_reuse.mode="
+                        f"{config.losses['data_reuse']['mode']!r}")
+  elif "data_reuse" in config.losses:
+    raise ConfigError("losses.data_reuse needs the pool batches: set reuse.enabled=True")
+  if config.get("init_from") and config.pretrained and config.baseline != "scratch":
+    raise ConfigError(f"set either pretrained={config.pretrained!r} or init_from={config.init_from!r}, not both")
   if config.get("on_divergence", "raise") not in ("raise", "record"):
     raise ConfigError(f"on_divergence must be 'raise' or 'record', got {config.on_divergence!r}")
 
@@ -140,7 +152,64 @@ def build_model(config, *, num_classes: int, keep_source_head: bool, rng: jax.Ar
   init_key = jax.random.key(int(jax.random.randint(rng, (), 0, 2**31 - 1)), impl="rbg")
   variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, size, size, 3), jnp.float32), train=False,
                                              outputs=model.all_outputs))(init_key)
-  return model, jax.tree.map(np.asarray, dict(variables))
+  variables = jax.tree.map(np.asarray, dict(variables))
+  if config.get("init_from") and config.baseline != "scratch":
+    variables = load_backbone_variables(variables, config.init_from)
+  return model, variables
+
+
+def load_backbone_variables(variables: dict[str, Any], path: str) -> dict[str, Any]:
+  """``variables`` with every ``params/backbone/...`` and ``batch_stats/backbone/...`` array
+  replaced by the one of that name in the ``.npz`` at ``path`` (heads stay as they are).
+
+  Raises:
+    ConfigError: the file is missing, lacks a backbone array, or has another shape.
+  """
+  if not os.path.exists(path):
+    raise ConfigError(f"init_from={path!r} does not exist")
+  out = {}
+  with np.load(path) as stored:
+    for collection, tree in variables.items():
+      flat = {"/".join(str(getattr(k, "key", k)) for k in key_path): leaf
+              for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+      for name, leaf in flat.items():
+        key = f"{collection}/{name}"
+        if not name.startswith("backbone/"):
+          continue
+        if key not in stored.files:
+          raise ConfigError(f"init_from={path!r} has no array {key!r}")
+        if stored[key].shape != np.shape(leaf):
+          raise ConfigError(f"init_from={path!r}: {key!r} has shape {stored[key].shape}, the model "
+                            f"needs {np.shape(leaf)}")
+        flat[name] = np.asarray(stored[key], np.asarray(leaf).dtype)
+      out[collection] = _unflatten(flat)
+  return out
+
+
+def save_backbone_variables(variables: dict[str, Any], path: str) -> str:
+  """Writes the backbone arrays of ``variables`` as the ``.npz`` that ``init_from`` reads (atomic)."""
+  flat = {}
+  for collection, tree in variables.items():
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      name = "/".join(str(getattr(k, "key", k)) for k in key_path)
+      if name.startswith("backbone/"):
+        flat[f"{collection}/{name}"] = np.asarray(leaf)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **flat)
+  os.replace(tmp, path)
+  return path
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for name, leaf in flat.items():
+    *parents, last = name.split("/")
+    node = tree
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[last] = leaf
+  return tree
 
 
 def _mesh(config):
@@ -220,7 +289,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       seed=config.seed, val_fraction=config.dataset.val_fraction,
       image_size=config.dataset.image_size, resize_size=config.dataset.resize_size or None,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      crop_scale=tuple(config.dataset.crop_scale), num_shards=config.dataset.num_shards)
+      crop_scale=tuple(config.dataset.crop_scale), num_shards=config.dataset.num_shards,
+      classes=tuple(config.dataset.get("classes", ())) or None)
+  pool_dataset = None
+  if config.get("reuse") is not None and config.reuse.enabled:
+    components, pool_dataset = _reuse_setup(config, components, data_dir=data_dir)
+    needed = step_lib.required_outputs(components)
   model, variables = build_model(config, num_classes=dataset.num_classes,
                                  keep_source_head="source_logits" in needed, rng=init_rng,
                                  projection_dim=_projection_dim(components, needed))
@@ -304,11 +378,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Contrastive components (Bi-Tuning) declare ``views = 2``: a second augmented view.
   views = max(int(getattr(c, "views", 1)) for c in components)
   batches = dataset.train_batches(batch_size=config.batch_size, start_step=step, views=views)
+  pool_batches = None
+  if pool_dataset is not None:
+    if views > 1:
+      raise ConfigError("reuse cannot be combined with a component that needs two target views")
+    pool_views = max(int(getattr(c, "pool_views", 1)) for c in components)
+    # Eq. 7: the first pool view is the weakly augmented one (a mild crop), the second the strong one.
+    scales = ((tuple(config.reuse.weak_crop_scale), tuple(config.dataset.crop_scale))
+              if pool_views == 2 else None)
+    pool_batches = pool_dataset.train_batches(batch_size=config.batch_size, start_step=step, views=pool_views,
+                                              view_crop_scales=scales)
   t0, images = time.time(), 0
   try:
     while step < total_steps:
       batch = next(batches)
       _check_labels(batch["label"], dataset.num_classes)
+      if pool_batches is not None:
+        pool_batch = next(pool_batches)
+        _check_labels(pool_batch["label"], pool_dataset.num_classes)
+        batch = mixed_batch(batch, pool_batch)
       state, metrics = train_step(state, shd.global_batch(batch, mesh))
       step += 1
       images += config.batch_size
@@ -360,6 +448,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "trainable_parameters": sum(n for g, n in sizes.items() if g not in frozen),
       "total_parameters": sum(sizes.values()),
   }
+  if pool_dataset is not None:
+    results["reuse_pool_train"] = pool_dataset.num_examples["train"]
   # Components with after-training analyses (SpotTune: routing of the test split, figures).
   for c in components:
     if hasattr(c, "finalize"):
@@ -379,6 +469,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, "results.json"), results)
   return results
+
+
+def _reuse_setup(config, components: list[Any], *, data_dir: str | None):
+  """The pool dataset of ``config.reuse`` and the components with a ``data_reuse`` term."""
+  import dataclasses
+
+  from ftjax.methods.data_reuse import DataReuse
+
+  reuse = config.reuse
+  name = reuse.dataset or config.dataset.name
+  ftdata.prepare_offline(name, data_dir=data_dir)
+  indices = None
+  if reuse.indices_path:
+    if not os.path.exists(reuse.indices_path):
+      raise ConfigError(f"reuse.indices_path={reuse.indices_path!r} does not exist")
+    indices = np.load(reuse.indices_path)
+  pool = ftdata.load_dataset(
+      name, data_dir=data_dir, sampling_rate=reuse.sampling_rate, seed=config.seed,
+      val_fraction=config.dataset.val_fraction, image_size=config.dataset.image_size,
+      resize_size=config.dataset.resize_size or None, crop_scale=tuple(config.dataset.crop_scale),
+      classes=tuple(reuse.classes) or None, train_indices=indices)
+  components = list(components)
+  if not any(c.name == "data_reuse" for c in components):
+    components.append(DataReuse(weight=reuse.weight, mode=reuse.mode, seed=config.seed))
+  components = [dataclasses.replace(c, num_pool_classes=pool.num_classes) if c.name == "data_reuse" else c
+                for c in components]
+  logging.info("reuse: %s pool %s, %d train images, %d classes", reuse.mode, name,
+               pool.num_examples["train"], pool.num_classes)
+  return components, pool
+
+
+def mixed_batch(target: dict[str, np.ndarray], pool: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """One forward batch of data reuse: target rows, then pool rows (then strong pool views).
+
+  Returns ``image`` (all rows), ``label`` (target rows), ``pool_label`` and
+  ``pool_mask`` (0 target row, 1 pool row / weak view, 2 strong view).
+  """
+  images = [target["image"], pool["image"]]
+  mask = [np.zeros(len(target["label"]), np.int32), np.ones(len(pool["label"]), np.int32)]
+  if "image_key" in pool:  # Eq. 7: the second view is the strongly augmented one
+    images.append(pool["image_key"])
+    mask.append(np.full(len(pool["label"]), 2, np.int32))
+  return {"image": np.concatenate(images), "label": target["label"], "pool_label": pool["label"],
+          "pool_mask": np.concatenate(mask)}
 
 
 def _projection_dim(components, needed: tuple[str, ...]) -> int:

@@ -67,11 +67,18 @@ def make_train_step(
       else:
         outputs = model.apply(variables, batch["image"], train=False, outputs=outputs_needed, rngs=rngs)
         new_stats = state.batch_stats
+      # Pre-training data reuse: pool rows follow the target rows ("label" covers the
+      # target rows only); components see the target rows unless they read pool rows.
+      all_outputs = outputs
+      target_rows = batch["label"].shape[0]
+      if batch["image"].shape[0] != target_rows:
+        outputs = jax.tree.map(lambda x: x[:target_rows], outputs)
       total = 0.0
       metrics: dict[str, jax.Array] = {}
       new_method_state = {}
       for i, component in enumerate(components):
-        term = component(outputs=outputs, batch=batch, state=state.method_state[component.name],
+        term = component(outputs=all_outputs if getattr(component, "reads_pool_rows", False) else outputs,
+                         batch=batch, state=state.method_state[component.name],
                          params=params, rng=jax.random.fold_in(step_rng, i))
         total = total + component.weight * term.loss
         metrics[f"loss/{component.name}"] = term.loss
