@@ -9,7 +9,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from ftjax import patches
@@ -19,9 +18,8 @@ from ftjax.methods.finetune import CrossEntropy
 from ftjax.methods.spottune import SpotTune
 from ftjax.models import create_model
 from ftjax.models import spottune as st
-from ftjax.train import optim
-from ftjax.train.state import TrainState
-from ftjax.train.step import make_train_step
+
+from conftest import train_spottune_steps
 
 SIZE = 32
 
@@ -275,21 +273,9 @@ def test_training_keeps_frozen_copies_bitwise_and_trains_the_rest():
   spottune = SpotTune(lambda1=1.0, lambda2=0.5, k=1)
   components = [CrossEntropy(), spottune]
   params, batch_stats = variables["params"], variables["batch_stats"]
-  labels = patches.path_labels(params, st.spottune_rules())
-  groups = {name: optim.GroupConfig.from_mapping(g)
-            for name, g in st.spottune_groups(head_lr_mult=10.0, policy_lr_mult=2.0).items()}
-  optimizer = optim.make_optimizer(labels=labels, groups=groups, schedule=optax.constant_schedule(0.05),
-                                   weight_decay=1e-4)
-  frozen_mask = jax.tree.map(lambda label: label == "frozen", labels)
-  step = jax.jit(make_train_step(model=model, optimizer=optimizer, components=components,
-                                 frozen_mask=frozen_mask))
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                     opt_state=optimizer.init(params),
-                     method_state={c.name: c.init_state(variables=variables, rng=None) for c in components},
-                     rng=jax.random.PRNGKey(0))
-  batch = {"image": _images(n=8, seed=1), "label": jnp.arange(8) % 5}
-  for _ in range(3):
-    state, metrics = step(state, batch)
+  state, metrics = train_spottune_steps(model=model, variables=variables, components=components,
+                                        batch={"image": _images(n=8, seed=1), "label": jnp.arange(8) % 5},
+                                        weight_decay=1e-4)
   for collection, new in (("params", state.params), ("batch_stats", state.batch_stats)):
     jax.tree.map(np.testing.assert_array_equal, new["frozen_backbone"], variables[collection]["frozen_backbone"])
   changed = lambda a, b: any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

@@ -9,7 +9,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from ftjax import patches
@@ -17,13 +16,10 @@ from ftjax.methods.finetune import CrossEntropy
 from ftjax.methods.spottune import SpotTune
 from ftjax.models import create_model
 from ftjax.models import spottune as st
-from ftjax.train import optim
 from ftjax.train.metrics import (DECATHLON_BASELINE_ACCURACY, DECATHLON_DOMAINS, decathlon_domain_scores,
                                  decathlon_score)
-from ftjax.train.state import TrainState
-from ftjax.train.step import make_train_step
 
-from conftest import run_python
+from conftest import run_python, train_spottune_steps
 
 SIZE = 32
 
@@ -207,22 +203,10 @@ def test_first_routed_block_is_checked():
 def test_training_keeps_the_frozen_prefix_bitwise_unchanged():
   model, _, variables, _ = _prefix_models()
   components = [CrossEntropy(), SpotTune(lambda1=1.0, lambda2=0.5, k=1, first_routed_block=1)]
-  params, batch_stats = variables["params"], variables["batch_stats"]
-  labels = patches.path_labels(params, st.spottune_rules())
-  groups = {name: optim.GroupConfig.from_mapping(g)
-            for name, g in st.spottune_groups(head_lr_mult=10.0, policy_lr_mult=2.0).items()}
-  optimizer = optim.make_optimizer(labels=labels, groups=groups, schedule=optax.constant_schedule(0.05),
-                                   weight_decay=1e-3)
-  frozen_mask = jax.tree.map(lambda label: label == "frozen", labels)
-  step = jax.jit(make_train_step(model=model, optimizer=optimizer, components=components,
-                                 frozen_mask=frozen_mask))
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                     opt_state=optimizer.init(params),
-                     method_state={c.name: c.init_state(variables=variables, rng=None) for c in components},
-                     rng=jax.random.PRNGKey(0))
-  batch = {"image": _images(n=8, seed=1), "label": jnp.arange(8) % 5}
-  for _ in range(3):
-    state, metrics = step(state, batch)
+  params = variables["params"]
+  state, metrics = train_spottune_steps(model=model, variables=variables, components=components,
+                                        batch={"image": _images(n=8, seed=1), "label": jnp.arange(8) % 5},
+                                        weight_decay=1e-3)
   # Stem, first block and the frozen copy of the routed block: bitwise, parameters and statistics.
   for collection, new in (("params", state.params), ("batch_stats", state.batch_stats)):
     assert sorted(new["frozen_backbone"]) == sorted(variables[collection]["frozen_backbone"])
