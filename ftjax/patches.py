@@ -133,6 +133,18 @@ def _flat(tree: Any) -> dict[str, Any]:
   return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def unflatten_paths(flat: dict[str, Any]) -> dict[str, Any]:
+  """Nested dicts from ``{"a/b/c": leaf}`` (the inverse of flattening by :func:`path_str`)."""
+  tree: dict[str, Any] = {}
+  for path, leaf in flat.items():
+    *parents, last = path.split("/")
+    node = tree
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[last] = leaf
+  return tree
+
+
 def structural_paths(params: Any, *, batch_stats: Any = None, selection: str) -> list[str]:
   """Parameter paths of one selection, found from the pytree's structure.
 

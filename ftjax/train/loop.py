@@ -182,7 +182,7 @@ def load_backbone_variables(variables: dict[str, Any], path: str) -> dict[str, A
           raise ConfigError(f"init_from={path!r}: {key!r} has shape {stored[key].shape}, the model "
                             f"needs {np.shape(leaf)}")
         flat[name] = np.asarray(stored[key], np.asarray(leaf).dtype)
-      out[collection] = _unflatten(flat)
+      out[collection] = patches.unflatten_paths(flat)
   return out
 
 
@@ -199,17 +199,6 @@ def save_backbone_variables(variables: dict[str, Any], path: str) -> str:
   np.savez(tmp, **flat)
   os.replace(tmp, path)
   return path
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for name, leaf in flat.items():
-    *parents, last = name.split("/")
-    node = tree
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[last] = leaf
-  return tree
 
 
 def _mesh(config):

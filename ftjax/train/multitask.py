@@ -58,29 +58,18 @@ def _flat(tree: Any) -> dict[str, Any]:
   return {patches.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split("/")
-    node = tree
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  return tree
-
-
 def split_params(params: Any, private_paths: set[str]) -> tuple[dict, dict]:
   """``params`` -> (shared tree, private tree) by '/'-path."""
   flat = _flat(params)
-  return (_unflatten({p: v for p, v in flat.items() if p not in private_paths}),
-          _unflatten({p: v for p, v in flat.items() if p in private_paths}))
+  return (patches.unflatten_paths({p: v for p, v in flat.items() if p not in private_paths}),
+          patches.unflatten_paths({p: v for p, v in flat.items() if p in private_paths}))
 
 
 def merge_params(shared: Any, private: Any) -> dict:
   """The full parameter tree of one task: shared weights with the task's patch in place."""
   flat = _flat(shared)
   flat.update(_flat(private))
-  return _unflatten(flat)
+  return patches.unflatten_paths(flat)
 
 
 def private_paths(variables: Any, *, selection: str, share_head: bool) -> set[str]:
