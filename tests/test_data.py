@@ -383,3 +383,88 @@ def test_view_crop_scales_give_each_view_its_crop_range(small, idx_data):
     next(small.train_batches(batch_size=32, views=1, view_crop_scales=((1.0, 1.0), (1.0, 1.0))))
   with pytest.raises(ValueError, match="view_crop_scales"):
     next(small.train_batches(batch_size=32, views=2, view_crop_scales=((0.5, 0.2), (1.0, 1.0))))
+
+
+# ----------------------------------------------------------------------------
+# test_split: a dataset whose 'test' split is unlabelled (like the Visual Decathlon).
+# ----------------------------------------------------------------------------
+
+_THREE_SPLIT_SIZES = {"train": 40, "validation": 12, "test": 8}
+
+
+def _three_split_examples(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """Images whose pixels encode (split, index), labels 0..3 ('test': all -1)."""
+  n = _THREE_SPLIT_SIZES[split]
+  offset = {"train": 0, "validation": 100, "test": 200}[split]
+  images = np.zeros((n, 8, 8, 3), np.uint8)
+  images[:] = (offset + np.arange(n))[:, None, None, None]
+  labels = np.full(n, -1) if split == "test" else np.arange(n) % 4
+  return images, labels
+
+
+class FtjaxThreeSplitTest(tfds.core.GeneratorBasedBuilder):
+  """Tiny in-test builder with train / validation / unlabelled test splits."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(8, 8, 3)),
+            "label": tfds.features.ClassLabel(num_classes=4)}),
+        supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split) for split in _THREE_SPLIT_SIZES}
+
+  def _generate_examples(self, split):
+    for i, (image, label) in enumerate(zip(*_three_split_examples(split))):
+      yield i, {"image": image, "label": int(label)}
+
+
+@pytest.fixture(scope="module")
+def three_split_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tfds_three_split"))
+  FtjaxThreeSplitTest(data_dir=path).download_and_prepare()
+  return path
+
+
+def test_test_split_validation_evaluates_the_labelled_split(three_split_dir):
+  name = "ftjax_three_split_test"
+  # The default reads the unlabelled 'test' split: a clear error, not accuracy 0.
+  with pytest.raises(ValueError, match=r"8 of 8 examples of its 'test' split have no label.*"
+                                       r"test_split.*\['validation'\]"):
+    data.load_dataset(name, data_dir=three_split_dir, image_size=8, resize_size=8)
+  with pytest.raises(ValueError, match="test_split='testing'"):
+    data.load_dataset(name, data_dir=three_split_dir, test_split="testing")
+  with pytest.raises(ValueError, match="test_split='train'"):
+    data.load_dataset(name, data_dir=three_split_dir, test_split="train")
+
+  ds = data.load_dataset(name, data_dir=three_split_dir, image_size=8, resize_size=8,
+                         val_fraction=0.25, test_split="validation")
+  assert (ds.tfds_split("test"), ds.tfds_split("val"), ds.tfds_split("train")) == (
+      "validation", "train", "train")
+  # 'test' is the whole validation split (TFDS stores examples shuffled: match by pixels).
+  def examples(split, batch_size=5):
+    batches = list(ds.eval_batches(split, batch_size=batch_size))
+    mask = np.concatenate([b["mask"] for b in batches]) == 1
+    images = np.concatenate([b["image"] for b in batches])[mask]
+    labels = np.concatenate([b["label"] for b in batches])[mask]
+    assert np.all(images == images[:, :1, :1, :1])  # constant images: the value is the key
+    return images[:, 0, 0, 0].astype(int), labels
+
+  keys, labels = examples("test")
+  ref_images, ref_labels = _three_split_examples("validation")
+  assert sorted(keys) == sorted(ref_images[:, 0, 0, 0].astype(int))
+  np.testing.assert_array_equal(labels, ref_labels[keys - 100])
+  np.testing.assert_array_equal(labels, ds.labels("test"))
+  # 'val' is a stratified quarter of 'train' (2 of each class's 10), disjoint from it.
+  train_keys, train_labels = examples("train")
+  val_keys, val_labels = examples("val")
+  assert len(val_keys) == 8 and len(train_keys) == 32
+  assert sorted(np.r_[train_keys, val_keys]) == list(range(40))
+  np.testing.assert_array_equal(np.bincount(val_labels, minlength=4), [2, 2, 2, 2])
+  np.testing.assert_array_equal(val_labels, val_keys % 4)
+  np.testing.assert_array_equal(train_labels, train_keys % 4)

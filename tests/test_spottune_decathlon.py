@@ -229,6 +229,8 @@ def test_decathlon_config_builds_and_validates(tmp_path):
   config = spottune_decathlon.get_config("visual_domain_decathlon/aircraft")
   assert config.model == "resnet26" and config.dataset.name == "visual_domain_decathlon/aircraft"
   assert (config.dataset.image_size, config.dataset.resize_size) == (64, 72)
+  # TFDS's Decathlon test split is unlabelled: test on validation, select on part of train.
+  assert (config.dataset.test_split, config.dataset.val_fraction) == ("validation", 0.2)
   variants = variant_configs(config)
   assert set(variants) == {"finetune", "feature_extractor", "spottune", "global_k"}
   for name, cfg in variants.items():

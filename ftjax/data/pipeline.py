@@ -5,7 +5,10 @@ yield per-process NumPy batches (the trainer shards them onto the mesh):
 
 * Splits: 'val' is the dataset's ``validation`` split when it has one, else a
   fixed (seed ``SPLIT_SEED``, independent of the run seed) stratified
-  ``val_fraction`` part of ``train``; 'test' is ``test`` (never sampled).
+  ``val_fraction`` part of ``train``; 'test' is ``test`` (never sampled), or the
+  TFDS split named by ``test_split`` (e.g. ``validation`` where ``test`` has no
+  labels; 'val' then comes from ``train``). A 'test' split with unlabelled
+  examples (label -1) is an error.
 * Sampling: stratified per class; for class c a permutation of its train indices
   seeded by ``(seed, c)`` keeps the first ``ceil(rate / 100 * n_c)`` (at least 1),
   so for one seed the 15% subset lies inside the 30% subset. The same rate
@@ -584,7 +587,8 @@ def load_dataset(name: str, *, data_dir: str | None = None, sampling_rate: float
                  resize_size: int | None = None, process_index: int = 0,
                  process_count: int = 1, crop_scale: tuple[float, float] = (0.08, 1.0),
                  num_shards: int = 0, classes: Sequence[int] | None = None,
-                 train_indices: Sequence[int] | None = None) -> ImageDataset:
+                 train_indices: Sequence[int] | None = None,
+                 test_split: str = "test") -> ImageDataset:
   """Builds the train / val / test pipelines of a TFDS image-classification dataset.
 
   Offline-buildable datasets (``fashion_mnist``) are prepared on first use; other
@@ -615,13 +619,17 @@ def load_dataset(name: str, *, data_dir: str | None = None, sampling_rate: float
       split (e.g. the images of selected pre-training units); each must be in
       the train part (not val, and of a kept class). ``sampling_rate`` then
       applies within them.
+    test_split: the TFDS split evaluated as 'test' (never sampled). When it is
+      the dataset's ``validation`` split (the Visual Decathlon's ``test`` split has
+      no labels), 'val' is the stratified ``val_fraction`` part of ``train``.
 
   Returns:
     The :class:`ImageDataset`.
 
   Raises:
     ValueError: unknown dataset, bad sampling rate / sizes / process, no image or
-      label feature, dataset not prepared.
+      label feature, dataset not prepared, unknown ``test_split``, a 'test' split
+      with unlabelled examples.
   """
   check_sampling_rate(sampling_rate)
   if not (len(crop_scale) == 2 and 0 < crop_scale[0] <= crop_scale[1] <= 1):
@@ -646,11 +654,14 @@ def load_dataset(name: str, *, data_dir: str | None = None, sampling_rate: float
   available = set(builder.info.splits.keys())
   if "train" not in available:
     raise ValueError(f"dataset {name!r} has no 'train' split (has {sorted(available)})")
+  if test_split == "train" or (test_split != "test" and test_split not in available):
+    raise ValueError(f"test_split={test_split!r}: dataset {name!r} has splits "
+                     f"{sorted(available)}; name one other than 'train'")
 
   num_classes = int(builder.info.features[label_key].num_classes)
   relabel = _check_classes(classes, num_classes)
   train_labels = _cached_labels(builder, "train", label_key)
-  if "validation" in available:
+  if "validation" in available and test_split != "validation":
     val_split = "validation"
     val_labels = _cached_labels(builder, val_split, label_key)
     train_pool, val_pool = np.arange(len(train_labels)), np.arange(len(val_labels))
@@ -673,12 +684,20 @@ def load_dataset(name: str, *, data_dir: str | None = None, sampling_rate: float
       "val": _Split(val_split, val_idx, split_labels(val_labels[val_idx])),
       "test": None,
   }
-  if "test" in available:
-    test_labels = _cached_labels(builder, "test", label_key)
+  if test_split in available:
+    test_labels = _cached_labels(builder, test_split, label_key)
+    unlabelled = int(np.sum(test_labels < 0))
+    if unlabelled:
+      others = sorted(available - {"train", test_split})
+      raise ValueError(
+          f"dataset {name!r}: {unlabelled} of {len(test_labels)} examples of its "
+          f"{test_split!r} split have no label (label -1), so test accuracy would be "
+          f"meaningless; evaluate a labelled split instead with test_split= (config: "
+          f"dataset.test_split) one of {others}")
     test_idx = np.arange(len(test_labels))
     if relabel is not None:
       test_idx = test_idx[relabel[test_labels] >= 0]
-    splits["test"] = _Split("test", test_idx, split_labels(test_labels[test_idx]))
+    splits["test"] = _Split(test_split, test_idx, split_labels(test_labels[test_idx]))
   dataset = ImageDataset(builder=builder, image_key=image_key, label_key=label_key,
                          splits=splits, seed=seed, image_size=image_size,
                          resize_size=resize_size, process_index=process_index,

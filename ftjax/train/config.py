@@ -29,6 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.crop_scale = (0.08, 1.0)  # area range of the training random-resized crop
   c.dataset.num_shards = 0        # data shards per global batch (0 = process count); fix it to get the
                                   # same batches from any number of processes (a multiple of it)
+  c.dataset.test_split = "test"   # TFDS split evaluated as 'test'; "validation" -> val is carved from train
   c.dataset.classes = ()          # a class subset (TFDS label ids, relabelled 0..n-1 in this order); () = all
 
   c.batch_size = 32               # global

@@ -279,7 +279,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       image_size=config.dataset.image_size, resize_size=config.dataset.resize_size or None,
       process_index=jax.process_index(), process_count=jax.process_count(),
       crop_scale=tuple(config.dataset.crop_scale), num_shards=config.dataset.num_shards,
-      classes=tuple(config.dataset.get("classes", ())) or None)
+      classes=tuple(config.dataset.get("classes", ())) or None,
+      test_split=config.dataset.get("test_split", "test"))
   pool_dataset = None
   if config.get("reuse") is not None and config.reuse.enabled:
     components, pool_dataset = _reuse_setup(config, components, data_dir=data_dir)

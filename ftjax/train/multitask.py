@@ -165,7 +165,8 @@ def train_multitask(config: ml_collections.ConfigDict, workdir: str) -> dict[str
         d.name, data_dir=d.data_dir or None, sampling_rate=d.sampling_rate, seed=cfg.seed,
         val_fraction=d.val_fraction, image_size=d.image_size, resize_size=d.resize_size or None,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        crop_scale=tuple(d.crop_scale), num_shards=d.num_shards)
+        crop_scale=tuple(d.crop_scale), num_shards=d.num_shards,
+        test_split=d.get("test_split", "test"))
     # Same pretrained weights (or the same init key) for every task: identical
     # bases, heads sized to each task's classes.
     models[name], task_vars[name] = build_model(cfg, num_classes=datasets[name].num_classes,
