@@ -330,6 +330,7 @@ def test_trainer_runs_the_decathlon_spottune_row_on_a_small_dataset(tmp_path, fa
   cfg = variant_configs(spottune_decathlon.get_config("aircraft,1"))["spottune"]
   with cfg.unlocked():
     cfg.model, cfg.dataset.name = "resnet_tiny", "fashion_mnist"
+    cfg.dataset.test_split = "test"  # Fashion-MNIST has no validation split
     cfg.dataset.image_size, cfg.dataset.resize_size = SIZE, SIZE
     cfg.batch_size, cfg.eval_batch_size = 16, 500
     cfg.num_steps, cfg.eval_every_steps, cfg.log_every_steps = 4, 4, 2
