@@ -220,3 +220,53 @@ def test_full_grid_matches_lax(impl):
     _assert_matches_reference(impl, k=k, stride=stride, padding=padding,
                               depthwise=impl == "shifted", hw=(size, size + 1), channels=8,
                               out_channels=16)
+
+
+# --------------------------------------------------------------------------- max pool
+
+from ftjax.models import pool as pool_lib  # noqa: E402
+
+
+@pytest.mark.parametrize("window,stride,padding,hw", [
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), (9, 8)),   # the ResNet stem pool, odd and even sizes
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), (8, 7)),
+    ((2, 2), (2, 2), "VALID", (7, 6)),
+    ((3, 3), (1, 1), "SAME", (5, 6)),
+    ((3, 2), (2, 1), ((1, 0), (0, 1)), (7, 5)),
+])
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_matches_flax_with_ties(window, stride, padding, hw, ties):
+  import flax.linen as nn
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, *hw, 3)).astype(np.float32)
+  if ties:  # after a ReLU: many windows hold several equal maxima (zeros)
+    x = np.maximum(np.round(x), 0.0)
+  x = jnp.asarray(x)
+  pads = padding if isinstance(padding, str) else padding
+  ref = lambda v: nn.max_pool(v, window, stride, padding=pads)
+  got = jax.jit(lambda v: pool_lib.max_pool(v, window, stride, padding=pads, impl="shifted"))
+  y, vjp = jax.vjp(got, x)
+  y_ref, vjp_ref = jax.vjp(ref, x)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+  g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  # The cotangent of a window goes to the same (first) maximum as XLA's select_and_scatter.
+  np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]), rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_dispatch_and_errors(monkeypatch):
+  x = jnp.ones((1, 6, 6, 2))
+  text = jax.jit(jax.grad(lambda v: pool_lib.max_pool(v, (3, 3), (2, 2), ((1, 1), (1, 1))).sum())
+                 ).lower(x).as_text()
+  assert "select_and_scatter" not in text  # CPU auto: the shifted gradient
+  monkeypatch.setenv("FTJAX_CONV_IMPL", "xla")
+  text = jax.jit(jax.grad(lambda v: pool_lib.max_pool(v, (3, 3), (2, 2), ((1, 1), (1, 1))).sum())
+                 ).lower(x).as_text()
+  assert "select_and_scatter" in text
+  with pytest.raises(ValueError, match="unknown pool impl"):
+    pool_lib.max_pool(x, (2, 2), impl="fast")
+  with pytest.raises(ValueError, match="NHWC"):
+    pool_lib.max_pool(x[0], (2, 2))
+  with pytest.raises(ValueError, match="smaller than the window"):
+    pool_lib.max_pool(x, (2, 2), padding=((2, 0), (0, 0)))
+  with pytest.raises(ValueError, match="empty"):
+    pool_lib.max_pool(x, (7, 7))

@@ -211,12 +211,17 @@ def _is_depthwise(x, kernel, feature_group_count) -> bool:
   return feature_group_count == cin and kernel.shape[2] == 1 and kernel.shape[3] == cin
 
 
-def _auto_impl(x, kernel, feature_group_count, out_hw) -> str:
+def forced_impl() -> str:
+  """The implementation forced by :func:`conv_impl` or ``FTJAX_CONV_IMPL`` ("auto" if none)."""
   if _forced_impl is not None and _forced_impl != "auto":
-    forced = _forced_impl
-  else:
-    forced = os.environ.get("FTJAX_CONV_IMPL", "auto") or "auto"
-    _check_impl(forced)
+    return _forced_impl
+  forced = os.environ.get("FTJAX_CONV_IMPL", "auto") or "auto"
+  _check_impl(forced)
+  return forced
+
+
+def _auto_impl(x, kernel, feature_group_count, out_hw) -> str:
+  forced = forced_impl()
   if forced != "auto":
     # A forced formulation that cannot express this conv falls back to XLA.
     if forced == "shifted" and not _is_depthwise(x, kernel, feature_group_count):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.models.layers import Conv, batch_norm, symmetric_padding
+from ftjax.models.pool import max_pool
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -117,8 +118,8 @@ class ResNetBackbone(nn.Module):
     if spec.stem == "imagenet":
       x = Conv(spec.stem_width, (7, 7), (2, 2), symmetric_padding(7), name="stem_conv")(x)
       x = nn.relu(batch_norm("stem_bn", train=train, epsilon=spec.bn_epsilon)(x))
-      # torch MaxPool2d(3, 2, padding=1) pads with -inf, as flax's max_pool does.
-      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+      # torch MaxPool2d(3, 2, padding=1) pads with -inf, as max_pool does (fast gradient on CPU).
+      x = max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     else:
       x = Conv(spec.stem_width, (3, 3), padding=symmetric_padding(3), name="stem_conv")(x)
       x = nn.relu(batch_norm("stem_bn", train=train, epsilon=spec.bn_epsilon)(x))

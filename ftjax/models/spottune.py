@@ -77,6 +77,7 @@ from ftjax.losses.spottune import gumbel_softmax
 from ftjax.models.efficientnet_lite import (EFFICIENTNET_SPECS, LITE_MEAN, LITE_STD, EfficientNetSpec,
                                             MBConv)
 from ftjax.models.layers import Conv, head_kernel_init, normalize_pixels, symmetric_padding
+from ftjax.models.pool import max_pool
 from ftjax.models.resnet import IMAGENET_MEAN, IMAGENET_STD, RESNET_SPECS, ResidualBlock, ResNetSpec
 
 SPOTTUNE_OUTPUTS = ("features", "logits", "source_logits", "feature_maps", "policy", "policy_logits")
@@ -159,7 +160,7 @@ class _Backbone(nn.Module):
     if isinstance(self.spec, ResNetSpec):
       x = nn.relu(x)
       if self.spec.stem == "imagenet":
-        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
       return x
     return nn.relu6(x)
 
