@@ -169,9 +169,12 @@ def test_auto_dispatch_choices_on_cpu():
   assert conv_lib._auto_impl(x_big, dense1, 1, (128, 128)) == "matmul"
   assert conv_lib._auto_impl(x_small, dense3, 1, (4, 4)) == "matmul"
   assert conv_lib._auto_impl(x_small, grouped, 2, (4, 4)) == "xla"
-  # Large map, many channels: XLA's own conv measured fastest.
-  x_wide = jnp.zeros((2, 56, 56, 64))
-  assert conv_lib._auto_impl(x_wide, jnp.zeros((3, 3, 64, 64)), 1, (56, 56)) == "xla"
+  # Large map, many channels: "matmul" while the patch matrix fits the cap, then XLA.
+  kernel = jnp.zeros((3, 3, 64, 64))
+  patch_bytes_per_image = 56 * 56 * 9 * 64 * 4
+  fits = conv_lib.MATMUL_MAX_PATCH_BYTES // patch_bytes_per_image
+  assert conv_lib._auto_impl(jnp.zeros((fits, 56, 56, 64)), kernel, 1, (56, 56)) == "matmul"
+  assert conv_lib._auto_impl(jnp.zeros((fits + 1, 56, 56, 64)), kernel, 1, (56, 56)) == "xla"
 
 
 def test_forcing_xla_by_context_and_environment(monkeypatch):

@@ -48,13 +48,16 @@ Pads = tuple[tuple[int, int], tuple[int, int]]
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 IMPLS = ("auto", "xla", "matmul", "shifted")
 
-# On CPU a dense conv uses "matmul" when its output map has at most this many
-# positions, or when it has at most SMALL_IN_CHANNELS input channels (stems: the
-# patch matrix is small), or when it is 1x1. Chosen by measurement
-# (experiments/bench/README.md): XLA:CPU's own conv wins only on large maps with
-# many channels (e.g. 3x3, 64 channels on 56x56), where the patch matrix is big.
+# On CPU a dense conv uses "matmul" when it is 1x1, or its output map has at most
+# SMALL_MAP_POSITIONS positions, or it has at most SMALL_IN_CHANNELS input channels
+# (stems), or its patch matrix takes at most MATMUL_MAX_PATCH_BYTES. Chosen by
+# measurement (experiments/bench/conv_formulations.py, README there): XLA:CPU's own
+# conv gradients slow down 3-4x once the problem outgrows the caches (3x3, 64
+# channels, 32x56x56: 724 ms vs 271 ms for "matmul"); XLA is kept only for convs
+# whose patch matrix would be too big to hold (large batches at large maps).
 SMALL_MAP_POSITIONS = 32 * 32
 SMALL_IN_CHANNELS = 16
+MATMUL_MAX_PATCH_BYTES = 512 * 2**20
 
 _forced_impl: str | None = None
 
@@ -235,8 +238,10 @@ def _auto_impl(x, kernel, feature_group_count, out_hw) -> str:
     return "shifted"
   if feature_group_count == 1:
     kh, kw = kernel.shape[:2]
+    patch_bytes = (x.shape[0] * out_hw[0] * out_hw[1] * kh * kw * x.shape[-1]
+                   * jnp.dtype(x.dtype).itemsize)
     if (kh == kw == 1 or out_hw[0] * out_hw[1] <= SMALL_MAP_POSITIONS
-        or x.shape[-1] <= SMALL_IN_CHANNELS):
+        or x.shape[-1] <= SMALL_IN_CHANNELS or patch_bytes <= MATMUL_MAX_PATCH_BYTES):
       return "matmul"
   return "xla"
 
