@@ -31,7 +31,10 @@ MBConv blocks (stride 1, equal channels) of Lite0. Rows (``compare``):
 The policy network is a ResNet with 3 blocks of 64/128/256 channels on the image resized to
 64 px, trained in the same jitted step as the model; its own learning rate is the shared
 schedule times ``policy_lr_mult`` (its own parameter group; momentum and schedule shape shared).
-Expected numbers: not yet measured in this repository (see the issue tracker).
+Expected numbers (``spottune.py:5``, one seed, 10 epochs, Lite0 at 64 px, 84 min on 2 CPU
+cores), test top-1 %: finetune 81.60, feature_extractor 80.93, last_1 69.50, last_2
+77.52, last_3 77.97, spottune 80.44 (2.77 fine-tuned blocks per image), global_k 83.37,
+stochastic 83.15, random_policy 82.11 (``experiments/results/spottune_5/``).
 """
 
 from experiments.configs import default
