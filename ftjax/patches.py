@@ -129,7 +129,8 @@ def _parents(paths: Sequence[str]) -> set[str]:
   return {p.rsplit("/", 1)[0] for p in paths if "/" in p}
 
 
-def _flat(tree: Any) -> dict[str, Any]:
+def flatten_paths(tree: Any) -> dict[str, Any]:
+  """``{"a/b/c": leaf}`` of a pytree, keyed by :func:`path_str` (inverse: :func:`unflatten_paths`)."""
   return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -155,12 +156,12 @@ def structural_paths(params: Any, *, batch_stats: Any = None, selection: str) ->
   * ``head``: the new target head (and Bi-Tuning's projector, when present).
   * ``all``: every parameter.
   """
-  flat = _flat(params)
+  flat = flatten_paths(params)
   if selection == "scale_bias":
     if not batch_stats:
       raise ValueError("the scale_bias selection needs the model's batch_stats to find its "
                        "BatchNorm layers; this model has none")
-    bn_modules = _parents([p for p in _flat(batch_stats) if p.endswith("/mean")])
+    bn_modules = _parents([p for p in flatten_paths(batch_stats) if p.endswith("/mean")])
     return [p for p in flat if p.rsplit("/", 1)[0] in bn_modules and p.rsplit("/", 1)[-1] in ("scale", "bias")]
   if selection == "depthwise":
     return [p for p, leaf in flat.items() if p.endswith("/kernel") and getattr(leaf, "ndim", 0) == 4
@@ -209,7 +210,7 @@ def selection_regex(params: Any, *, batch_stats: Any = None, selection: str | Se
     leaves = sorted({p.rsplit("/", 1)[-1] for p in paths})
     regexes.append(f"(?:.*/)?(?:{'|'.join(map(re.escape, layer_names))})/(?:{'|'.join(leaves)})")
   regex = "|".join(regexes)
-  matched = {p for p in _flat(params) if re.fullmatch(regex, p)}
+  matched = {p for p in flatten_paths(params) if re.fullmatch(regex, p)}
   if matched != expected:
     extra, missing = sorted(matched - expected), sorted(expected - matched)
     raise ValueError(f"selection {'+'.join(parts)}: layer-name regex {regex!r} disagrees with the "
@@ -267,12 +268,12 @@ def extract_patch(variables: Mapping[str, Any], labels: Any, *, groups: Sequence
   With BatchNorm statistics re-estimated on the task (the paper's scale-and-bias
   patch), the statistics belong to the patch: ``include_batch_stats=True``.
   """
-  params = _flat(variables["params"])
+  params = flatten_paths(variables["params"])
   label_of = dict(zip(params, jax.tree.leaves(labels)))
   kept = {p: np.asarray(v) for p, v in params.items() if label_of[p] in groups}
   if not kept:
     raise ValueError(f"no parameter is labelled {list(groups)}; labels used: {sorted(set(label_of.values()))}")
-  stats = {p: np.asarray(v) for p, v in _flat(variables.get("batch_stats", {})).items()} \
+  stats = {p: np.asarray(v) for p, v in flatten_paths(variables.get("batch_stats", {})).items()} \
       if include_batch_stats else {}
   return Patch(kept, stats, dict(info or {}))
 

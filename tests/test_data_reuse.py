@@ -1,6 +1,7 @@
 """Pre-training data reuse: Eq. 6 / Eq. 7 losses, feature extraction, class subsets and reuse training."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -400,9 +401,9 @@ def test_data_reuse_component_errors():
     reuse.init_state(variables=variables, rng=None)
 
 
-@pytest.mark.slow  # ~40 s on 2 shared cores (two compiles and a 5000-image test pass)
-def test_reuse_training_end_to_end(tmp_path, fashion_mnist_ready):
-  """A tiny run on the Fashion-MNIST target half with the pool half reused (Eq. 6)."""
+def _run_tiny_reuse(workdir: str, **reuse):
+  """4 tiny steps on the Fashion-MNIST target half (classes 2, 3, 6, 7, 9), the other half
+  (1% of it) as the pool; returns (results, train rows of metrics.jsonl)."""
   import json
 
   from experiments.configs import tiny
@@ -410,18 +411,24 @@ def test_reuse_training_end_to_end(tmp_path, fashion_mnist_ready):
 
   c = tiny.get_config()
   c.dataset.classes = (2, 3, 6, 7, 9)
-  c.num_steps = 4
-  c.eval_every_steps = 4
-  c.log_every_steps = 2
+  c.num_steps, c.eval_every_steps, c.log_every_steps = 4, 4, 2
   c.reuse.enabled = True
-  c.reuse.weight = 0.3
   c.reuse.classes = (0, 1, 4, 5, 8)
   c.reuse.sampling_rate = 1.0
-  results = train_and_evaluate(c, str(tmp_path / "run"))
+  for key, value in reuse.items():
+    c.reuse[key] = value
+  results = train_and_evaluate(c, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    train_rows = [r for r in map(json.loads, f) if r["split"] == "train"]
+  return results, train_rows
+
+
+@pytest.mark.slow  # ~40 s on 2 shared cores (two compiles and a 5000-image test pass)
+def test_reuse_training_end_to_end(tmp_path, fashion_mnist_ready):
+  """A tiny run on the Fashion-MNIST target half with the pool half reused (Eq. 6)."""
+  results, train_rows = _run_tiny_reuse(str(tmp_path / "run"), weight=0.3)
   assert results["steps"] == 4 and results["num_test"] == 5000
   assert results["reuse_pool_train"] == 5 * 48  # 1% of the 4800 train images of each pool class
-  with open(tmp_path / "run" / "metrics.jsonl") as f:
-    train_rows = [r for r in map(json.loads, f) if r["split"] == "train"]
   assert len(train_rows) == 2
   for row in train_rows:
     assert np.isfinite(row["loss/ce"]) and np.isfinite(row["loss/data_reuse"])
@@ -455,26 +462,10 @@ def test_init_from_round_trip_and_errors(tmp_path):
 @pytest.mark.slow  # ~40 s on 2 shared cores
 def test_pseudo_label_reuse_end_to_end(tmp_path, fashion_mnist_ready):
   """Eq. 7 through the trainer: two pool views per step, no pool head, a finite pseudo-label term."""
-  import json
-
-  from experiments.configs import tiny
   from ftjax.train.checkpoint import load_checkpoint_arrays
-  from ftjax.train.loop import train_and_evaluate
 
-  c = tiny.get_config()
-  c.dataset.classes = (2, 3, 6, 7, 9)
-  c.num_steps = 4
-  c.eval_every_steps = 4
-  c.log_every_steps = 2
-  c.reuse.enabled = True
-  c.reuse.mode = "pseudo_label"
-  c.reuse.weight = 1.0
-  c.reuse.classes = (0, 1, 4, 5, 8)
-  c.reuse.sampling_rate = 1.0
-  results = train_and_evaluate(c, str(tmp_path / "run"))
+  results, train_rows = _run_tiny_reuse(str(tmp_path / "run"), mode="pseudo_label", weight=1.0)
   assert results["steps"] == 4
-  with open(tmp_path / "run" / "metrics.jsonl") as f:
-    train_rows = [r for r in map(json.loads, f) if r["split"] == "train"]
   for row in train_rows:
     assert row["loss/data_reuse"] > 0 and np.isfinite(row["loss/ce"])
     assert row["loss"] == pytest.approx(row["loss/ce"] + row["loss/data_reuse"], rel=1e-5)

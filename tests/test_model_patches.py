@@ -331,3 +331,14 @@ def test_model_patches_configs_and_lr_sweep_plot(tmp_path):
   assert sorted(model_patches.get_config("table4,32,48").tasks) == ["px32", "px48"]
   with pytest.raises(ValueError, match="must be integers"):
     model_patches.get_config("table4,big")
+
+
+def test_flatten_and_unflatten_paths_round_trip():
+  tree = {"backbone": {"block0": {"conv": {"kernel": np.ones((1, 2))}, "bn": {"scale": np.zeros(3)}}},
+          "head": {"bias": np.arange(4.0)}}
+  flat = patches.flatten_paths(tree)
+  assert sorted(flat) == ["backbone/block0/bn/scale", "backbone/block0/conv/kernel", "head/bias"]
+  back = patches.unflatten_paths(flat)
+  assert jax.tree.structure(back) == jax.tree.structure(tree)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+    np.testing.assert_array_equal(a, b)

@@ -1,11 +1,14 @@
 """Max pooling behind the models' stems, with a fast gradient on CPU.
 
 ``flax.linen.max_pool`` lowers to ``lax.reduce_window``; its gradient is XLA's
-``select_and_scatter``, which XLA:CPU runs far slower than the forward pass (ResNet-18's
-3x3/2 stem pool on 32x56x56x64: ~15 ms forward, ~170 ms backward, measured in
-``experiments/bench/README.md``). :func:`max_pool` computes the same function as the
-maximum of the k² shifted (strided) views, and its gradient as k² masked, stride-dilated
-pads of the cotangent, all elementwise work that XLA fuses.
+``select_and_scatter``, which XLA:CPU runs slowly. :func:`max_pool` keeps
+``reduce_window`` for the forward pass and replaces the gradient (``jax.custom_vjp``):
+each of the k² taps gets the cotangent where it holds its window's first maximum, and
+the input is split into stride phases so that every tap lands on a phase by a
+unit-stride shift (no strided scatter). ResNet-18's 3x3/2 stem pool on 32x56x56x64,
+forward + gradient: 89.8 ms with XLA's gradient, 37.9 ms with this one
+(``experiments/bench/conv_formulations.py``, ``experiments/bench/README.md``); on the
+whole ResNet-18 step the difference was within noise.
 
 Ties follow XLA's ``select_and_scatter`` with ``>=`` (what JAX's ``reduce_window`` max
 gradient uses): the cotangent of a window goes to its first maximum in row-major window
@@ -28,20 +31,6 @@ import flax.linen as nn
 from ftjax.models import conv as conv_lib
 
 POOL_IMPLS = ("auto", "xla", "shifted")
-
-
-def _taps(xp: jax.Array, window, strides, out_hw):
-  """The k² strided views of padded ``xp``, in row-major window order."""
-  (kh, kw), (sh, sw), (oh, ow) = window, strides, out_hw
-  n, _, _, c = xp.shape
-  return [lax.slice(xp, (0, i, j, 0), (n, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, c),
-                    (1, sh, sw, 1))
-          for i in range(kh) for j in range(kw)]
-
-
-def _out_hw(in_hw, window, strides, pads):
-  return tuple((size + lo + hi - k) // s + 1
-               for size, k, s, (lo, hi) in zip(in_hw, window, strides, pads))
 
 
 def _pad_neg_inf(x, pads):
@@ -75,7 +64,9 @@ def _max_pool_shifted_bwd(window, strides, pads, residuals, g):
   x, y = residuals
   (kh, kw), (sh, sw) = window, strides
   (h, w), (oh, ow) = x.shape[1:3], y.shape[1:3]
-  taps = _taps(_pad_neg_inf(x, pads), window, strides, (oh, ow))
+  xp = _pad_neg_inf(x, pads)
+  taps = [conv_lib._tap(xp, i, j, strides, (oh, ow))  # pylint: disable=protected-access
+          for i in range(kh) for j in range(kw)]
   # The cotangent of each window goes to its first maximum: one masked g per tap.
   taken = jnp.zeros(y.shape, bool)
   zero = jnp.zeros((), g.dtype)
@@ -138,7 +129,8 @@ def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int] | N
   if any(max(pair) >= k for pair, k in zip(pads, window)):
     raise ValueError(f"max_pool padding {pads} must be smaller than the window {window}: "
                      "a window of padding only has no maximum")
-  if min(_out_hw(x.shape[1:3], window, strides, pads)) < 1:
+  out_hw = conv_lib._output_hw(x.shape[1:3], window, strides, pads)  # pylint: disable=protected-access
+  if min(out_hw) < 1:
     raise ValueError(f"max_pool output would be empty: input {x.shape[1:3]}, window {window}, "
                      f"strides {strides}, padding {pads}")
   if impl == "auto":

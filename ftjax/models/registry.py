@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax import patches
 from ftjax.models.layers import head_kernel_init
 
 
@@ -125,17 +126,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
   return flat
 
 
-def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split("/")
-    node = tree
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  return tree
-
-
 def _save_npz_atomic(path: Path, flat: dict[str, np.ndarray]) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -154,7 +144,7 @@ def _load_variables(name: str, source: _Source, cache_dir: Path) -> dict:
   cache_file = cache_dir / f"{name.replace('/', '_')}_{source.sha256[:16]}.npz"
   if cache_file.exists():
     with np.load(cache_file) as data:
-      return _unflatten({k: data[k] for k in data.files})
+      return patches.unflatten_paths({k: data[k] for k in data.files})
   variables = _convert_checkpoint(source)
   _save_npz_atomic(cache_file, _flatten(variables))
   return variables

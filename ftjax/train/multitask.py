@@ -54,21 +54,17 @@ from ftjax.train.metrics import MetricWriter
 from ftjax.train.state import TrainState
 
 
-def _flat(tree: Any) -> dict[str, Any]:
-  return {patches.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def split_params(params: Any, private_paths: set[str]) -> tuple[dict, dict]:
   """``params`` -> (shared tree, private tree) by '/'-path."""
-  flat = _flat(params)
+  flat = patches.flatten_paths(params)
   return (patches.unflatten_paths({p: v for p, v in flat.items() if p not in private_paths}),
           patches.unflatten_paths({p: v for p, v in flat.items() if p in private_paths}))
 
 
 def merge_params(shared: Any, private: Any) -> dict:
   """The full parameter tree of one task: shared weights with the task's patch in place."""
-  flat = _flat(shared)
-  flat.update(_flat(private))
+  flat = patches.flatten_paths(shared)
+  flat.update(patches.flatten_paths(private))
   return patches.unflatten_paths(flat)
 
 
@@ -261,7 +257,8 @@ def train_multitask(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   for n in tasks:
     test = evaluate(eval_steps[n], task_variables(best_params, best_stats, n), datasets[n], "test",
                     batch_size=config.eval_batch_size, mesh=mesh)
-    patch = patches.Patch(_flat(best_params["tasks"][n]), _flat(best_stats[n]),
+    patch = patches.Patch(patches.flatten_paths(best_params["tasks"][n]),
+                          patches.flatten_paths(best_stats[n]),
                           {"task": n, "selection": config.patch.selection, "share_head": config.share_head})
     size = patches.patch_size(patch, task_variables(best_params, best_stats, n)["params"])
     total += size.parameters
@@ -278,7 +275,7 @@ def train_multitask(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results_table.md"), "w") as f:
       f.write(results["table"] + "\n")
-    shared_patch = patches.Patch(_flat(best_params["shared"]), {}, {"shared": True})
+    shared_patch = patches.Patch(patches.flatten_paths(best_params["shared"]), {}, {"shared": True})
     patches.save_patch(os.path.join(workdir, "shared.npz"), shared_patch)
     _write_json(os.path.join(workdir, "results.json"), results)
   return results
