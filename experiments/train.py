@@ -20,6 +20,8 @@ flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of proce
 flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index (default $JAX_PROCESS_ID).")
 flags.DEFINE_bool("distributed_auto", False, "Let JAX detect the cluster (Slurm, Cloud TPU pod slice, MPI).")
 flags.DEFINE_integer("heartbeat_timeout", 30, "Seconds after which a silent peer process counts as dead.")
+flags.DEFINE_bool("retain_host_memory", True, "Keep freed host memory for reuse (ftjax.host_memory): XLA:CPU "
+                  "steps stop page-faulting their buffers in again; the process keeps its peak heap.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -36,6 +38,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from absl import logging as absl_logging
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+  if FLAGS.retain_host_memory:
+    # Before JAX runs anything: threads that already own a malloc arena keep it.
+    from ftjax import host_memory
+    host_memory.retain_freed_host_memory()
   # Heavy imports after flag parsing so that --help and flag errors are instant.
   from ftjax.train import distributed
   try:

@@ -16,6 +16,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Freed host memory stays in the process (as in experiments/train.py): XLA:CPU's
+# large buffers are then not page-faulted in again on every call.
+from ftjax import host_memory  # noqa: E402
+
+host_memory.retain_freed_host_memory()
+
 
 def run_python(args: list[str], *, devices: int = 1, timeout: float = 600, check: bool = True,
                cwd: str = ROOT, **popen) -> subprocess.CompletedProcess:

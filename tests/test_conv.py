@@ -169,12 +169,20 @@ def test_auto_dispatch_choices_on_cpu():
   assert conv_lib._auto_impl(x_big, dense1, 1, (128, 128)) == "matmul"
   assert conv_lib._auto_impl(x_small, dense3, 1, (4, 4)) == "matmul"
   assert conv_lib._auto_impl(x_small, grouped, 2, (4, 4)) == "xla"
-  # Large map, many channels: "matmul" while the patch matrix fits the cap, then XLA.
+  # Stride-1 3x3 convs with many channels: matmul up to SMALL_MAP_POSITIONS output
+  # positions, XLA above; strided ones and stems stay matmul on large maps too.
   kernel = jnp.zeros((3, 3, 64, 64))
-  patch_bytes_per_image = 56 * 56 * 9 * 64 * 4
+  assert conv_lib._auto_impl(jnp.zeros((2, 7, 7, 64)), kernel, 1, (7, 7)) == "matmul"
+  assert conv_lib._auto_impl(jnp.zeros((2, 8, 8, 64)), kernel, 1, (8, 8)) == "xla"
+  assert conv_lib._auto_impl(jnp.zeros((2, 56, 56, 64)), kernel, 1, (28, 28), (2, 2)) == "matmul"
+  assert conv_lib._auto_impl(jnp.zeros((2, 56, 56, 3)), jnp.zeros((3, 3, 3, 64)), 1,
+                             (56, 56)) == "matmul"
+  # A strided conv uses matmul while the patch matrix fits the cap, then XLA.
+  patch_bytes_per_image = 28 * 28 * 9 * 64 * 4
   fits = conv_lib.MATMUL_MAX_PATCH_BYTES // patch_bytes_per_image
-  assert conv_lib._auto_impl(jnp.zeros((fits, 56, 56, 64)), kernel, 1, (56, 56)) == "matmul"
-  assert conv_lib._auto_impl(jnp.zeros((fits + 1, 56, 56, 64)), kernel, 1, (56, 56)) == "xla"
+  assert conv_lib._auto_impl(jnp.zeros((fits, 56, 56, 64)), kernel, 1, (28, 28), (2, 2)) == "matmul"
+  assert conv_lib._auto_impl(jnp.zeros((fits + 1, 56, 56, 64)), kernel, 1, (28, 28),
+                             (2, 2)) == "xla"
 
 
 def test_forcing_xla_by_context_and_environment(monkeypatch):

@@ -6,7 +6,9 @@ with the state donated; its FLOPs come from XLA's cost analysis of the compiled
 step. The PyTorch step uses the reference modules of ``ftjax.testing.torch_models``
 in ``channels_last`` with ``torch.optim.SGD(momentum=0.9)`` and
 ``torch.set_num_threads(os.cpu_count())``. Both are timed in the same run: median
-of ``--steps`` steps after ``--warmup`` untimed ones.
+of ``--steps`` steps after ``--warmup`` untimed ones. Both run with freed host
+memory retained (``ftjax.host_memory``; ``--default-malloc`` turns that off), which
+stops XLA:CPU from page-faulting its large buffers in again on every step.
 
 Usage::
 
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ftjax import host_memory
 from ftjax.models import create_model
 from ftjax.models import conv as conv_lib
 
@@ -194,14 +197,20 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch step")
   parser.add_argument("--conv-impl", default="auto", choices=conv_lib.IMPLS,
                       help="force one conv formulation (default: auto dispatch)")
+  parser.add_argument("--default-malloc", action="store_true",
+                      help="leave glibc's malloc as it is instead of "
+                           "host_memory.retain_freed_host_memory() (applies to both steps)")
   args = parser.parse_args(argv)
+  # Before anything runs: worker threads that already own a malloc arena keep it.
+  retained = False if args.default_malloc else host_memory.retain_freed_host_memory()
   if args.steps < 1 or args.warmup < 0:
     raise ValueError(f"--steps must be >= 1 and --warmup >= 0; got {args.steps}, {args.warmup}")
 
   cases = CASES[args.cases] if args.cases else ((args.model, args.batch, args.size),)
   print(f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPUs, "
         f"conv impl {args.conv_impl!r} (FTJAX_CONV_IMPL={os.environ.get('FTJAX_CONV_IMPL')}), "
-        f"median of {args.steps} steps", flush=True)
+        f"median of {args.steps} steps, freed host memory "
+        f"{'retained' if retained else 'returned to the OS (default malloc)'}", flush=True)
   print(HEADER, flush=True)
   with conv_lib.conv_impl(args.conv_impl):
     for name, batch, size in cases:

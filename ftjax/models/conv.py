@@ -48,14 +48,16 @@ Pads = tuple[tuple[int, int], tuple[int, int]]
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 IMPLS = ("auto", "xla", "matmul", "shifted")
 
-# On CPU a dense conv uses "matmul" when it is 1x1, or its output map has at most
-# SMALL_MAP_POSITIONS positions, or it has at most SMALL_IN_CHANNELS input channels
-# (stems), or its patch matrix takes at most MATMUL_MAX_PATCH_BYTES. Chosen by
-# measurement (experiments/bench/conv_formulations.py, README there): XLA:CPU's own
-# conv gradients slow down 3-4x once the problem outgrows the caches (3x3, 64
-# channels, 32x56x56: 724 ms vs 271 ms for "matmul"); XLA is kept only for convs
-# whose patch matrix would be too big to hold (large batches at large maps).
-SMALL_MAP_POSITIONS = 32 * 32
+# On CPU a dense conv uses "matmul" when it is 1x1, and when it has at most
+# SMALL_IN_CHANNELS input channels (stems), or is strided, or its output map has at
+# most SMALL_MAP_POSITIONS positions, as long as its patch matrix takes at most
+# MATMUL_MAX_PATCH_BYTES. Stride-1 convs on larger maps keep XLA's own convolution
+# (YNNPACK), whose forward and gradients beat patch extraction + matmul there (3x3,
+# 64 channels, 32x28x28: 40.5 ms vs 76.4 ms forward + both gradients), while on
+# tiny maps XLA is far slower (3x3, 512 channels, 64x2x2: 548 ms vs 14.7 ms). Chosen
+# by measurement on an AMD EPYC (Zen 4) 2-core machine: experiments/bench/
+# conv_formulations.py and the README there.
+SMALL_MAP_POSITIONS = 7 * 7
 SMALL_IN_CHANNELS = 16
 MATMUL_MAX_PATCH_BYTES = 512 * 2**20
 
@@ -178,15 +180,19 @@ def _depthwise_shifted_bwd(strides, pads, residuals, g):
   kh, kw, _ = w.shape
   (sh, sw), (h, wd) = strides, x.shape[1:3]
   out_hw = g.shape[1:3]
-  # Weight gradient: per-tap sums of products, dw[i, j] = sum_nhw tap_ij(xp) * g.
+  # Weight gradient: dw[i, j] = sum_nhw tap_ij(xp) * g for every tap, computed as
+  # one variadic reduction (one output per tap) over the 4-D products. XLA:CPU emits
+  # it as a single pass over x and g; separate per-tap reductions of sliced operands
+  # measured 2-6x slower (experiments/bench/README.md, "depthwise weight gradient").
   xp = _pad_hw(x, pads)
-  # Reducing the product flattened to [positions, channels] measured faster on
-  # XLA:CPU than reducing axes (0, 1, 2) of the 4-D product.
-  channels = w.shape[-1]
-  dw = jnp.stack([
-      jnp.sum((_tap(xp, i, j, strides, out_hw) * g).reshape(-1, channels), axis=0)
-      for i in range(kh) for j in range(kw)
-  ]).reshape(w.shape)
+  # Low-precision inputs accumulate in float32 (as jnp.sum does).
+  acc_dtype = jnp.promote_types(g.dtype, jnp.float32)
+  products = [(_tap(xp, i, j, strides, out_hw) * g).astype(acc_dtype)
+              for i in range(kh) for j in range(kw)]
+  zeros = [jnp.zeros((), acc_dtype)] * len(products)
+  sums = lax.reduce(products, zeros, lambda acc, val: [a + v for a, v in zip(acc, val)],
+                    (0, 1, 2))
+  dw = jnp.stack(sums).reshape(w.shape).astype(w.dtype)
   # Input gradient: every output position scattered g * w[i, j] back to the input
   # it read. That is a stride-1 depthwise correlation of the stride-dilated
   # cotangent with the flipped kernel; the pads below place it so that the result
@@ -223,7 +229,7 @@ def forced_impl() -> str:
   return forced
 
 
-def _auto_impl(x, kernel, feature_group_count, out_hw) -> str:
+def _auto_impl(x, kernel, feature_group_count, out_hw, strides=(1, 1)) -> str:
   forced = forced_impl()
   if forced != "auto":
     # A forced formulation that cannot express this conv falls back to XLA.
@@ -236,14 +242,18 @@ def _auto_impl(x, kernel, feature_group_count, out_hw) -> str:
     return "xla"
   if _is_depthwise(x, kernel, feature_group_count) and x.shape[-1] > 1:
     return "shifted"
-  if feature_group_count == 1:
-    kh, kw = kernel.shape[:2]
-    patch_bytes = (x.shape[0] * out_hw[0] * out_hw[1] * kh * kw * x.shape[-1]
-                   * jnp.dtype(x.dtype).itemsize)
-    if (kh == kw == 1 or out_hw[0] * out_hw[1] <= SMALL_MAP_POSITIONS
-        or x.shape[-1] <= SMALL_IN_CHANNELS or patch_bytes <= MATMUL_MAX_PATCH_BYTES):
-      return "matmul"
-  return "xla"
+  if feature_group_count != 1:
+    return "xla"
+  kh, kw = kernel.shape[:2]
+  if kh == kw == 1:  # a (strided) reshape + matmul; no patch matrix
+    return "matmul"
+  stem = x.shape[-1] <= SMALL_IN_CHANNELS
+  small_map = out_hw[0] * out_hw[1] <= SMALL_MAP_POSITIONS
+  if not (stem or small_map or tuple(strides) != (1, 1)):
+    return "xla"
+  patch_bytes = (x.shape[0] * out_hw[0] * out_hw[1] * kh * kw * x.shape[-1]
+                 * jnp.dtype(x.dtype).itemsize)
+  return "matmul" if patch_bytes <= MATMUL_MAX_PATCH_BYTES else "xla"
 
 
 def conv2d(
@@ -291,7 +301,7 @@ def conv2d(
         f"conv2d output would be empty: input {x.shape[1:3]}, kernel {kernel.shape[:2]}, "
         f"strides {strides}, padding {pads}")
   if impl == "auto":
-    impl = _auto_impl(x, kernel, feature_group_count, out_hw)
+    impl = _auto_impl(x, kernel, feature_group_count, out_hw, strides)
   if impl == "matmul":
     if feature_group_count != 1:
       raise ValueError(
