@@ -94,6 +94,17 @@ def test_shifted_matches_lax_depthwise(k, stride, padding, hw):
                             hw=hw, channels=5)
 
 
+@pytest.mark.parametrize("k,stride,padding,hw", [
+    (3, 1, "SAME", (24, 24)),   # exactly DEPTHWISE_BATCH_FIRST_POSITIONS outputs
+    (5, 2, "SAME", (50, 49)),   # 25x25 outputs, odd TF SAME pads
+    (3, 1, "SAME", (23, 25)),   # 575 outputs: the single-reduction path
+])
+def test_shifted_large_maps_match_lax(k, stride, padding, hw):
+  # The weight gradient switches to a batch-first reduction on large output maps.
+  _assert_matches_reference("shifted", k=k, stride=stride, padding=padding, depthwise=True,
+                            hw=hw, channels=3, batch=2)
+
+
 @pytest.mark.parametrize("depthwise", [False, True])
 @pytest.mark.parametrize("k,stride,padding,hw", [
     (1, 2, "SAME", (8, 8)), (3, 1, "SAME", (2, 2)), (5, 2, "SAME", (12, 12)),
@@ -157,8 +168,10 @@ def test_jit_and_second_order_gradients_of_shifted():
   np.testing.assert_allclose(grad_norm("shifted"), grad_norm("xla"), rtol=1e-4, atol=1e-4)
 
 
-def test_auto_dispatch_choices_on_cpu():
+@pytest.mark.parametrize("avx512", [True, False])
+def test_auto_dispatch_choices_on_cpu(monkeypatch, avx512):
   assert jax.default_backend() == "cpu"
+  monkeypatch.setattr(conv_lib, "_host_has_avx512", lambda: avx512)
   x_small = jnp.zeros((2, 4, 4, 8))
   x_big = jnp.zeros((2, 128, 128, 8))
   dense3 = jnp.zeros((3, 3, 8, 8))
@@ -170,10 +183,12 @@ def test_auto_dispatch_choices_on_cpu():
   assert conv_lib._auto_impl(x_small, dense3, 1, (4, 4)) == "matmul"
   assert conv_lib._auto_impl(x_small, grouped, 2, (4, 4)) == "xla"
   # Stride-1 3x3 convs with many channels: matmul up to SMALL_MAP_POSITIONS output
-  # positions, XLA above; strided ones and stems stay matmul on large maps too.
+  # positions, above that XLA on AVX-512 hosts (matmul otherwise); strided ones and
+  # stems stay matmul on large maps too.
   kernel = jnp.zeros((3, 3, 64, 64))
   assert conv_lib._auto_impl(jnp.zeros((2, 7, 7, 64)), kernel, 1, (7, 7)) == "matmul"
-  assert conv_lib._auto_impl(jnp.zeros((2, 8, 8, 64)), kernel, 1, (8, 8)) == "xla"
+  assert conv_lib._auto_impl(jnp.zeros((2, 8, 8, 64)), kernel, 1, (8, 8)) == (
+      "xla" if avx512 else "matmul")
   assert conv_lib._auto_impl(jnp.zeros((2, 56, 56, 64)), kernel, 1, (28, 28), (2, 2)) == "matmul"
   assert conv_lib._auto_impl(jnp.zeros((2, 56, 56, 3)), jnp.zeros((3, 3, 3, 64)), 1,
                              (56, 56)) == "matmul"
@@ -183,6 +198,16 @@ def test_auto_dispatch_choices_on_cpu():
   assert conv_lib._auto_impl(jnp.zeros((fits, 56, 56, 64)), kernel, 1, (28, 28), (2, 2)) == "matmul"
   assert conv_lib._auto_impl(jnp.zeros((fits + 1, 56, 56, 64)), kernel, 1, (28, 28),
                              (2, 2)) == "xla"
+
+
+def test_avx512_detection_reads_the_cpu_flags():
+  flags = ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = next((line for line in f if line.startswith("flags")), "")
+  except OSError:
+    pass
+  assert conv_lib._host_has_avx512() == ("avx512f" in flags.split())
 
 
 def test_forcing_xla_by_context_and_environment(monkeypatch):

@@ -9,7 +9,7 @@ step), for every formulation that can express the op; the formulations are run
 interleaved (round robin) so that machine load affects them alike. ``auto`` names what
 :func:`ftjax.models.conv.conv2d` picks for the shape on this platform, so a row whose
 fastest column is not the ``auto`` choice shows a threshold to revisit
-(``SMALL_MAP_POSITIONS`` / ``SMALL_IN_CHANNELS``). The shapes are the convolutions of
+(``SMALL_MAP_POSITIONS`` / ``SMALL_IN_CHANNELS`` / ``MATMUL_MAX_PATCH_BYTES``). The shapes are the convolutions of
 ResNet-18 at batch 32 / 112 px and batch 64 / 64 px, the stem max pool, and the
 depthwise convolutions of EfficientNet-Lite0 at batch 32 / 96 px (the issue-9 cases).
 """
@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax import host_memory
 from ftjax.models import conv as conv_lib
 from ftjax.models import pool as pool_lib
 
@@ -39,6 +40,8 @@ SHAPES = (
     ("r18/64 layer1 3x3", 64, 16, 64, 64, 3, 1),
     ("r18/64 layer2 3x3", 64, 8, 128, 128, 3, 1),
     ("r18/224 layer1 3x3", 32, 56, 64, 64, 3, 1),
+    ("lite0/96 dw 3x3 s1 (stage 1)", 32, 48, 32, None, 3, 1),
+    ("lite0/96 dw 3x3 s2 (stage 2)", 32, 48, 96, None, 3, 2),
     ("lite0/96 dw 3x3 s1 (stage 2)", 32, 24, 144, None, 3, 1),
     ("lite0/96 dw 5x5 s2 (stage 3)", 32, 24, 144, None, 5, 2),
     ("lite0/96 dw 5x5 s1 (stage 3)", 32, 12, 240, None, 5, 1),
@@ -70,6 +73,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--repeats", type=int, default=5, help="timed calls per formulation (median)")
   args = parser.parse_args()
+  host_memory.retain_freed_host_memory()  # as the training scripts do
   rng = np.random.default_rng(0)
   print(f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPUs, "
         f"median of {args.repeats}, ms per forward + both gradients")
@@ -88,7 +92,7 @@ def main() -> None:
     fns = {impl: _grad_fn(lambda x, w, impl=impl: conv_lib.conv2d(
         x, w, strides=(s, s), padding=pads, feature_group_count=groups, impl=impl)) for impl in impls}
     ms = _time_interleaved(fns, {impl: (x, w, g) for impl in impls}, args.repeats)
-    auto = conv_lib._auto_impl(x, w, groups, y.shape[1:3])  # pylint: disable=protected-access
+    auto = conv_lib._auto_impl(x, w, groups, y.shape[1:3], (s, s))  # pylint: disable=protected-access
     cells = [f"{ms[i]:.1f}" if i in ms else "" for i in ("xla", "matmul", "shifted")]
     shape = f"{n}, {hw}x{hw}, {cin} -> {cin if depthwise else cout}, {k}/{s}"
     print(f"| {label} | {shape} | " + " | ".join(cells) + f" | {auto} |", flush=True)

@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--cases", choices=sorted(CASES), default=None,
                       help="run a named set of (model, batch, size) cases instead")
   parser.add_argument("--steps", type=int, default=15, help="timed steps (median)")
-  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--warmup", type=int, default=10,
+                      help="untimed steps first (the retained heap settles within ~10)")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch step")
   parser.add_argument("--conv-impl", default="auto", choices=conv_lib.IMPLS,
                       help="force one conv formulation (default: auto dispatch)")

@@ -48,18 +48,22 @@ Pads = tuple[tuple[int, int], tuple[int, int]]
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 IMPLS = ("auto", "xla", "matmul", "shifted")
 
-# On CPU a dense conv uses "matmul" when it is 1x1, and when it has at most
-# SMALL_IN_CHANNELS input channels (stems), or is strided, or its output map has at
-# most SMALL_MAP_POSITIONS positions, as long as its patch matrix takes at most
-# MATMUL_MAX_PATCH_BYTES. Stride-1 convs on larger maps keep XLA's own convolution
-# (YNNPACK), whose forward and gradients beat patch extraction + matmul there (3x3,
-# 64 channels, 32x28x28: 40.5 ms vs 76.4 ms forward + both gradients), while on
-# tiny maps XLA is far slower (3x3, 512 channels, 64x2x2: 548 ms vs 14.7 ms). Chosen
-# by measurement on an AMD EPYC (Zen 4) 2-core machine: experiments/bench/
-# conv_formulations.py and the README there.
+# On CPU a dense conv uses "matmul" when it is 1x1, and otherwise while its patch
+# matrix takes at most MATMUL_MAX_PATCH_BYTES -- except, on CPUs with AVX-512, for
+# stride-1 convs with more than SMALL_IN_CHANNELS inputs on output maps of more than
+# SMALL_MAP_POSITIONS positions, which keep XLA's own convolution (YNNPACK). Measured
+# (forward + both gradients, experiments/bench/conv_formulations.py, README there):
+# on an AVX-512 AMD EPYC (Zen 4) XLA beats patch extraction + matmul there (3x3, 64
+# channels, 32x28x28: 40.5 ms vs 76.4 ms) while on tiny maps it is far slower (3x3,
+# 512 channels, 64x2x2: 548 ms vs 14.7 ms); on the AVX2 machine of earlier
+# measurements XLA lost on large maps too (32x28x28: 89.2 ms vs 68.1 ms; 32x56x56:
+# 703 ms vs 262 ms).
 SMALL_MAP_POSITIONS = 7 * 7
 SMALL_IN_CHANNELS = 16
 MATMUL_MAX_PATCH_BYTES = 512 * 2**20
+# The "shifted" depthwise weight gradient reduces over the batch first when the
+# output map has at least this many positions (see _depthwise_shifted_bwd).
+DEPTHWISE_BATCH_FIRST_POSITIONS = 24 * 24
 
 _forced_impl: str | None = None
 
@@ -190,23 +194,72 @@ def _depthwise_shifted_bwd(strides, pads, residuals, g):
   products = [(_tap(xp, i, j, strides, out_hw) * g).astype(acc_dtype)
               for i in range(kh) for j in range(kw)]
   zeros = [jnp.zeros((), acc_dtype)] * len(products)
-  sums = lax.reduce(products, zeros, lambda acc, val: [a + v for a, v in zip(acc, val)],
-                    (0, 1, 2))
+
+  def add(acc, val):
+    return [a + v for a, v in zip(acc, val)]
+
+  if out_hw[0] * out_hw[1] >= DEPTHWISE_BATCH_FIRST_POSITIONS:
+    # Large maps: reduce over the batch first (a reduction over the major axis),
+    # then over the much smaller [out_h, out_w, c] partial sums (measured 1.5-2.4x
+    # faster at 48x48; slower below 24x24).
+    partial = lax.reduce(products, zeros, add, (0,))
+    sums = [p.sum((0, 1)) for p in partial]
+  else:
+    sums = lax.reduce(products, zeros, add, (0, 1, 2))
   dw = jnp.stack(sums).reshape(w.shape).astype(w.dtype)
   # Input gradient: every output position scattered g * w[i, j] back to the input
-  # it read. That is a stride-1 depthwise correlation of the stride-dilated
-  # cotangent with the flipped kernel; the pads below place it so that the result
-  # is exactly the unpadded input window (negative pads crop).
-  def dilated_pads(size, k, s, lo, out):
-    dilated = s * (out - 1) + 1
-    low = k - 1 - lo
-    return (low, size + k - 1 - low - dilated, s - 1)
+  # it read. Stride 1: a depthwise correlation of g with the flipped kernel.
+  if (sh, sw) == (1, 1):
+    gp = lax.pad(g, jnp.zeros((), g.dtype), (
+        (0, 0, 0), (kh - 1 - pads[0][0], h - out_hw[0] + pads[0][0], 0),
+        (kw - 1 - pads[1][0], wd - out_hw[1] + pads[1][0], 0), (0, 0, 0)))
+    return _depthwise_forward(gp, w[::-1, ::-1], (1, 1), ((0, 0), (0, 0))), dw
+  return _depthwise_strided_input_grad(g, w, (sh, sw), pads, (h, wd)), dw
 
-  gd = lax.pad(g, jnp.zeros((), g.dtype), (
-      (0, 0, 0), dilated_pads(h, kh, sh, pads[0][0], out_hw[0]),
-      dilated_pads(wd, kw, sw, pads[1][0], out_hw[1]), (0, 0, 0)))
-  dx = _depthwise_forward(gd, w[::-1, ::-1], (1, 1), ((0, 0), (0, 0)))
-  return dx, dw
+
+def _depthwise_strided_input_grad(g, w, strides, pads, in_hw):
+  """dx of a strided depthwise conv, one stride phase at a time.
+
+  Padded input row ``u = a + s * t`` (phase ``a = u mod s``) is read only by the
+  kernel rows ``i = a + s * m``, at output row ``q = t - m``. So each phase is a
+  stride-1 correlation of ``g`` with that phase's taps -- ``k^2`` multiply-adds per
+  output position in total, where correlating the stride-dilated ``g`` costs
+  ``s^2`` times more (mostly on zeros). The phases are interleaved back by
+  interior-padding each and summing (one fused pass; negative pads crop).
+  """
+  kh, kw, _ = w.shape
+  (sh, sw), (h, wd), out_hw = strides, in_hw, g.shape[1:3]
+  padded_hw = (h + pads[0][0] + pads[0][1], wd + pads[1][0] + pads[1][1])
+  # Rows (columns) per phase: enough to cover the padded input.
+  rows = tuple(-(-size // s) for size, s in zip(padded_hw, strides))
+  zero = jnp.zeros((), g.dtype)
+  dx = None
+  for a in range(sh):
+    taps_i = range(a, kh, sh)
+    for b in range(sw):
+      taps_j = range(b, kw, sw)
+      if not taps_i or not taps_j:
+        continue  # no kernel tap reads this phase: its gradient is zero
+      mi, mj = len(taps_i), len(taps_j)
+      # g[t - m] for t in [0, rows): mi - 1 zero rows above, crop/pad below.
+      gp = lax.pad(g, zero, ((0, 0, 0), (mi - 1, rows[0] - out_hw[0], 0),
+                             (mj - 1, rows[1] - out_hw[1], 0), (0, 0, 0)))
+      phase = None
+      for m, i in enumerate(taps_i):
+        for l, j in enumerate(taps_j):
+          shifted = lax.slice(gp, (0, mi - 1 - m, mj - 1 - l, 0),
+                              (gp.shape[0], mi - 1 - m + rows[0], mj - 1 - l + rows[1], gp.shape[3]))
+          term = shifted * w[i, j]
+          phase = term if phase is None else phase + term
+      # Phase row t is input row a + s * t - pad_lo.
+      low_h, low_w = a - pads[0][0], b - pads[1][0]
+      placed = lax.pad(phase, zero, (
+          (0, 0, 0), (low_h, h - (low_h + sh * (rows[0] - 1) + 1), sh - 1),
+          (low_w, wd - (low_w + sw * (rows[1] - 1) + 1), sw - 1), (0, 0, 0)))
+      dx = placed if dx is None else dx + placed
+  if dx is None:
+    return jnp.zeros((g.shape[0], h, wd, g.shape[3]), g.dtype)
+  return dx
 
 
 _depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
@@ -229,6 +282,19 @@ def forced_impl() -> str:
   return forced
 
 
+@functools.cache
+def _host_has_avx512() -> bool:
+  """Whether the host CPU advertises AVX-512 (Linux ``/proc/cpuinfo``; else False)."""
+  try:
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return "avx512f" in line.split()
+  except OSError:
+    pass
+  return False
+
+
 def _auto_impl(x, kernel, feature_group_count, out_hw, strides=(1, 1)) -> str:
   forced = forced_impl()
   if forced != "auto":
@@ -249,7 +315,7 @@ def _auto_impl(x, kernel, feature_group_count, out_hw, strides=(1, 1)) -> str:
     return "matmul"
   stem = x.shape[-1] <= SMALL_IN_CHANNELS
   small_map = out_hw[0] * out_hw[1] <= SMALL_MAP_POSITIONS
-  if not (stem or small_map or tuple(strides) != (1, 1)):
+  if not (stem or small_map or tuple(strides) != (1, 1)) and _host_has_avx512():
     return "xla"
   patch_bytes = (x.shape[0] * out_hw[0] * out_hw[1] * kh * kw * x.shape[-1]
                  * jnp.dtype(x.dtype).itemsize)
