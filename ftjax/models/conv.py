@@ -23,8 +23,10 @@ Implementations:
   (``feature_group_count == 1``).
 * ``"shifted"``: depthwise convolutions (``feature_group_count == in_channels`` and
   ``out_channels == in_channels``) as ``sum_ij shift_ij(x) * w_ij`` with a
-  ``jax.custom_vjp``.
-* ``"auto"``: the fastest measured choice for the platform and static shapes.
+  ``jax.custom_vjp``: the weight gradient is one variadic reduction (an output per
+  tap), the input gradient a correlation of the cotangent per stride phase.
+* ``"auto"``: the fastest measured choice for the platform and static shapes (see
+  the constants below for the rule).
 
 ``FTJAX_CONV_IMPL=xla`` (environment, read at trace time) or the
 :func:`conv_impl` context manager forces one implementation wherever ``"auto"`` is
