@@ -15,8 +15,8 @@ is that the process keeps its peak heap until it exits, and glibc's aligned
 allocations fragment it during the first calls (a jitted gradient with ~128 MiB of
 buffers per call: peak resident 936 MB instead of 439 MB, page faults per call
 32,770 -> 0 after 50 calls). That suits a training or benchmark process, not
-necessarily a notebook that does other work. It only
-affects host (CPU) memory; accelerator memory is managed by the device runtime.
+necessarily a notebook that does other work. It only affects host (CPU) memory;
+accelerator memory is managed by the device runtime.
 
 Call it early, before JAX runs anything: threads that already own an arena keep it.
 
@@ -49,8 +49,8 @@ def retain_freed_host_memory() -> bool:
 
   Returns:
     ``True`` when every setting was applied; ``False`` where the C library is not
-    glibc (macOS, musl) or refused a setting, in which case nothing is changed
-    beyond what was accepted and a warning is logged.
+    glibc (macOS, musl) or refused a setting; the accepted settings stay applied
+    and a warning is logged.
   """
   if not sys.platform.startswith("linux"):
     return False
@@ -66,7 +66,8 @@ def retain_freed_host_memory() -> bool:
   # Order matters: one arena first, so that disabling mmap also covers the
   # allocations that worker threads make (other arenas fall back to mmap).
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))
-  applied = all(mallopt(param, value) == 1 for param, value in settings)
+  accepted = [mallopt(param, value) == 1 for param, value in settings]  # try every one
+  applied = all(accepted)
   if not applied:
     logging.warning("host_memory: mallopt refused a setting; freed memory may be unmapped")
   return applied

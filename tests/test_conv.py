@@ -200,14 +200,20 @@ def test_auto_dispatch_choices_on_cpu(monkeypatch, avx512):
                              (2, 2)) == "xla"
 
 
-def test_avx512_detection_reads_the_cpu_flags():
-  flags = ""
-  try:
-    with open("/proc/cpuinfo") as f:
-      flags = next((line for line in f if line.startswith("flags")), "")
-  except OSError:
-    pass
-  assert conv_lib._host_has_avx512() == ("avx512f" in flags.split())
+def test_avx512_detection_parses_the_flags_line(tmp_path):
+  def detect(text):
+    path = tmp_path / f"cpuinfo{len(text)}"
+    path.write_text(text)
+    return conv_lib._host_has_avx512.__wrapped__(str(path))
+
+  zen4 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
+  avx2 = "processor\t: 0\nflags\t\t: fpu sse avx2 fma\n"
+  # avx512bw alone (no foundation flag) and "avx512f" in another line do not count.
+  partial = "model name\t: avx512f-ish\nflags\t\t: avx2 avx512bw avx512_vnni\n"
+  assert detect(zen4) is True
+  assert detect(avx2) is False
+  assert detect(partial) is False
+  assert conv_lib._host_has_avx512.__wrapped__(str(tmp_path / "missing")) is False
 
 
 def test_forcing_xla_by_context_and_environment(monkeypatch):

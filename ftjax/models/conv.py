@@ -189,7 +189,7 @@ def _depthwise_shifted_bwd(strides, pads, residuals, g):
   # Weight gradient: dw[i, j] = sum_nhw tap_ij(xp) * g for every tap, computed as
   # one variadic reduction (one output per tap) over the 4-D products. XLA:CPU emits
   # it as a single pass over x and g; separate per-tap reductions of sliced operands
-  # measured 2-6x slower (experiments/bench/README.md, "depthwise weight gradient").
+  # measured 2-6x slower (weight-gradient table in experiments/bench/README.md).
   xp = _pad_hw(x, pads)
   # Low-precision inputs accumulate in float32 (as jnp.sum does).
   acc_dtype = jnp.promote_types(g.dtype, jnp.float32)
@@ -259,9 +259,7 @@ def _depthwise_strided_input_grad(g, w, strides, pads, in_hw):
           (0, 0, 0), (low_h, h - (low_h + sh * (rows[0] - 1) + 1), sh - 1),
           (low_w, wd - (low_w + sw * (rows[1] - 1) + 1), sw - 1), (0, 0, 0)))
       dx = placed if dx is None else dx + placed
-  if dx is None:
-    return jnp.zeros((g.shape[0], h, wd, g.shape[3]), g.dtype)
-  return dx
+  return dx  # phase (0, 0) always holds tap (0, 0), so dx is set
 
 
 _depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
@@ -285,13 +283,13 @@ def forced_impl() -> str:
 
 
 @functools.cache
-def _host_has_avx512() -> bool:
-  """Whether the host CPU advertises AVX-512 (Linux ``/proc/cpuinfo``; else False)."""
+def _host_has_avx512(cpuinfo: str = "/proc/cpuinfo") -> bool:
+  """Whether the CPU's ``flags`` line in ``cpuinfo`` lists ``avx512f`` (False if unreadable)."""
   try:
-    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+    with open(cpuinfo, encoding="ascii", errors="replace") as f:
       for line in f:
         if line.startswith("flags"):
-          return "avx512f" in line.split()
+          return "avx512f" in line.split(":", 1)[-1].split()
   except OSError:
     pass
   return False
