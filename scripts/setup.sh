@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything ftjax needs into ./.venv on a fresh Debian machine with access to
 # the package registries only: the Fashion-MNIST Debian package, the Python packages
-# (pinned by constraints.txt), and the offline TFDS copy of fashion_mnist.
+# (pinned by constraints.txt), the oneDNN convolution kernels (built against Debian's
+# libdnnl-dev), and the offline TFDS copy of fashion_mnist.
 # Safe to re-run: every step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q -c constraints.txt -e ".[torch,test]"
   echo "$want" > "$stamp"
 fi
+
+# oneDNN convolutions for CPU (ftjax.models.onednn_conv): Debian libdnnl-dev + g++.
+bash scripts/build_native.sh
 
 # Builds TFDS's fashion_mnist from the Debian files once (no network).
 .venv/bin/python -m ftjax.data.prepare fashion_mnist

@@ -11,6 +11,7 @@ import pytest
 from jax import lax
 
 from ftjax.models import conv as conv_lib
+from ftjax.models import onednn_conv
 from ftjax.models.conv import conv2d
 
 SYMMETRIC = "symmetric"  # explicit ((k // 2, k // 2), (k // 2, k // 2)), as ResNet uses
@@ -94,6 +95,105 @@ def test_shifted_matches_lax_depthwise(k, stride, padding, hw):
                             hw=hw, channels=5)
 
 
+def test_onednn_kernels_are_built():
+  # scripts/setup.sh builds them; without them CPU convs fall back to XLA formulations.
+  assert onednn_conv.available(), onednn_conv.unavailable_reason()
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+@pytest.mark.parametrize("k,stride,padding,hw", FAST_CASES)
+def test_onednn_matches_lax(k, stride, padding, hw, depthwise):
+  _assert_matches_reference("onednn", k=k, stride=stride, padding=padding,
+                            depthwise=depthwise, hw=hw, channels=5 if depthwise else 3)
+
+
+@pytest.mark.parametrize("k,stride,padding,hw,channels,out_channels,groups", [
+    (3, 1, "SAME", (6, 6), 8, 12, 2),          # grouped
+    (3, 2, ((0, 2), (1, 0)), (7, 6), 6, 6, 3),  # grouped, asymmetric pads
+    (1, 2, "SAME", (5, 5), 4, 8, 4),           # depthwise with channel multiplier 2
+    (3, 2, ((0, 2), (1, 0)), (7, 6), 3, 4, 1),  # dense, asymmetric pads
+])
+def test_onednn_grouped_and_asymmetric_match_lax(k, stride, padding, hw, channels,
+                                                 out_channels, groups):
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(2, *hw, channels)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, channels // groups, out_channels)), jnp.float32)
+  strides = (stride, stride)
+
+  def loss(conv, a, b):
+    y = conv(a, b)
+    return jnp.sum(jnp.sin(y)), y
+
+  ref = lambda a, b: _reference(a, b, strides, padding, groups)
+  mine = lambda a, b: conv2d(a, b, strides=strides, padding=padding,
+                             feature_group_count=groups, impl="onednn")
+  (_, y0), g0 = jax.value_and_grad(lambda a, b: loss(ref, a, b), (0, 1), has_aux=True)(x, kernel)
+  (_, y1), g1 = jax.jit(jax.value_and_grad(lambda a, b: loss(mine, a, b), (0, 1),
+                                           has_aux=True))(x, kernel)
+  for a, b in zip((y0, *g0), (y1, *g1)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(jnp.abs(a).max()))
+
+
+def test_onednn_second_order_and_vmap_match_lax():
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(3, 2, 6, 6, 4)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)
+
+  def grad_norm(impl):
+    # Every derivative of the custom VJPs (data, weights, and their transposes).
+    def loss(a, k):
+      return jnp.sum(jnp.sin(conv2d(a, k, strides=(2, 2), impl=impl)))
+    def outer(a, k):
+      ga, gk = jax.grad(loss, (0, 1))(a, k)
+      return jnp.sum(ga ** 2) + jnp.sum(gk ** 2)
+    return jax.jit(jax.grad(outer, (0, 1)))(x[0], kernel)
+
+  for a, b in zip(grad_norm("xla"), grad_norm("onednn")):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(jnp.abs(a).max()))
+  batched = jax.jit(jax.vmap(lambda a: conv2d(a, kernel, impl="onednn")))(x)
+  np.testing.assert_allclose(
+      batched, jax.vmap(lambda a: _reference(a, kernel, (1, 1), "SAME", 1))(x),
+      rtol=1e-4, atol=1e-4)
+
+
+def test_onednn_errors_are_clear(monkeypatch):
+  x = jnp.zeros((1, 4, 4, 4), jnp.float16)
+  kernel = jnp.zeros((3, 3, 4, 4), jnp.float16)
+  with pytest.raises(TypeError, match="float32 only"):
+    conv2d(x, kernel, impl="onednn")
+  # Shapes the kernels do not agree with are refused by the C++ handler itself.
+  call = jax.ffi.ffi_call("ftjax_onednn_conv_forward",
+                          jax.ShapeDtypeStruct((1, 3, 3, 4), jnp.float32))
+  with pytest.raises(Exception, match="output size does not match"):
+    call(x.astype(jnp.float32), kernel.astype(jnp.float32), stride_h=np.int64(1),
+         stride_w=np.int64(1), pad_top=np.int64(1), pad_bottom=np.int64(1),
+         pad_left=np.int64(1), pad_right=np.int64(1), groups=np.int64(1))
+  # A missing library names the file and the build command.
+  monkeypatch.setenv("FTJAX_ONEDNN_LIBRARY", "/nonexistent/libftjax_onednn_conv.so")
+  reason = onednn_conv._register.__wrapped__()
+  assert "/nonexistent/libftjax_onednn_conv.so" in reason and "build_native.sh" in reason
+  monkeypatch.setattr(onednn_conv, "_register", lambda: reason)
+  assert not onednn_conv.available()
+  with pytest.raises(RuntimeError, match="build_native.sh"):
+    conv2d(x.astype(jnp.float32), kernel.astype(jnp.float32), impl="onednn")
+
+
+def test_auto_uses_onednn_for_float32_on_cpu(monkeypatch):
+  x = jnp.zeros((2, 4, 4, 8))
+  for kernel, groups in ((jnp.zeros((3, 3, 8, 8)), 1), (jnp.zeros((3, 3, 1, 8)), 8),
+                         (jnp.zeros((3, 3, 4, 8)), 2), (jnp.zeros((1, 1, 8, 8)), 1)):
+    assert conv_lib._auto_impl(x, kernel, groups, (4, 4)) == "onednn"
+  # Other dtypes keep the XLA-based rules; so does a host without the kernels.
+  assert conv_lib._auto_impl(x.astype(jnp.bfloat16), jnp.zeros((3, 3, 1, 8), jnp.bfloat16),
+                             8, (4, 4)) == "shifted"
+  monkeypatch.setenv("FTJAX_CONV_IMPL", "onednn")
+  assert conv_lib._auto_impl(x.astype(jnp.bfloat16), jnp.zeros((3, 3, 8, 8), jnp.bfloat16),
+                             1, (4, 4)) == "xla"
+  monkeypatch.delenv("FTJAX_CONV_IMPL")
+  monkeypatch.setattr(onednn_conv, "available", lambda: False)
+  assert conv_lib._auto_impl(x, jnp.zeros((3, 3, 1, 8)), 8, (4, 4)) == "shifted"
+
+
 @pytest.mark.parametrize("k,stride,padding,hw", [
     (3, 1, "SAME", (24, 24)),   # exactly DEPTHWISE_BATCH_FIRST_POSITIONS outputs
     (5, 2, "SAME", (50, 49)),   # 25x25 outputs, odd TF SAME pads
@@ -170,7 +270,9 @@ def test_jit_and_second_order_gradients_of_shifted():
 
 @pytest.mark.parametrize("avx512", [True, False])
 def test_auto_dispatch_choices_on_cpu(monkeypatch, avx512):
+  # The rules for hosts without the oneDNN kernels (and for non-float32 dtypes).
   assert jax.default_backend() == "cpu"
+  monkeypatch.setattr(onednn_conv, "available", lambda: False)
   monkeypatch.setattr(conv_lib, "_host_has_avx512", lambda: avx512)
   x_small = jnp.zeros((2, 4, 4, 8))
   x_big = jnp.zeros((2, 128, 128, 8))
@@ -217,6 +319,7 @@ def test_avx512_detection_parses_the_flags_line(tmp_path):
 
 
 def test_forcing_xla_by_context_and_environment(monkeypatch):
+  monkeypatch.setattr(onednn_conv, "available", lambda: False)
   x = jnp.zeros((1, 4, 4, 8))
   depthwise = jnp.zeros((3, 3, 1, 8))
   with conv_lib.conv_impl("xla"):
@@ -253,14 +356,15 @@ def test_bad_arguments_raise_clear_errors():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", ["matmul", "shifted"])
+@pytest.mark.parametrize("impl", ["matmul", "shifted", "onednn"])
 def test_full_grid_matches_lax(impl):
-  for k, stride, padding, size in itertools.product(
-      (1, 3, 5, 7), (1, 2), ("SAME", "VALID", SYMMETRIC), (1, 2, 3, 6, 7, 14)):
+  kinds = {"matmul": (False,), "shifted": (True,), "onednn": (False, True)}[impl]
+  for k, stride, padding, size, depthwise in itertools.product(
+      (1, 3, 5, 7), (1, 2), ("SAME", "VALID", SYMMETRIC), (1, 2, 3, 6, 7, 14), kinds):
     if padding == "VALID" and size < k:
       continue
     _assert_matches_reference(impl, k=k, stride=stride, padding=padding,
-                              depthwise=impl == "shifted", hw=(size, size + 1), channels=8,
+                              depthwise=depthwise, hw=(size, size + 1), channels=8,
                               out_channels=16)
 
 

@@ -4,18 +4,17 @@ The models call :func:`conv2d` instead of ``lax.conv_general_dilated`` so that t
 implementation can be chosen by platform and shape without touching the parameter
 layout (kernels stay HWIO, exactly as ``flax.linen.Conv`` stores them).
 
-Why: XLA:CPU runs some convolutions far below the machine's matmul peak. Two cases
-dominate fine-tuning steps on CPU (measured, see ``experiments/bench/README.md``):
-
-* convolutions on tiny spatial maps (a 3x3 kernel on a 2x2 map with 512 channels)
-  and their gradients take hundreds of milliseconds; written as patch extraction
-  plus one matrix multiply ("matmul") they run at matmul speed;
-* depthwise convolutions and their gradients run at well under 1 GFLOP/s; written
-  as a sum of shifted multiply-adds ("shifted", with a hand-written backward pass
-  that is again shifted multiply-adds) they are memory bound instead.
+Why: XLA:CPU runs convolutions well below the machine's matmul peak (measured, see
+``experiments/bench/README.md``): 3x3 convs at 70-160 GFLOP/s where oneDNN reaches
+180-210, convolutions on tiny spatial maps (a 3x3 kernel on a 2x2 map with 512
+channels) and their gradients at a few GFLOP/s, depthwise convolutions at under 1.
 
 Implementations:
 
+* ``"onednn"``: oneDNN (the library behind PyTorch's CPU convolutions) through XLA
+  FFI custom calls, forward and both gradients (:mod:`ftjax.models.onednn_conv`);
+  float32 on CPU, any strides, padding and groups. Needs the kernels built by
+  ``scripts/build_native.sh`` (``scripts/setup.sh`` does it).
 * ``"xla"``: ``lax.conv_general_dilated`` (always used on GPU/TPU under ``"auto"``).
 * ``"matmul"``: pad, gather the ``kh * kw`` shifted (strided) views, concatenate them
   along channels and multiply by the kernel reshaped to ``[kh * kw * cin, cout]``.
@@ -25,8 +24,9 @@ Implementations:
   ``out_channels == in_channels``) as ``sum_ij shift_ij(x) * w_ij`` with a
   ``jax.custom_vjp``: the weight gradient is one variadic reduction (an output per
   tap), the input gradient a correlation of the cotangent per stride phase.
-* ``"auto"``: the fastest measured choice for the platform and static shapes (see
-  the constants below for the rule).
+* ``"auto"``: on GPU/TPU ``"xla"``; on CPU ``"onednn"`` for float32 when it is
+  built, otherwise (and for other dtypes) the fastest of the XLA-based formulations
+  for the static shapes (see the constants below for the rule).
 
 ``FTJAX_CONV_IMPL=xla`` (environment, read at trace time) or the
 :func:`conv_impl` context manager forces one implementation wherever ``"auto"`` is
@@ -44,14 +44,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ftjax.models import onednn_conv
+
 Padding = str | Sequence[tuple[int, int]]
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-IMPLS = ("auto", "xla", "matmul", "shifted")
+IMPLS = ("auto", "xla", "matmul", "shifted", "onednn")
 
-# On CPU a dense conv uses "matmul" when it is 1x1, and otherwise while its patch
-# matrix takes at most MATMUL_MAX_PATCH_BYTES -- except, on CPUs with AVX-512, for
+# Without oneDNN (or for dtypes other than float32), on CPU a dense conv uses
+# "matmul" when it is 1x1, and otherwise while its patch matrix takes at most
+# MATMUL_MAX_PATCH_BYTES -- except, on CPUs with AVX-512, for
 # stride-1 convs with more than SMALL_IN_CHANNELS inputs on output maps of more than
 # SMALL_MAP_POSITIONS positions, which keep XLA's own convolution (YNNPACK). Measured
 # (forward + both gradients, experiments/bench/conv_formulations.py, README there):
@@ -273,6 +276,10 @@ def _is_depthwise(x, kernel, feature_group_count) -> bool:
   return feature_group_count == cin and kernel.shape[2] == 1 and kernel.shape[3] == cin
 
 
+def _onednn_dtypes(x, kernel) -> bool:
+  return x.dtype == jnp.float32 and kernel.dtype == jnp.float32
+
+
 def forced_impl() -> str:
   """The implementation forced by :func:`conv_impl` or ``FTJAX_CONV_IMPL`` ("auto" if none)."""
   if _forced_impl is not None and _forced_impl != "auto":
@@ -303,9 +310,13 @@ def _auto_impl(x, kernel, feature_group_count, out_hw, strides=(1, 1)) -> str:
       return "xla"
     if forced == "matmul" and feature_group_count != 1:
       return "xla"
+    if forced == "onednn" and not _onednn_dtypes(x, kernel):
+      return "xla"
     return forced
   if jax.default_backend() != "cpu":
     return "xla"
+  if _onednn_dtypes(x, kernel) and onednn_conv.available():
+    return "onednn"
   if _is_depthwise(x, kernel, feature_group_count) and x.shape[-1] > 1:
     return "shifted"
   if feature_group_count != 1:
@@ -340,8 +351,8 @@ def conv2d(
     padding: ``"SAME"`` (TensorFlow semantics: the extra pad goes at the end),
       ``"VALID"``, or explicit ``((top, bottom), (left, right))``.
     feature_group_count: ``in_channels`` for a depthwise convolution.
-    impl: ``"auto"`` (fastest for platform and shape), ``"xla"``, ``"matmul"``
-      (dense only) or ``"shifted"`` (depthwise only).
+    impl: ``"auto"`` (fastest for platform and shape), ``"onednn"`` (CPU, float32),
+      ``"xla"``, ``"matmul"`` (dense only) or ``"shifted"`` (depthwise only).
 
   Returns:
     ``[batch, out_height, out_width, out_channels]``.
@@ -373,6 +384,9 @@ def conv2d(
       raise ValueError(
           f"impl='matmul' supports feature_group_count=1 only; got {feature_group_count}")
     return _conv_matmul(x, kernel, strides, pads)
+  if impl == "onednn":
+    return onednn_conv.conv2d_onednn(
+        x, kernel, strides=strides, pads=pads, feature_group_count=feature_group_count)
   if impl == "shifted":
     if not _is_depthwise(x, kernel, feature_group_count):
       raise ValueError(

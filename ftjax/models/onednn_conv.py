@@ -1,0 +1,193 @@
+"""Convolutions on CPU through oneDNN, called from XLA as FFI custom calls.
+
+oneDNN is the library behind PyTorch's CPU convolutions. On the shapes of ResNet and
+EfficientNet fine-tuning steps it runs a convolution's forward pass and both
+gradients at 180-210 GFLOP/s where XLA:CPU's own convolutions reach 70-160 on the
+same machine (``experiments/bench/README.md``). The kernels live in
+``ftjax/native/onednn_conv.cc``; ``scripts/build_native.sh`` (run by
+``scripts/setup.sh``) compiles them against Debian's ``libdnnl-dev`` into
+``ftjax/native/_build/``. Without that library :func:`available` is False and
+:mod:`ftjax.models.conv` keeps its XLA-based formulations.
+
+:func:`conv2d_onednn` is differentiable to any order in reverse mode
+(``jax.custom_vjp``: the input gradient is oneDNN's backward-data convolution, the
+kernel gradient its backward-weights one, and their derivatives are again these
+three), float32 only, and batched under ``jax.vmap`` one element at a time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LIBRARY_NAME = "libftjax_onednn_conv.so"
+_BUILD_DIR = pathlib.Path(__file__).resolve().parent.parent / "native" / "_build"
+_TARGETS = {
+    "ftjax_onednn_conv_forward": "FtjaxOnednnConvForward",
+    "ftjax_onednn_conv_backward_data": "FtjaxOnednnConvBackwardData",
+    "ftjax_onednn_conv_backward_weights": "FtjaxOnednnConvBackwardWeights",
+}
+
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+
+def library_path() -> pathlib.Path:
+  """Where the compiled handlers are looked for (``FTJAX_ONEDNN_LIBRARY`` overrides)."""
+  return pathlib.Path(os.environ.get("FTJAX_ONEDNN_LIBRARY", _BUILD_DIR / LIBRARY_NAME))
+
+
+@functools.cache
+def _register() -> str | None:
+  """Loads the library and registers its FFI targets; returns why not, or None."""
+  path = library_path()
+  if not path.exists():
+    return f"{path} not built (run scripts/build_native.sh)"
+  # oneDNN runs on OpenMP threads while XLA runs other ops on its own threads. With
+  # GNU OpenMP's default (spinning) wait policy the idle OpenMP workers keep both
+  # cores busy between convolutions and XLA's ops starve: EfficientNet-Lite0's step
+  # at batch 32 / 224 px ran at 12.6 img/s spinning vs 26.5 passive. libgomp reads
+  # the policy once, when it is loaded (here, as libdnnl's dependency), so it is set
+  # only around the load and a caller's own OMP_WAIT_POLICY wins.
+  previous = os.environ.get("OMP_WAIT_POLICY")
+  os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+  try:
+    library = ctypes.cdll.LoadLibrary(str(path))
+  except OSError as e:
+    return f"cannot load {path}: {e}"
+  finally:
+    if previous is None:
+      del os.environ["OMP_WAIT_POLICY"]
+  for target, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(
+        target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+  return None
+
+
+def available() -> bool:
+  """Whether the oneDNN convolutions are built and loadable (CPU only)."""
+  return _register() is None
+
+
+def unavailable_reason() -> str | None:
+  """None when :func:`available`, else what is missing."""
+  return _register()
+
+
+def _attrs(strides, pads, groups) -> dict:
+  (sh, sw), ((pt, pb), (pl, pr)) = strides, pads
+  return dict(stride_h=np.int64(sh), stride_w=np.int64(sw), pad_top=np.int64(pt),
+              pad_bottom=np.int64(pb), pad_left=np.int64(pl), pad_right=np.int64(pr),
+              groups=np.int64(groups))
+
+
+def _call(target: str, out_shape, *operands, strides, pads, groups):
+  reason = _register()
+  if reason is not None:
+    raise RuntimeError(f"oneDNN convolutions unavailable: {reason}")
+  return jax.ffi.ffi_call(
+      target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")(
+          *operands, **_attrs(strides, pads, groups))
+
+
+def _out_hw(in_hw, kernel_hw, strides, pads) -> tuple[int, int]:
+  return tuple((size + lo + hi - k) // s + 1 for size, k, s, (lo, hi)
+               in zip(in_hw, kernel_hw, strides, pads))  # type: ignore[return-value]
+
+
+# The three convolutions are bilinear, and each one's derivatives are the other two,
+# so every order of reverse-mode derivative runs on oneDNN:
+#   y  = forward(x, k)            dx = backward_data(dy, k)    dk = backward_weights(x, dy)
+#   dx = backward_data(dy, k)     ddy = forward(ct, k)         dk = backward_weights(ct, dy)
+#   dk = backward_weights(x, dy)  dx = backward_data(dy, ct)   ddy = forward(x, ct)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _forward(x, kernel, strides, pads, groups):
+  out_hw = _out_hw(x.shape[1:3], kernel.shape[:2], strides, pads)
+  return _call("ftjax_onednn_conv_forward", (x.shape[0], *out_hw, kernel.shape[3]),
+               x, kernel, strides=strides, pads=pads, groups=groups)
+
+
+def _forward_fwd(x, kernel, strides, pads, groups):
+  return _forward(x, kernel, strides, pads, groups), (x, kernel)
+
+
+def _forward_bwd(strides, pads, groups, residuals, ct):
+  x, kernel = residuals
+  ct = ct.astype(jnp.float32)
+  return (_backward_data(ct, kernel, x.shape[1:3], strides, pads, groups),
+          _backward_weights(x, ct, kernel.shape, strides, pads, groups))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _backward_data(dy, kernel, in_hw, strides, pads, groups):
+  out_shape = (dy.shape[0], *in_hw, kernel.shape[2] * groups)
+  return _call("ftjax_onednn_conv_backward_data", out_shape, dy, kernel,
+               strides=strides, pads=pads, groups=groups)
+
+
+def _backward_data_fwd(dy, kernel, in_hw, strides, pads, groups):
+  return _backward_data(dy, kernel, in_hw, strides, pads, groups), (dy, kernel)
+
+
+def _backward_data_bwd(in_hw, strides, pads, groups, residuals, ct):
+  dy, kernel = residuals
+  ct = ct.astype(jnp.float32)
+  return (_forward(ct, kernel, strides, pads, groups),
+          _backward_weights(ct, dy, kernel.shape, strides, pads, groups))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _backward_weights(x, dy, kernel_shape, strides, pads, groups):
+  return _call("ftjax_onednn_conv_backward_weights", tuple(kernel_shape), x, dy,
+               strides=strides, pads=pads, groups=groups)
+
+
+def _backward_weights_fwd(x, dy, kernel_shape, strides, pads, groups):
+  return _backward_weights(x, dy, kernel_shape, strides, pads, groups), (x, dy)
+
+
+def _backward_weights_bwd(kernel_shape, strides, pads, groups, residuals, ct):
+  x, dy = residuals
+  ct = ct.astype(jnp.float32)
+  return (_backward_data(dy, ct, x.shape[1:3], strides, pads, groups),
+          _forward(x, ct, strides, pads, groups))
+
+
+_forward.defvjp(_forward_fwd, _forward_bwd)
+_backward_data.defvjp(_backward_data_fwd, _backward_data_bwd)
+_backward_weights.defvjp(_backward_weights_fwd, _backward_weights_bwd)
+
+
+def conv2d_onednn(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int],
+                  pads: Pads, feature_group_count: int = 1) -> jax.Array:
+  """NHWC x HWIO float32 convolution run by oneDNN (forward and gradients).
+
+  Args:
+    x: ``[batch, height, width, in_channels]`` float32.
+    kernel: ``[kh, kw, in_channels // feature_group_count, out_channels]`` float32.
+    strides: spatial strides.
+    pads: explicit ``((top, bottom), (left, right))`` padding.
+    feature_group_count: groups (``in_channels`` for a depthwise convolution).
+
+  Returns:
+    ``[batch, out_height, out_width, out_channels]``, equal to
+    ``lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=("NHWC",
+    "HWIO", "NHWC"), feature_group_count=...)`` up to float rounding.
+
+  Example::
+
+    y = conv2d_onednn(x, kernel, strides=(1, 1), pads=((1, 1), (1, 1)))
+  """
+  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+    raise TypeError(
+        f"conv2d_onednn is float32 only; got {x.dtype} input and {kernel.dtype} kernel")
+  strides = tuple(int(s) for s in strides)
+  pads = tuple(tuple(int(p) for p in pair) for pair in pads)
+  return _forward(x, kernel, strides, pads, int(feature_group_count))

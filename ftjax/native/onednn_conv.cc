@@ -1,0 +1,270 @@
+// XLA FFI handlers that run 2-D convolutions (forward, input gradient, kernel
+// gradient) with oneDNN on CPU, for ftjax.models.onednn_conv.
+//
+// Why: XLA:CPU's own convolutions (YNNPACK fusions, Eigen) reach 70-160 GFLOP/s on
+// the shapes of ResNet/EfficientNet fine-tuning steps where oneDNN -- the library
+// behind PyTorch's CPU convolutions -- reaches 180-210 GFLOP/s on the same machine
+// (experiments/bench/README.md).
+//
+// Layouts are those of ftjax's models: activations NHWC, kernels HWIO as flax stores
+// them ([kh, kw, in/groups, out], output channels group-major). Activations are
+// handed to oneDNN in place; kernels are reordered to and from oneDNN's preferred
+// blocked layout (small). Primitives are built once per shape and cached.
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dnnl::memory;
+using Dims = memory::dims;
+
+enum class Kind { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+
+struct Geometry {
+  int64_t n, h, w, c;        // input
+  int64_t oh, ow, o;         // output
+  int64_t kh, kw, groups;    // kernel
+  int64_t sh, sw, pt, pb, pl, pr;
+
+  auto key(Kind kind) const {
+    return std::make_tuple(static_cast<int>(kind), n, h, w, c, oh, ow, o, kh, kw, groups,
+                           sh, sw, pt, pb, pl, pr);
+  }
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// One cached plan per (kind, geometry): the primitive plus the reorders between
+// the caller's HWIO kernel and the primitive's kernel layout.
+struct Plan {
+  dnnl::primitive conv;
+  memory::desc weights_md;   // the primitive's kernel (or kernel gradient) layout
+  memory::desc user_weights_md;
+  bool reorder_weights = false;
+  dnnl::reorder weights_reorder;
+  memory::desc src_md, dst_md;
+  size_t scratchpad_bytes = 0;
+};
+
+Plan BuildPlan(Kind kind, const Geometry& g) {
+  auto& eng = Engine();
+  const auto f32 = memory::data_type::f32;
+  memory::desc src_md({g.n, g.c, g.h, g.w}, f32, memory::format_tag::nhwc);
+  memory::desc dst_md({g.n, g.o, g.oh, g.ow}, f32, memory::format_tag::nhwc);
+  Dims weights_dims;
+  memory::format_tag user_tag;
+  if (g.groups == 1) {
+    weights_dims = {g.o, g.c, g.kh, g.kw};
+    user_tag = memory::format_tag::hwio;
+  } else {
+    weights_dims = {g.groups, g.o / g.groups, g.c / g.groups, g.kh, g.kw};
+    user_tag = memory::format_tag::hwigo;
+  }
+  memory::desc any_weights_md(weights_dims, f32, memory::format_tag::any);
+  memory::desc user_weights_md(weights_dims, f32, user_tag);
+  Dims strides = {g.sh, g.sw}, pad_l = {g.pt, g.pl}, pad_r = {g.pb, g.pr};
+
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto fwd_desc = dnnl::convolution_forward::desc(
+      dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src_md,
+      any_weights_md, dst_md, strides, pad_l, pad_r);
+  auto fwd_pd = dnnl::convolution_forward::primitive_desc(fwd_desc, attr, eng);
+
+  Plan plan;
+  plan.src_md = src_md;
+  plan.dst_md = dst_md;
+  plan.user_weights_md = user_weights_md;
+  if (kind == Kind::kForward) {
+    plan.conv = dnnl::convolution_forward(fwd_pd);
+    plan.weights_md = fwd_pd.weights_desc();
+    plan.scratchpad_bytes = fwd_pd.scratchpad_desc().get_size();
+  } else if (kind == Kind::kBackwardData) {
+    auto desc = dnnl::convolution_backward_data::desc(
+        dnnl::algorithm::convolution_direct, src_md, any_weights_md, dst_md, strides,
+        pad_l, pad_r);
+    auto pd = dnnl::convolution_backward_data::primitive_desc(desc, attr, eng, fwd_pd);
+    plan.conv = dnnl::convolution_backward_data(pd);
+    plan.weights_md = pd.weights_desc();
+    plan.scratchpad_bytes = pd.scratchpad_desc().get_size();
+  } else {
+    auto desc = dnnl::convolution_backward_weights::desc(
+        dnnl::algorithm::convolution_direct, src_md, any_weights_md, dst_md, strides,
+        pad_l, pad_r);
+    auto pd = dnnl::convolution_backward_weights::primitive_desc(desc, attr, eng, fwd_pd);
+    plan.conv = dnnl::convolution_backward_weights(pd);
+    plan.weights_md = pd.diff_weights_desc();
+    plan.scratchpad_bytes = pd.scratchpad_desc().get_size();
+  }
+  plan.reorder_weights = plan.weights_md != user_weights_md;
+  if (plan.reorder_weights) {
+    plan.weights_reorder =
+        kind == Kind::kBackwardWeights
+            ? dnnl::reorder(dnnl::reorder::primitive_desc(eng, plan.weights_md, eng,
+                                                           user_weights_md))
+            : dnnl::reorder(dnnl::reorder::primitive_desc(eng, user_weights_md, eng,
+                                                           plan.weights_md));
+  }
+  return plan;
+}
+
+const Plan& GetPlan(Kind kind, const Geometry& g) {
+  static std::mutex mu;
+  static auto* plans = new std::map<decltype(g.key(kind)), std::unique_ptr<Plan>>();
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = (*plans)[g.key(kind)];
+  if (!slot) slot = std::make_unique<Plan>(BuildPlan(kind, g));
+  return *slot;
+}
+
+// Per-thread scratch (XLA may run two custom calls at once on its threads).
+struct Scratch {
+  std::vector<char> weights, pad;
+  void* Weights(size_t bytes) {
+    if (weights.size() < bytes) weights.resize(bytes);
+    return weights.data();
+  }
+  void* Pad(size_t bytes) {
+    if (pad.size() < bytes) pad.resize(bytes);
+    return pad.data();
+  }
+};
+Scratch& ThreadScratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
+
+ffi::Error Run(Kind kind, const Geometry& g, float* src, float* weights, float* dst) {
+  try {
+    const Plan& plan = GetPlan(kind, g);
+    auto& eng = Engine();
+    thread_local dnnl::stream stream(Engine());
+    Scratch& scratch = ThreadScratch();
+    memory src_mem(plan.src_md, eng, src), dst_mem(plan.dst_md, eng, dst);
+    memory user_weights(plan.user_weights_md, eng, weights);
+    memory weights_mem = plan.reorder_weights
+                             ? memory(plan.weights_md, eng,
+                                      scratch.Weights(plan.weights_md.get_size()))
+                             : user_weights;
+    memory pad_mem(memory::desc({static_cast<int64_t>(plan.scratchpad_bytes)},
+                                memory::data_type::u8, memory::format_tag::x),
+                   eng, scratch.Pad(plan.scratchpad_bytes));
+    if (kind == Kind::kForward) {
+      if (plan.reorder_weights)
+        plan.weights_reorder.execute(stream, user_weights, weights_mem);
+      plan.conv.execute(stream, {{DNNL_ARG_SRC, src_mem},
+                                 {DNNL_ARG_WEIGHTS, weights_mem},
+                                 {DNNL_ARG_DST, dst_mem},
+                                 {DNNL_ARG_SCRATCHPAD, pad_mem}});
+    } else if (kind == Kind::kBackwardData) {
+      if (plan.reorder_weights)
+        plan.weights_reorder.execute(stream, user_weights, weights_mem);
+      plan.conv.execute(stream, {{DNNL_ARG_DIFF_SRC, src_mem},
+                                 {DNNL_ARG_WEIGHTS, weights_mem},
+                                 {DNNL_ARG_DIFF_DST, dst_mem},
+                                 {DNNL_ARG_SCRATCHPAD, pad_mem}});
+    } else {
+      plan.conv.execute(stream, {{DNNL_ARG_SRC, src_mem},
+                                 {DNNL_ARG_DIFF_WEIGHTS, weights_mem},
+                                 {DNNL_ARG_DIFF_DST, dst_mem},
+                                 {DNNL_ARG_SCRATCHPAD, pad_mem}});
+      if (plan.reorder_weights)
+        plan.weights_reorder.execute(stream, weights_mem, user_weights);
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN convolution failed: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
+                        ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt,
+                        int64_t pb, int64_t pl, int64_t pr, int64_t groups, Geometry* g) {
+  if (x.size() != 4 || k.size() != 4 || y.size() != 4)
+    return ffi::Error::InvalidArgument("expected NHWC input/output and HWIO kernel");
+  *g = Geometry{x[0], x[1], x[2], x[3], y[1], y[2], y[3], k[0], k[1], groups,
+                sh, sw, pt, pb, pl, pr};
+  if (groups < 1 || g->c != k[2] * groups || g->o != k[3] || g->o % groups != 0 ||
+      y[0] != x[0])
+    return ffi::Error::InvalidArgument("inconsistent convolution shapes");
+  if ((g->h + pt + pb - g->kh) / sh + 1 != g->oh || (g->w + pl + pr - g->kw) / sw + 1 != g->ow)
+    return ffi::Error::InvalidArgument("output size does not match strides and padding");
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
+                       int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
+  Geometry g;
+  if (auto e = MakeGeometry(x.dimensions(), kernel.dimensions(), y->dimensions(), sh, sw,
+                            pt, pb, pl, pr, groups, &g);
+      !e.success())
+    return e;
+  return Run(Kind::kForward, g, x.typed_data(), kernel.typed_data(), y->typed_data());
+}
+
+ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
+                            ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw,
+                            int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                            int64_t groups) {
+  Geometry g;
+  if (auto e = MakeGeometry(dx->dimensions(), kernel.dimensions(), dy.dimensions(), sh, sw,
+                            pt, pb, pl, pr, groups, &g);
+      !e.success())
+    return e;
+  return Run(Kind::kBackwardData, g, dx->typed_data(), kernel.typed_data(),
+             dy.typed_data());
+}
+
+ffi::Error BackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                               ffi::ResultBuffer<ffi::F32> dkernel, int64_t sh, int64_t sw,
+                               int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                               int64_t groups) {
+  Geometry g;
+  if (auto e = MakeGeometry(x.dimensions(), dkernel->dimensions(), dy.dimensions(), sh, sw,
+                            pt, pb, pl, pr, groups, &g);
+      !e.success())
+    return e;
+  return Run(Kind::kBackwardWeights, g, x.typed_data(), dkernel->typed_data(),
+             dy.typed_data());
+}
+
+}  // namespace
+
+#define FTJAX_CONV_ATTRS                                                        \
+  .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_top") \
+      .Attr<int64_t>("pad_bottom").Attr<int64_t>("pad_left")                    \
+      .Attr<int64_t>("pad_right").Attr<int64_t>("groups")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxOnednnConvForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() FTJAX_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxOnednnConvBackwardData, BackwardDataImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() FTJAX_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxOnednnConvBackwardWeights, BackwardWeightsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() FTJAX_CONV_ATTRS);
