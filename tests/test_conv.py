@@ -183,6 +183,11 @@ def test_auto_uses_onednn_for_float32_on_cpu(monkeypatch):
   for kernel, groups in ((jnp.zeros((3, 3, 8, 8)), 1), (jnp.zeros((3, 3, 1, 8)), 8),
                          (jnp.zeros((3, 3, 4, 8)), 2), (jnp.zeros((1, 1, 8, 8)), 1)):
     assert conv_lib._auto_impl(x, kernel, groups, (4, 4)) == "onednn"
+  # Depthwise convs on tiny output maps stay "shifted" (faster there).
+  assert conv_lib._auto_impl(jnp.zeros((2, 3, 3, 8)), jnp.zeros((5, 5, 1, 8)), 8,
+                             (3, 3)) == "shifted"
+  assert conv_lib._auto_impl(jnp.zeros((2, 3, 3, 8)), jnp.zeros((3, 3, 8, 8)), 1,
+                             (3, 3)) == "onednn"
   # Other dtypes keep the XLA-based rules; so does a host without the kernels.
   assert conv_lib._auto_impl(x.astype(jnp.bfloat16), jnp.zeros((3, 3, 1, 8), jnp.bfloat16),
                              8, (4, 4)) == "shifted"

@@ -8,8 +8,9 @@ Each row times one jitted function that returns the input and weight gradients o
 step), for every formulation that can express the op; the formulations are run
 interleaved (round robin) so that machine load affects them alike. ``auto`` names what
 :func:`ftjax.models.conv.conv2d` picks for the shape on this platform, so a row whose
-fastest column is not the ``auto`` choice shows a threshold to revisit
-(``SMALL_MAP_POSITIONS`` / ``SMALL_IN_CHANNELS`` / ``MATMUL_MAX_PATCH_BYTES``). The shapes are the convolutions of
+fastest column is not the ``auto`` choice shows a rule to revisit (``onednn`` for
+float32 when built, else ``SMALL_MAP_POSITIONS`` / ``SMALL_IN_CHANNELS`` /
+``MATMUL_MAX_PATCH_BYTES``). The shapes are the convolutions of
 ResNet-18 at batch 32 / 112 px and batch 64 / 64 px, the stem max pool, and the
 depthwise convolutions of EfficientNet-Lite0 at batch 32 / 96 px (the issue-9 cases).
 """
@@ -26,6 +27,7 @@ import numpy as np
 
 from ftjax import host_memory
 from ftjax.models import conv as conv_lib
+from ftjax.models import onednn_conv
 from ftjax.models import pool as pool_lib
 
 # (label, batch, map size, in channels, out channels, kernel, stride); depthwise when
@@ -77,8 +79,11 @@ def main() -> None:
   rng = np.random.default_rng(0)
   print(f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPUs, "
         f"median of {args.repeats}, ms per forward + both gradients")
-  print("| op | shape (N, HxW, Cin -> Cout, k/s) | xla | matmul | shifted | auto picks |")
-  print("|---|---|---|---|---|---|")
+  onednn = onednn_conv.available()
+  if not onednn:
+    print(f"(no onednn column: {onednn_conv.unavailable_reason()})")
+  print("| op | shape (N, HxW, Cin -> Cout, k/s) | xla | matmul | shifted | onednn | auto picks |")
+  print("|---|---|---|---|---|---|---|")
   for label, n, hw, cin, cout, k, s in SHAPES:
     depthwise = cout is None
     x = jnp.asarray(rng.normal(size=(n, hw, hw, cin)), jnp.float32)
@@ -88,12 +93,13 @@ def main() -> None:
     pads = ((k // 2, k // 2), (k // 2, k // 2))
     y = conv_lib.conv2d(x, w, strides=(s, s), padding=pads, feature_group_count=groups, impl="xla")
     g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
-    impls = ("xla", "shifted") if depthwise else ("xla", "matmul")
+    impls = (("xla", "shifted") if depthwise else ("xla", "matmul")) + (
+        ("onednn",) if onednn else ())
     fns = {impl: _grad_fn(lambda x, w, impl=impl: conv_lib.conv2d(
         x, w, strides=(s, s), padding=pads, feature_group_count=groups, impl=impl)) for impl in impls}
     ms = _time_interleaved(fns, {impl: (x, w, g) for impl in impls}, args.repeats)
     auto = conv_lib._auto_impl(x, w, groups, y.shape[1:3], (s, s))  # pylint: disable=protected-access
-    cells = [f"{ms[i]:.1f}" if i in ms else "" for i in ("xla", "matmul", "shifted")]
+    cells = [f"{ms[i]:.1f}" if i in ms else "" for i in ("xla", "matmul", "shifted", "onednn")]
     shape = f"{n}, {hw}x{hw}, {cin} -> {cin if depthwise else cout}, {k}/{s}"
     print(f"| {label} | {shape} | " + " | ".join(cells) + f" | {auto} |", flush=True)
   for label, n, hw, c in POOLS:
@@ -102,7 +108,7 @@ def main() -> None:
     fns = {impl: _grad_fn(lambda x, w, impl=impl: pool_lib.max_pool(
         x, (3, 3), (2, 2), ((1, 1), (1, 1)), impl=impl) * w) for impl in ("xla", "shifted")}
     ms = _time_interleaved(fns, {i: (x, jnp.ones(()), g) for i in fns}, args.repeats)
-    print(f"| {label} | {n}, {hw}x{hw}, {c} | {ms['xla']:.1f} |  | {ms['shifted']:.1f} | "
+    print(f"| {label} | {n}, {hw}x{hw}, {c} | {ms['xla']:.1f} |  | {ms['shifted']:.1f} |  | "
           f"{'shifted' if jax.default_backend() == 'cpu' else 'xla'} |", flush=True)
 
 

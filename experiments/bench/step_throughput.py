@@ -23,6 +23,8 @@ import argparse
 import dataclasses
 import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -162,15 +164,38 @@ def time_torch_step(name: str, batch: int, size: int, *, warmup: int, steps: int
   return _median_time(step, warmup=warmup, steps=steps)
 
 
+_TORCH_RESULT = "torch_step_s="
+
+
+def time_torch_step_in_subprocess(name: str, batch: int, size: int, *, warmup: int,
+                                  steps: int, default_malloc: bool) -> float | None:
+  """:func:`time_torch_step` in a fresh interpreter (None if torch is not installed).
+
+  PyTorch and ftjax's oneDNN kernels both use GNU OpenMP, which reads its settings
+  once per process: ftjax loads it with a passive wait policy (see
+  ``ftjax.models.onednn_conv``), under which PyTorch's eager step is 5-40% slower
+  than with its default. A separate process times PyTorch as its users run it.
+  """
+  cmd = [sys.executable, "-m", "experiments.bench.step_throughput", "--torch-only",
+         "--model", name, "--batch", str(batch), "--size", str(size),
+         "--warmup", str(warmup), "--steps", str(steps)]
+  if default_malloc:
+    cmd.append("--default-malloc")
+  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  results = [line for line in done.stdout.splitlines() if line.startswith(_TORCH_RESULT)]
+  if done.returncode != 0 or not results:
+    raise RuntimeError(f"PyTorch step failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
+  value = results[-1][len(_TORCH_RESULT):]
+  return None if value == "unavailable" else float(value)
+
+
 def run_case(name: str, batch: int, size: int, *, warmup: int, steps: int,
-             torch_too: bool) -> Result:
+             torch_too: bool, default_malloc: bool = False) -> Result:
   jax_s, flops = time_jax_step(name, batch, size, warmup=warmup, steps=steps)
   torch_s = None
   if torch_too:
-    try:
-      torch_s = time_torch_step(name, batch, size, warmup=warmup, steps=steps)
-    except ImportError:
-      torch_s = None
+    torch_s = time_torch_step_in_subprocess(name, batch, size, warmup=warmup, steps=steps,
+                                            default_malloc=default_malloc)
   return Result(name, batch, size, jax_s, None if flops is None else flops / 1e9,
                 torch_s, os.getloadavg()[0])
 
@@ -204,11 +229,23 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--default-malloc", action="store_true",
                       help="leave glibc's malloc as it is instead of "
                            "host_memory.retain_freed_host_memory() (applies to both steps)")
+  parser.add_argument("--torch-only", action="store_true",
+                      help="time only the PyTorch step of --model/--batch/--size and print "
+                           f"{_TORCH_RESULT}SECONDS (used by the main run, one process per case)")
   args = parser.parse_args(argv)
   # Before anything runs: worker threads that already own a malloc arena keep it.
   retained = False if args.default_malloc else host_memory.retain_freed_host_memory()
   if args.steps < 1 or args.warmup < 0:
     raise ValueError(f"--steps must be >= 1 and --warmup >= 0; got {args.steps}, {args.warmup}")
+  if args.torch_only:
+    try:
+      seconds = time_torch_step(args.model, args.batch, args.size, warmup=args.warmup,
+                                steps=args.steps)
+    except ImportError:
+      print(f"{_TORCH_RESULT}unavailable")
+    else:
+      print(f"{_TORCH_RESULT}{seconds!r}")
+    return
 
   cases = CASES[args.cases] if args.cases else ((args.model, args.batch, args.size),)
   print(f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPUs, "
@@ -219,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
   with conv_lib.conv_impl(args.conv_impl):
     for name, batch, size in cases:
       result = run_case(name, batch, size, warmup=args.warmup, steps=args.steps,
-                        torch_too=not args.no_torch)
+                        torch_too=not args.no_torch, default_malloc=args.default_malloc)
       print(format_row(result), flush=True)
 
 

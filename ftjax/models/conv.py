@@ -64,6 +64,10 @@ IMPLS = ("auto", "xla", "matmul", "shifted", "onednn")
 # measurements XLA lost on large maps too (32x28x28: 89.2 ms vs 68.1 ms; 32x56x56:
 # 703 ms vs 262 ms).
 SMALL_MAP_POSITIONS = 7 * 7
+# With oneDNN, depthwise convs on output maps of fewer positions stay "shifted":
+# 5x5 on 32x3x3x1152 took 7.0 ms in oneDNN vs 4.6 shifted, while from 6x6 up oneDNN
+# wins (32x6x6x480 3x3: 0.9 vs 2.1 ms; conv_formulations bench, README there).
+ONEDNN_DEPTHWISE_MIN_POSITIONS = 4 * 4
 SMALL_IN_CHANNELS = 16
 MATMUL_MAX_PATCH_BYTES = 512 * 2**20
 # The "shifted" depthwise weight gradient reduces over the batch first when the
@@ -315,9 +319,11 @@ def _auto_impl(x, kernel, feature_group_count, out_hw, strides=(1, 1)) -> str:
     return forced
   if jax.default_backend() != "cpu":
     return "xla"
-  if _onednn_dtypes(x, kernel) and onednn_conv.available():
+  depthwise = _is_depthwise(x, kernel, feature_group_count) and x.shape[-1] > 1
+  tiny_depthwise = depthwise and out_hw[0] * out_hw[1] < ONEDNN_DEPTHWISE_MIN_POSITIONS
+  if _onednn_dtypes(x, kernel) and onednn_conv.available() and not tiny_depthwise:
     return "onednn"
-  if _is_depthwise(x, kernel, feature_group_count) and x.shape[-1] > 1:
+  if depthwise:
     return "shifted"
   if feature_group_count != 1:
     return "xla"
