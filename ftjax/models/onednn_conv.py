@@ -48,12 +48,14 @@ def _register() -> str | None:
   path = library_path()
   if not path.exists():
     return f"{path} not built (run scripts/build_native.sh)"
-  # oneDNN runs on OpenMP threads while XLA runs other ops on its own threads. With
-  # GNU OpenMP's default (spinning) wait policy the idle OpenMP workers keep both
-  # cores busy between convolutions and XLA's ops starve: EfficientNet-Lite0's step
-  # at batch 32 / 224 px ran at 12.6 img/s spinning vs 26.5 passive. libgomp reads
-  # the policy once, when it is loaded (here, as libdnnl's dependency), so it is set
-  # only around the load and a caller's own OMP_WAIT_POLICY wins.
+  # oneDNN runs on GNU OpenMP threads while XLA runs other ops on its own threads;
+  # spinning OpenMP workers can starve XLA's (one Lite0 b32/224 run: 12.6 img/s with
+  # the default policy vs 26.5 passive; later alternating runs showed no difference
+  # between passive and a 20,000-spin count, experiments/bench/README.md). libgomp
+  # reads the policy once, when it is first loaded (here, as libdnnl's dependency),
+  # so it is set only around the load and a caller's own OMP_WAIT_POLICY wins. If
+  # PyTorch (which ships its own libgomp.so.1) was imported first, libdnnl shares
+  # that runtime and its settings; if PyTorch comes later, it shares this one.
   previous = os.environ.get("OMP_WAIT_POLICY")
   os.environ.setdefault("OMP_WAIT_POLICY", "passive")
   try:
