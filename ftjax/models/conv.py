@@ -126,7 +126,8 @@ def resolve_padding(
   return pads  # type: ignore[return-value]
 
 
-def _output_hw(in_hw, kernel_hw, strides, pads) -> tuple[int, int]:
+def output_hw(in_hw, kernel_hw, strides, pads) -> tuple[int, int]:
+  """``(height, width)`` of a window op's output, for explicit ``((t, b), (l, r))`` pads."""
   return tuple(
       (size + lo + hi - k) // s + 1
       for size, k, s, (lo, hi) in zip(in_hw, kernel_hw, strides, pads))  # type: ignore[return-value]
@@ -152,7 +153,7 @@ def _pad_hw(x: jax.Array, pads: Pads) -> jax.Array:
 def _conv_matmul(x, kernel, strides, pads):
   """Dense conv as patch extraction + one matmul (autodiff gives matmul gradients)."""
   kh, kw, cin, cout = kernel.shape
-  out_hw = _output_hw(x.shape[1:3], (kh, kw), strides, pads)
+  out_hw = output_hw(x.shape[1:3], (kh, kw), strides, pads)
   xp = _pad_hw(x, pads)
   taps = [_tap(xp, i, j, strides, out_hw) for i in range(kh) for j in range(kw)]
   # Tap order (i, j, cin) matches kernel.reshape(kh * kw * cin, cout).
@@ -169,7 +170,7 @@ def _conv_matmul(x, kernel, strides, pads):
 def _depthwise_forward(x, w, strides, pads):
   """``y = sum_ij tap_ij(pad(x)) * w[i, j]`` with ``w`` of shape ``[kh, kw, c]``."""
   kh, kw, _ = w.shape
-  out_hw = _output_hw(x.shape[1:3], (kh, kw), strides, pads)
+  out_hw = output_hw(x.shape[1:3], (kh, kw), strides, pads)
   xp = _pad_hw(x, pads)
   y = None
   for i in range(kh):
@@ -378,7 +379,7 @@ def conv2d(
         f"feature_group_count {feature_group_count}")
   strides = tuple(int(s) for s in strides)
   pads = resolve_padding(padding, x.shape[1:3], kernel.shape[:2], strides)
-  out_hw = _output_hw(x.shape[1:3], kernel.shape[:2], strides, pads)
+  out_hw = output_hw(x.shape[1:3], kernel.shape[:2], strides, pads)
   if min(out_hw) < 1:
     raise ValueError(
         f"conv2d output would be empty: input {x.shape[1:3]}, kernel {kernel.shape[:2]}, "

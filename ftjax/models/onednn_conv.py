@@ -26,6 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# conv imports this module too; only conv_lib.output_hw is used, at trace time.
+from ftjax.models import conv as conv_lib
+
 LIBRARY_NAME = "libftjax_onednn_conv.so"
 _BUILD_DIR = pathlib.Path(__file__).resolve().parent.parent / "native" / "_build"
 _TARGETS = {
@@ -97,11 +100,6 @@ def _call(target: str, out_shape, *operands, strides, pads, groups):
           *operands, **_attrs(strides, pads, groups))
 
 
-def _out_hw(in_hw, kernel_hw, strides, pads) -> tuple[int, int]:
-  return tuple((size + lo + hi - k) // s + 1 for size, k, s, (lo, hi)
-               in zip(in_hw, kernel_hw, strides, pads))  # type: ignore[return-value]
-
-
 # The three convolutions are bilinear, and each one's derivatives are the other two,
 # so every order of reverse-mode derivative runs on oneDNN:
 #   y  = forward(x, k)            dx = backward_data(dy, k)    dk = backward_weights(x, dy)
@@ -111,7 +109,7 @@ def _out_hw(in_hw, kernel_hw, strides, pads) -> tuple[int, int]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _forward(x, kernel, strides, pads, groups):
-  out_hw = _out_hw(x.shape[1:3], kernel.shape[:2], strides, pads)
+  out_hw = conv_lib.output_hw(x.shape[1:3], kernel.shape[:2], strides, pads)
   return _call("ftjax_onednn_conv_forward", (x.shape[0], *out_hw, kernel.shape[3]),
                x, kernel, strides=strides, pads=pads, groups=groups)
 

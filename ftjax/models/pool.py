@@ -129,7 +129,7 @@ def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int] | N
   if any(max(pair) >= k for pair, k in zip(pads, window)):
     raise ValueError(f"max_pool padding {pads} must be smaller than the window {window}: "
                      "a window of padding only has no maximum")
-  out_hw = conv_lib._output_hw(x.shape[1:3], window, strides, pads)  # pylint: disable=protected-access
+  out_hw = conv_lib.output_hw(x.shape[1:3], window, strides, pads)
   if min(out_hw) < 1:
     raise ValueError(f"max_pool output would be empty: input {x.shape[1:3]}, window {window}, "
                      f"strides {strides}, padding {pads}")

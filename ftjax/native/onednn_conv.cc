@@ -11,7 +11,6 @@
 // handed to oneDNN in place; kernels are reordered to and from oneDNN's preferred
 // blocked layout (small). Primitives are built once per shape and cached.
 #include <cstdint>
-#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -163,28 +162,18 @@ ffi::Error Run(Kind kind, const Geometry& g, float* src, float* weights, float* 
     memory pad_mem(memory::desc({static_cast<int64_t>(plan.scratchpad_bytes)},
                                 memory::data_type::u8, memory::format_tag::x),
                    eng, scratch.Pad(plan.scratchpad_bytes));
-    if (kind == Kind::kForward) {
-      if (plan.reorder_weights)
-        plan.weights_reorder.execute(stream, user_weights, weights_mem);
-      plan.conv.execute(stream, {{DNNL_ARG_SRC, src_mem},
-                                 {DNNL_ARG_WEIGHTS, weights_mem},
-                                 {DNNL_ARG_DST, dst_mem},
-                                 {DNNL_ARG_SCRATCHPAD, pad_mem}});
-    } else if (kind == Kind::kBackwardData) {
-      if (plan.reorder_weights)
-        plan.weights_reorder.execute(stream, user_weights, weights_mem);
-      plan.conv.execute(stream, {{DNNL_ARG_DIFF_SRC, src_mem},
-                                 {DNNL_ARG_WEIGHTS, weights_mem},
-                                 {DNNL_ARG_DIFF_DST, dst_mem},
-                                 {DNNL_ARG_SCRATCHPAD, pad_mem}});
-    } else {
-      plan.conv.execute(stream, {{DNNL_ARG_SRC, src_mem},
-                                 {DNNL_ARG_DIFF_WEIGHTS, weights_mem},
-                                 {DNNL_ARG_DIFF_DST, dst_mem},
-                                 {DNNL_ARG_SCRATCHPAD, pad_mem}});
-      if (plan.reorder_weights)
-        plan.weights_reorder.execute(stream, weights_mem, user_weights);
-    }
+    // The three primitives take the same three tensors under different names; the
+    // kernel (gradient) is reordered before the call, or after it for backward-weights.
+    const bool kernel_is_output = kind == Kind::kBackwardWeights;
+    if (plan.reorder_weights && !kernel_is_output)
+      plan.weights_reorder.execute(stream, user_weights, weights_mem);
+    plan.conv.execute(
+        stream, {{kind == Kind::kBackwardData ? DNNL_ARG_DIFF_SRC : DNNL_ARG_SRC, src_mem},
+                 {kernel_is_output ? DNNL_ARG_DIFF_WEIGHTS : DNNL_ARG_WEIGHTS, weights_mem},
+                 {kind == Kind::kForward ? DNNL_ARG_DST : DNNL_ARG_DIFF_DST, dst_mem},
+                 {DNNL_ARG_SCRATCHPAD, pad_mem}});
+    if (plan.reorder_weights && kernel_is_output)
+      plan.weights_reorder.execute(stream, weights_mem, user_weights);
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN convolution failed: ") + e.what());
@@ -207,41 +196,27 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
   return ffi::Error::Success();
 }
 
-ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                       ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
-                       int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
+// One handler per kind, with the operands in the order the Python side passes them:
+//   forward(x, kernel) -> y,  backward_data(dy, kernel) -> dx,  backward_weights(x, dy) -> dkernel.
+template <Kind kind>
+ffi::Error Convolve(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                    ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw, int64_t pt,
+                    int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
+  float* x = kind == Kind::kBackwardData ? out->typed_data() : a.typed_data();
+  float* kernel = kind == Kind::kBackwardWeights ? out->typed_data() : b.typed_data();
+  float* y = kind == Kind::kForward            ? out->typed_data()
+             : kind == Kind::kBackwardData ? a.typed_data()
+                                           : b.typed_data();
+  auto x_dims = kind == Kind::kBackwardData ? out->dimensions() : a.dimensions();
+  auto kernel_dims = kind == Kind::kBackwardWeights ? out->dimensions() : b.dimensions();
+  auto y_dims = kind == Kind::kForward            ? out->dimensions()
+                : kind == Kind::kBackwardData ? a.dimensions()
+                                              : b.dimensions();
   Geometry g;
-  if (auto e = MakeGeometry(x.dimensions(), kernel.dimensions(), y->dimensions(), sh, sw,
-                            pt, pb, pl, pr, groups, &g);
+  if (auto e = MakeGeometry(x_dims, kernel_dims, y_dims, sh, sw, pt, pb, pl, pr, groups, &g);
       !e.success())
     return e;
-  return Run(Kind::kForward, g, x.typed_data(), kernel.typed_data(), y->typed_data());
-}
-
-ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
-                            ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw,
-                            int64_t pt, int64_t pb, int64_t pl, int64_t pr,
-                            int64_t groups) {
-  Geometry g;
-  if (auto e = MakeGeometry(dx->dimensions(), kernel.dimensions(), dy.dimensions(), sh, sw,
-                            pt, pb, pl, pr, groups, &g);
-      !e.success())
-    return e;
-  return Run(Kind::kBackwardData, g, dx->typed_data(), kernel.typed_data(),
-             dy.typed_data());
-}
-
-ffi::Error BackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                               ffi::ResultBuffer<ffi::F32> dkernel, int64_t sh, int64_t sw,
-                               int64_t pt, int64_t pb, int64_t pl, int64_t pr,
-                               int64_t groups) {
-  Geometry g;
-  if (auto e = MakeGeometry(x.dimensions(), dkernel->dimensions(), dy.dimensions(), sh, sw,
-                            pt, pb, pl, pr, groups, &g);
-      !e.success())
-    return e;
-  return Run(Kind::kBackwardWeights, g, x.typed_data(), dkernel->typed_data(),
-             dy.typed_data());
+  return Run(kind, g, x, kernel, y);
 }
 
 }  // namespace
@@ -251,20 +226,13 @@ ffi::Error BackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy
       .Attr<int64_t>("pad_bottom").Attr<int64_t>("pad_left")                    \
       .Attr<int64_t>("pad_right").Attr<int64_t>("groups")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxOnednnConvForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() FTJAX_CONV_ATTRS);
+#define FTJAX_CONV_HANDLER(name, kind)                                                 \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, Convolve<kind>,                                  \
+                                ffi::Ffi::Bind()                                       \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                      \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                      \
+                                    .Ret<ffi::Buffer<ffi::F32>>() FTJAX_CONV_ATTRS);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxOnednnConvBackwardData, BackwardDataImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() FTJAX_CONV_ATTRS);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxOnednnConvBackwardWeights, BackwardWeightsImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() FTJAX_CONV_ATTRS);
+FTJAX_CONV_HANDLER(FtjaxOnednnConvForward, Kind::kForward)
+FTJAX_CONV_HANDLER(FtjaxOnednnConvBackwardData, Kind::kBackwardData)
+FTJAX_CONV_HANDLER(FtjaxOnednnConvBackwardWeights, Kind::kBackwardWeights)
