@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ftjax.models.batch_norm import BatchNorm
 from ftjax.models.conv import Padding, conv2d
 
 # He-normal, fan-out: torchvision's ResNet conv initialisation.
@@ -82,7 +83,7 @@ class Conv(nn.Module):
 _BN_NAME = re.compile(r"(^|_)bn\d*$")
 
 
-def batch_norm(name: str, *, train: bool, epsilon: float) -> nn.BatchNorm:
+def batch_norm(name: str, *, train: bool, epsilon: float) -> BatchNorm:
   """BatchNorm with torch-equivalent momentum (flax 0.9 = torch 0.1).
 
   Every BatchNorm module name ends in ``bn`` plus an optional digit (``stem_bn``,
@@ -90,7 +91,7 @@ def batch_norm(name: str, *, train: bool, epsilon: float) -> nn.BatchNorm:
   """
   if not _BN_NAME.search(name):
     raise ValueError(f"BatchNorm module names must match {_BN_NAME.pattern!r}; got {name!r}")
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon, name=name)
+  return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon, name=name)
 
 
 def symmetric_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -76,6 +76,7 @@ import numpy as np
 from ftjax.losses.spottune import gumbel_softmax
 from ftjax.models.efficientnet_lite import (EFFICIENTNET_SPECS, LITE_MEAN, LITE_STD, EfficientNetSpec,
                                             MBConv)
+from ftjax.models.batch_norm import BatchNorm
 from ftjax.models.layers import Conv, head_kernel_init, normalize_pixels, symmetric_padding
 from ftjax.models.pool import max_pool
 from ftjax.models.resnet import IMAGENET_MEAN, IMAGENET_STD, RESNET_SPECS, ResidualBlock, ResNetSpec
@@ -135,7 +136,7 @@ class _Backbone(nn.Module):
   def setup(self):
     spec = self.spec
     eps = spec.bn_epsilon
-    bn = lambda: nn.BatchNorm(use_running_average=None, momentum=0.9, epsilon=eps)
+    bn = lambda: BatchNorm(use_running_average=None, momentum=0.9, epsilon=eps)
     if isinstance(spec, ResNetSpec):
       if spec.stem == "imagenet":
         self.stem_conv = Conv(spec.stem_width, (7, 7), (2, 2), symmetric_padding(7))
@@ -203,7 +204,7 @@ class PolicyNetwork(nn.Module):
       x = jax.image.resize(x, (x.shape[0], self.image_size, self.image_size, x.shape[3]), "linear",
                            antialias=True)
     x = Conv(self.width, (3, 3), padding=symmetric_padding(3), name="stem_conv")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=self.bn_epsilon,
+    x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=self.bn_epsilon,
                      name="stem_bn")(x)
     x = nn.relu(x)
     for i in range(self.depth):

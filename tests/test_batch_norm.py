@@ -1,0 +1,157 @@
+"""``batch_norm_train`` and ``BatchNorm`` against NumPy and against ``flax.linen.BatchNorm``."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax.models.batch_norm import BatchNorm, batch_norm_train
+
+EPS = 1e-3
+
+
+def _data(shape=(4, 5, 3, 6), seed=0, mean=1.5):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=shape).astype(np.float32) * 2.0 + mean
+  c = shape[-1]
+  return x, rng.normal(size=c).astype(np.float32), rng.normal(size=c).astype(np.float32)
+
+
+def _numpy_forward(x, scale, bias):
+  """Ioffe & Szegedy Algorithm 1 in float64."""
+  x = x.astype(np.float64)
+  axes = tuple(range(x.ndim - 1))
+  mean = x.mean(axes)
+  var = x.var(axes)  # biased
+  y = scale * (x - mean) / np.sqrt(var + EPS) + bias
+  return y, mean, var
+
+
+def _numpy_backward(x, scale, dy):
+  """The closed-form gradient (Ioffe & Szegedy Sec. 3) in float64, written independently."""
+  x, dy = x.astype(np.float64), dy.astype(np.float64)
+  axes = tuple(range(x.ndim - 1))
+  n = np.prod(x.shape[:-1])
+  mean, var = x.mean(axes), x.var(axes)
+  xhat = (x - mean) / np.sqrt(var + EPS)
+  dxhat = dy * scale
+  dvar = np.sum(dxhat * (x - mean), axes) * -0.5 * (var + EPS) ** -1.5
+  dmean = np.sum(-dxhat / np.sqrt(var + EPS), axes) + dvar * np.mean(-2.0 * (x - mean), axes)
+  dx = dxhat / np.sqrt(var + EPS) + dvar * 2.0 * (x - mean) / n + dmean / n
+  return dx, np.sum(dy * xhat, axes), np.sum(dy, axes)
+
+
+def _textbook(x, scale, bias):
+  """The same forward in plain JAX, differentiated by JAX itself."""
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axes)
+  var = jnp.mean(jnp.square(x - mean), axes)
+  return scale * (x - mean) * jax.lax.rsqrt(var + EPS) + bias, mean, var
+
+
+def test_forward_matches_numpy():
+  x, scale, bias = _data()
+  y, mean, var = jax.jit(lambda x, s, b: batch_norm_train(x, scale=s, bias=b, epsilon=EPS))(
+      x, scale, bias)
+  y_ref, mean_ref, var_ref = _numpy_forward(x, scale, bias)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(mean, mean_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(var, var_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mean", [0.0, 20.0])
+def test_gradients_match_numpy(mean):
+  # mean=20 (std 2): off-centre data. Much further out, E[x^2] - E[x]^2 (flax's
+  # variance, kept for identical statistics) loses float32 digits in any formulation.
+  x, scale, bias = _data(mean=mean)
+  dy = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+
+  def f(x, s, b):
+    return batch_norm_train(x, scale=s, bias=b, epsilon=EPS)[0]
+
+  _, vjp = jax.vjp(f, x, scale, bias)
+  dx, dscale, dbias = jax.jit(vjp)(jnp.asarray(dy))
+  dx_ref, dscale_ref, dbias_ref = _numpy_backward(x, scale, dy)
+  np.testing.assert_allclose(dx, dx_ref, rtol=2e-3, atol=2e-4)
+  np.testing.assert_allclose(dscale, dscale_ref, rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(dbias, dbias_ref, rtol=1e-5, atol=1e-4)
+
+
+def test_gradients_through_the_statistics_match_autodiff():
+  # Losses that use the returned mean and variance too (their cotangents reach dx).
+  x, scale, bias = _data()
+  w = np.random.default_rng(2).normal(size=x.shape).astype(np.float32)
+
+  def loss(fn, x, s, b):
+    y, mean, var = fn(x, s, b)
+    return jnp.sum(jnp.tanh(y) * w) + jnp.sum(mean ** 2 * s) + jnp.sum(jnp.sqrt(var) * b)
+
+  ours = jax.jit(jax.grad(lambda *a: loss(
+      lambda x, s, b: batch_norm_train(x, scale=s, bias=b, epsilon=EPS), *a), argnums=(0, 1, 2)))
+  ref = jax.grad(lambda *a: loss(_textbook, *a), argnums=(0, 1, 2))
+  for got, want in zip(ours(x, scale, bias), ref(x, scale, bias)):
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4)
+
+
+def test_second_order_matches_autodiff():
+  x, scale, bias = _data(shape=(3, 4, 5))
+  w = np.random.default_rng(3).normal(size=x.shape).astype(np.float32)
+
+  def gradient_penalty(fn, x, s, b):
+    gx = jax.grad(lambda x: jnp.sum(jnp.sin(fn(x, s, b)[0]) * w))(x)
+    return jnp.sum(gx ** 2)
+
+  ours = jax.grad(lambda *a: gradient_penalty(
+      lambda x, s, b: batch_norm_train(x, scale=s, bias=b, epsilon=EPS), *a), argnums=(0, 1, 2))
+  ref = jax.grad(lambda *a: gradient_penalty(_textbook, *a), argnums=(0, 1, 2))
+  for got, want in zip(ours(x, scale, bias), ref(x, scale, bias)):
+    np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-4)
+
+
+def test_vmap_is_per_element():
+  x, scale, bias = _data(shape=(3, 4, 5, 6))
+  batched = jax.vmap(lambda x: batch_norm_train(x, scale=scale, bias=bias, epsilon=EPS)[0])(x)
+  for i in range(3):
+    np.testing.assert_allclose(batched[i], _numpy_forward(x[i], scale, bias)[0],
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_module_matches_flax_batch_norm(train):
+  x, scale, bias = _data(shape=(8, 5, 5, 4))
+  ours = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=EPS)
+  theirs = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=EPS)
+  v_ours, v_theirs = ours.init(jax.random.key(0), x), theirs.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, v_ours) == jax.tree.map(jnp.shape, v_theirs)
+  np.testing.assert_array_equal(v_ours["batch_stats"]["var"], v_theirs["batch_stats"]["var"])
+  rng = np.random.default_rng(4)
+  variables = {"params": {"scale": scale[:4], "bias": bias[:4]},
+               "batch_stats": {"mean": rng.normal(size=4).astype(np.float32),
+                               "var": rng.uniform(0.5, 2, size=4).astype(np.float32)}}
+  y_ours, s_ours = ours.apply(variables, x, mutable=["batch_stats"])
+  y_theirs, s_theirs = theirs.apply(variables, x, mutable=["batch_stats"])
+  np.testing.assert_allclose(y_ours, y_theirs, rtol=1e-5, atol=1e-5)
+  for k in ("mean", "var"):
+    np.testing.assert_allclose(s_ours["batch_stats"][k], s_theirs["batch_stats"][k],
+                               rtol=1e-5, atol=1e-6)
+  if train:  # the statistics moved
+    assert not np.allclose(s_ours["batch_stats"]["mean"], variables["batch_stats"]["mean"])
+
+
+def test_use_running_average_at_call_time():
+  x, _, _ = _data(shape=(8, 4))
+  module = BatchNorm(momentum=0.9, epsilon=EPS)
+  variables = module.init(jax.random.key(0), x, use_running_average=False)
+  y = module.apply(variables, x, use_running_average=True)
+  np.testing.assert_allclose(y, x / np.sqrt(1 + EPS), rtol=1e-6)
+
+
+def test_bad_shapes_are_named():
+  x, scale, bias = _data()
+  with pytest.raises(ValueError, match=r"scale and bias must have shape \(6,\)"):
+    batch_norm_train(x, scale=scale[:3], bias=bias, epsilon=EPS)
+  with pytest.raises(ValueError, match="rank >= 2"):
+    batch_norm_train(x[0, 0, 0], scale=scale, bias=bias, epsilon=EPS)
