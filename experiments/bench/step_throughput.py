@@ -5,10 +5,14 @@ cross-entropy, backward, SGD with momentum 0.9. The JAX step is one ``jax.jit``
 with the state donated; its FLOPs come from XLA's cost analysis of the compiled
 step. The PyTorch step uses the reference modules of ``ftjax.testing.torch_models``
 in ``channels_last`` with ``torch.optim.SGD(momentum=0.9)`` and
-``torch.set_num_threads(os.cpu_count())``. Both are timed in the same run: median
-of ``--steps`` steps after ``--warmup`` untimed ones. Both run with freed host
-memory retained (``ftjax.host_memory``; ``--default-malloc`` turns that off), which
-stops XLA:CPU from page-faulting its large buffers in again on every step.
+``torch.set_num_threads(os.cpu_count())``, in its own process (see
+:func:`TorchWorker`). Both are timed in the same run and take turns: after
+``--warmup`` untimed steps each, ``--rounds`` rounds of ``--steps`` JAX steps then
+``--steps`` PyTorch steps, so a slow spell of a shared machine falls on both. The
+table gives the median over all timed steps of each, and the range of the per-round
+ratios. Both run with freed host memory retained (``ftjax.host_memory``;
+``--default-malloc`` turns that off), which stops XLA:CPU from page-faulting its
+large buffers in again on every step.
 
 Usage::
 
@@ -20,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import statistics
@@ -65,6 +70,7 @@ class Result:
   gflop: float | None
   torch_step_s: float | None
   load: float
+  round_ratios: tuple[float, ...] = ()  # JAX / PyTorch images/s, one per round
 
   @property
   def jax_images_per_s(self) -> float:
@@ -75,15 +81,18 @@ class Result:
     return None if self.torch_step_s is None else self.batch / self.torch_step_s
 
 
-def _median_time(step: Callable[[], None], *, warmup: int, steps: int) -> float:
-  for _ in range(warmup):
-    step()
+def _step_times(step: Callable[[], None], steps: int) -> list[float]:
   times = []
   for _ in range(steps):
     start = time.perf_counter()
     step()
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return times
+
+
+def _median_time(step: Callable[[], None], *, warmup: int, steps: int) -> float:
+  _step_times(step, warmup)
+  return statistics.median(_step_times(step, steps))
 
 
 def _flops(stage) -> float | None:
@@ -95,9 +104,8 @@ def _flops(stage) -> float | None:
   return float(analysis["flops"])
 
 
-def time_jax_step(name: str, batch: int, size: int, *, warmup: int, steps: int
-                  ) -> tuple[float, float | None]:
-  """Median seconds of one jitted training step and its FLOPs (XLA cost analysis)."""
+def build_jax_step(name: str, batch: int, size: int) -> tuple[Callable[[], None], float | None]:
+  """A compiled training step (called as ``step()``, blocks until done) and its FLOPs."""
   model = create_model(name, num_classes=NUM_CLASSES)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.uniform(0, 255, (batch, size, size, 3)), jnp.float32)
@@ -133,11 +141,18 @@ def time_jax_step(name: str, batch: int, size: int, *, warmup: int, steps: int
     holder[0], loss = compiled(holder[0], images, labels)
     loss.block_until_ready()
 
+  return step, flops
+
+
+def time_jax_step(name: str, batch: int, size: int, *, warmup: int, steps: int
+                  ) -> tuple[float, float | None]:
+  """Median seconds of one jitted training step and its FLOPs (XLA cost analysis)."""
+  step, flops = build_jax_step(name, batch, size)
   return _median_time(step, warmup=warmup, steps=steps), flops
 
 
-def time_torch_step(name: str, batch: int, size: int, *, warmup: int, steps: int) -> float:
-  """Median seconds of one eager PyTorch training step, channels_last."""
+def build_torch_step(name: str, batch: int, size: int) -> Callable[[], None]:
+  """One eager PyTorch training step, channels_last (raises ImportError without torch)."""
   import torch
 
   from ftjax.testing import torch_models
@@ -161,43 +176,102 @@ def time_torch_step(name: str, batch: int, size: int, *, warmup: int, steps: int
     loss.backward()
     optimizer.step()
 
-  return _median_time(step, warmup=warmup, steps=steps)
+  return step
+
+
+def time_torch_step(name: str, batch: int, size: int, *, warmup: int, steps: int) -> float:
+  """Median seconds of one eager PyTorch training step, channels_last."""
+  return _median_time(build_torch_step(name, batch, size), warmup=warmup, steps=steps)
 
 
 _TORCH_RESULT = "torch_step_s="
+_TORCH_TIMES = "torch_times="
 
 
-def time_torch_step_in_subprocess(name: str, batch: int, size: int, *, warmup: int,
-                                  steps: int, default_malloc: bool) -> float | None:
-  """:func:`time_torch_step` in a fresh interpreter (None if torch is not installed).
+class TorchWorker:
+  """The PyTorch step of one case, in its own interpreter, run on request.
 
   PyTorch and ftjax's oneDNN kernels both use GNU OpenMP, which reads its settings
   once per process: ftjax loads it with a passive wait policy (see
   ``ftjax.models.onednn_conv``), under which PyTorch's eager step is 5-40% slower
-  than with its default. A separate process times PyTorch as its users run it.
+  than with its default. A separate process times PyTorch as its users run it, and
+  staying alive between requests lets the two steps take turns.
   """
-  cmd = [sys.executable, "-m", "experiments.bench.step_throughput", "--torch-only",
-         "--model", name, "--batch", str(batch), "--size", str(size),
-         "--warmup", str(warmup), "--steps", str(steps)]
-  if default_malloc:
-    cmd.append("--default-malloc")
-  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  results = [line for line in done.stdout.splitlines() if line.startswith(_TORCH_RESULT)]
-  if done.returncode != 0 or not results:
-    raise RuntimeError(f"PyTorch step failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
-  value = results[-1][len(_TORCH_RESULT):]
-  return None if value == "unavailable" else float(value)
+
+  def __init__(self, name: str, batch: int, size: int, *, default_malloc: bool):
+    cmd = [sys.executable, "-m", "experiments.bench.step_throughput", "--torch-worker",
+           "--model", name, "--batch", str(batch), "--size", str(size)]
+    if default_malloc:
+      cmd.append("--default-malloc")
+    self._cmd = " ".join(cmd)
+    self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+    self.available = self._reply() != "unavailable"
+
+  def _reply(self) -> str:
+    for line in self._proc.stdout:
+      if line.startswith(_TORCH_TIMES):
+        return line[len(_TORCH_TIMES):].strip()
+    self._proc.wait()
+    raise RuntimeError(f"PyTorch worker failed ({self._cmd}):\n{self._proc.stderr.read()[-3000:]}")
+
+  def step_times(self, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` consecutive steps (0 steps: just a round trip)."""
+    self._proc.stdin.write(f"{steps}\n")
+    self._proc.stdin.flush()
+    reply = self._reply()
+    return [float(t) for t in reply.split(",")] if reply else []
+
+  def close(self) -> None:
+    if self._proc.poll() is None:
+      self._proc.stdin.close()
+      self._proc.wait(timeout=60)
+
+  def __enter__(self) -> "TorchWorker":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
-def run_case(name: str, batch: int, size: int, *, warmup: int, steps: int,
+def _serve_torch_steps(name: str, batch: int, size: int) -> None:
+  """``--torch-worker``: build the step, then run ``N`` steps per line read from stdin."""
+  try:
+    step = build_torch_step(name, batch, size)
+  except ImportError:
+    print(f"{_TORCH_TIMES}unavailable", flush=True)
+    return
+  print(_TORCH_TIMES, flush=True)  # ready
+  for line in sys.stdin:
+    times = _step_times(step, int(line))
+    print(_TORCH_TIMES + ",".join(repr(t) for t in times), flush=True)
+
+
+def run_case(name: str, batch: int, size: int, *, warmup: int, steps: int, rounds: int = 3,
              torch_too: bool, default_malloc: bool = False) -> Result:
-  jax_s, flops = time_jax_step(name, batch, size, warmup=warmup, steps=steps)
-  torch_s = None
-  if torch_too:
-    torch_s = time_torch_step_in_subprocess(name, batch, size, warmup=warmup, steps=steps,
-                                            default_malloc=default_malloc)
-  return Result(name, batch, size, jax_s, None if flops is None else flops / 1e9,
-                torch_s, os.getloadavg()[0])
+  """Times both steps, taking turns: ``rounds`` x (``steps`` JAX, ``steps`` PyTorch)."""
+  jax_step, flops = build_jax_step(name, batch, size)
+  jax_times, torch_times, ratios = [], [], []
+  with contextlib.ExitStack() as stack:
+    worker = None
+    if torch_too:
+      worker = stack.enter_context(TorchWorker(name, batch, size, default_malloc=default_malloc))
+      if not worker.available:
+        worker = None
+    _step_times(jax_step, warmup)
+    if worker:
+      worker.step_times(warmup)
+    for _ in range(rounds):
+      jax_round = _step_times(jax_step, steps)
+      jax_times += jax_round
+      if worker:
+        torch_round = worker.step_times(steps)
+        torch_times += torch_round
+        ratios.append(statistics.median(torch_round) / statistics.median(jax_round))
+  return Result(name, batch, size, statistics.median(jax_times),
+                None if flops is None else flops / 1e9,
+                statistics.median(torch_times) if torch_times else None,
+                os.getloadavg()[0], tuple(ratios))
 
 
 def format_row(r: Result) -> str:
@@ -205,12 +279,16 @@ def format_row(r: Result) -> str:
   torch_ips = "n/a" if r.torch_images_per_s is None else f"{r.torch_images_per_s:8.1f}"
   ratio = ("n/a" if r.torch_images_per_s is None
            else f"{r.jax_images_per_s / r.torch_images_per_s:5.2f}x")
+  spread = (f"{min(r.round_ratios):.2f}-{max(r.round_ratios):.2f}" if r.round_ratios
+            else "n/a")
   return (f"| {r.model:18s} | {r.batch:5d} | {r.size:4d} | {r.jax_images_per_s:8.1f} | "
-          f"{gflops:>7s} | {torch_ips:>8s} | {ratio:>6s} | {r.load:4.1f} |")
+          f"{gflops:>7s} | {torch_ips:>10s} | {ratio:>6s} | {spread:>12s} | {r.load:4.1f} |")
 
 
-HEADER = ("| model              | batch | size | jax im/s | GFLOP/s | torch im/s | ratio | load |\n"
-          "|--------------------|-------|------|----------|---------|------------|-------|------|")
+HEADER = ("| model              | batch | size | jax im/s | GFLOP/s | torch im/s | ratio  "
+          "| round ratios | load |\n"
+          "|--------------------|-------|------|----------|---------|------------|--------"
+          "|--------------|------|")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -220,7 +298,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--size", type=int, default=112)
   parser.add_argument("--cases", choices=sorted(CASES), default=None,
                       help="run a named set of (model, batch, size) cases instead")
-  parser.add_argument("--steps", type=int, default=15, help="timed steps (median)")
+  parser.add_argument("--steps", type=int, default=15, help="timed steps per round")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="rounds of --steps JAX then --steps PyTorch steps (median of all)")
   parser.add_argument("--warmup", type=int, default=10,
                       help="untimed steps first (the retained heap settles within ~10)")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch step")
@@ -231,12 +311,17 @@ def main(argv: list[str] | None = None) -> None:
                            "host_memory.retain_freed_host_memory() (applies to both steps)")
   parser.add_argument("--torch-only", action="store_true",
                       help="time only the PyTorch step of --model/--batch/--size and print "
-                           f"{_TORCH_RESULT}SECONDS (used by the main run, one process per case)")
+                           f"{_TORCH_RESULT}SECONDS (median of --steps after --warmup)")
+  parser.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   # Before anything runs: worker threads that already own a malloc arena keep it.
   retained = False if args.default_malloc else host_memory.retain_freed_host_memory()
-  if args.steps < 1 or args.warmup < 0:
-    raise ValueError(f"--steps must be >= 1 and --warmup >= 0; got {args.steps}, {args.warmup}")
+  if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+    raise ValueError("--steps and --rounds must be >= 1 and --warmup >= 0; got "
+                     f"{args.steps}, {args.rounds}, {args.warmup}")
+  if args.torch_worker:
+    _serve_torch_steps(args.model, args.batch, args.size)
+    return
   if args.torch_only:
     try:
       seconds = time_torch_step(args.model, args.batch, args.size, warmup=args.warmup,
@@ -250,13 +335,14 @@ def main(argv: list[str] | None = None) -> None:
   cases = CASES[args.cases] if args.cases else ((args.model, args.batch, args.size),)
   print(f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPUs, "
         f"conv impl {args.conv_impl!r} (FTJAX_CONV_IMPL={os.environ.get('FTJAX_CONV_IMPL')}), "
-        f"median of {args.steps} steps, freed host memory "
+        f"{args.rounds} rounds of {args.steps} steps each (JAX then PyTorch), freed host memory "
         f"{'retained' if retained else 'returned to the OS (default malloc)'}", flush=True)
   print(HEADER, flush=True)
   with conv_lib.conv_impl(args.conv_impl):
     for name, batch, size in cases:
       result = run_case(name, batch, size, warmup=args.warmup, steps=args.steps,
-                        torch_too=not args.no_torch, default_malloc=args.default_malloc)
+                        rounds=args.rounds, torch_too=not args.no_torch,
+                        default_malloc=args.default_malloc)
       print(format_row(result), flush=True)
 
 
