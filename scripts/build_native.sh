@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Builds ftjax's oneDNN convolution kernels (ftjax/native/onednn_conv.cc) into
-# ftjax/native/_build/libftjax_onednn_conv.so, against Debian's libdnnl-dev and the
-# XLA FFI headers of the installed jaxlib. Run by scripts/setup.sh; safe to re-run
-# (skipped when the source, the compiler flags and jaxlib are unchanged).
+# Builds ftjax's CPU kernels into ftjax/native/_build/ against the XLA FFI headers of
+# the installed jaxlib:
+#   ftjax/native/onednn_conv.cc  -> libftjax_onednn_conv.so  (convolutions, Debian's libdnnl-dev)
+#   ftjax/native/max_pool.cc     -> libftjax_max_pool.so     (max-pool gradient, OpenMP)
+# Run by scripts/setup.sh; safe to re-run (a library is skipped when its source, the
+# compiler flags, jaxlib and libdnnl are unchanged).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=${PYTHON:-.venv/bin/python}
-src=ftjax/native/onednn_conv.cc
 out_dir=ftjax/native/_build
-out=$out_dir/libftjax_onednn_conv.so
 
 missing=()
 dpkg -s libdnnl-dev >/dev/null 2>&1 || missing+=(libdnnl-dev)
@@ -24,16 +24,24 @@ fi
 
 include=$("$python" -c "import jax; print(jax.ffi.include_dir())")
 flags="-O2 -std=c++17 -fPIC -shared -Wno-attributes"
-stamp="$out_dir/.stamp"
-want="$( (cat "$src"; echo "$flags"; "$python" -c "import jaxlib; print(jaxlib.__version__)"; \
-          dpkg -s libdnnl-dev | grep '^Version') | sha256sum | cut -d' ' -f1)"
-if [ -f "$out" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  exit 0
-fi
+versions="$("$python" -c "import jaxlib; print(jaxlib.__version__)"; dpkg -s libdnnl-dev | grep '^Version')"
 mkdir -p "$out_dir"
-echo "[build_native] compiling $src"
-# Compile next to the target and rename, so a running process never loads half a file.
-g++ $flags -isystem "$include" "$src" -o "$out.tmp.$$" -ldnnl
-mv -f "$out.tmp.$$" "$out"
-echo "$want" > "$stamp"
-echo "[build_native] built $out"
+
+build() {  # build NAME LIBS...: ftjax/native/NAME.cc -> $out_dir/libftjax_NAME.so
+  local name=$1; shift
+  local src=ftjax/native/$name.cc out=$out_dir/libftjax_$name.so stamp=$out_dir/.stamp_$name
+  local want
+  want="$( (cat "$src"; echo "$flags $*"; echo "$versions") | sha256sum | cut -d' ' -f1)"
+  if [ -f "$out" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return 0
+  fi
+  echo "[build_native] compiling $src"
+  # Compile next to the target and rename, so a running process never loads half a file.
+  g++ $flags -isystem "$include" "$src" -o "$out.tmp.$$" "$@"
+  mv -f "$out.tmp.$$" "$out"
+  echo "$want" > "$stamp"
+  echo "[build_native] built $out"
+}
+
+build onednn_conv -ldnnl
+build max_pool -fopenmp

@@ -17,7 +17,6 @@ three), float32 only, and batched under ``jax.vmap`` one element at a time.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import pathlib
@@ -28,9 +27,9 @@ import numpy as np
 
 # conv imports this module too; only conv_lib.output_hw is used, at trace time.
 from ftjax.models import conv as conv_lib
+from ftjax.models import native
 
 LIBRARY_NAME = "libftjax_onednn_conv.so"
-_BUILD_DIR = pathlib.Path(__file__).resolve().parent.parent / "native" / "_build"
 _TARGETS = {
     "ftjax_onednn_conv_forward": "FtjaxOnednnConvForward",
     "ftjax_onednn_conv_backward_data": "FtjaxOnednnConvBackwardData",
@@ -42,7 +41,7 @@ Pads = tuple[tuple[int, int], tuple[int, int]]
 
 def library_path() -> pathlib.Path:
   """Where the compiled handlers are looked for (``FTJAX_ONEDNN_LIBRARY`` overrides)."""
-  return pathlib.Path(os.environ.get("FTJAX_ONEDNN_LIBRARY", _BUILD_DIR / LIBRARY_NAME))
+  return pathlib.Path(os.environ.get("FTJAX_ONEDNN_LIBRARY", native.BUILD_DIR / LIBRARY_NAME))
 
 
 @functools.cache
@@ -51,23 +50,10 @@ def _register() -> str | None:
   path = library_path()
   if not path.exists():
     return f"{path} not built (run scripts/build_native.sh)"
-  # oneDNN runs on GNU OpenMP threads while XLA runs other ops on its own threads;
-  # spinning OpenMP workers can starve XLA's (one Lite0 b32/224 run: 12.6 img/s with
-  # the default policy vs 26.5 passive; later alternating runs showed no difference
-  # between passive and a 20,000-spin count, experiments/bench/README.md). libgomp
-  # reads the policy once, when it is first loaded (here, as libdnnl's dependency),
-  # so it is set only around the load and a caller's own OMP_WAIT_POLICY wins. If
-  # PyTorch (which ships its own libgomp.so.1) was imported first, libdnnl shares
-  # that runtime and its settings; if PyTorch comes later, it shares this one.
-  previous = os.environ.get("OMP_WAIT_POLICY")
-  os.environ.setdefault("OMP_WAIT_POLICY", "passive")
   try:
-    library = ctypes.cdll.LoadLibrary(str(path))
+    library = native.load_library(path)
   except OSError as e:
     return f"cannot load {path}: {e}"
-  finally:
-    if previous is None:
-      del os.environ["OMP_WAIT_POLICY"]
   for target, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(
         target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")

@@ -14,9 +14,15 @@ Ties follow XLA's ``select_and_scatter`` with ``>=`` (what JAX's ``reduce_window
 gradient uses): the cotangent of a window goes to its first maximum in row-major window
 order, so gradients equal ``flax.linen.max_pool``'s exactly, ties included.
 
-``impl="auto"`` uses the shifted formulation on CPU and ``reduce_window`` elsewhere;
-``FTJAX_CONV_IMPL=xla`` (or :func:`ftjax.models.conv.conv_impl` ``("xla")``) forces
-``reduce_window``, as for the convolutions.
+``impl="native"`` computes the same gradient in one pass with a CPU kernel
+(``ftjax/native/max_pool.cc``, built by ``scripts/build_native.sh``; float32).
+``impl="auto"`` uses it on CPU when built and ``reduce_window`` otherwise. The
+shifted formulation is no longer chosen automatically: jitted inside ResNet-18
+(b4, 48 px) it gave the stem 40-75% wrong gradients against float64, while it
+matches flax on isolated pools (cause not found;
+``tests/test_conv.py::test_resnet18_step_gradients_match_float64``); ``FTJAX_CONV_IMPL=xla`` (or
+:func:`ftjax.models.conv.conv_impl` ``("xla")``) forces ``reduce_window``, as for the
+convolutions.
 """
 
 from __future__ import annotations
@@ -25,12 +31,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 import flax.linen as nn
 
 from ftjax.models import conv as conv_lib
+from ftjax.models import native
 
-POOL_IMPLS = ("auto", "xla", "shifted")
+POOL_IMPLS = ("auto", "xla", "shifted", "native")
+
+LIBRARY = native.KernelLibrary("libftjax_max_pool.so", "FTJAX_MAX_POOL_LIBRARY",
+                               {"ftjax_max_pool_backward": "FtjaxMaxPoolBackward"})
 
 
 def _pad_neg_inf(x, pads):
@@ -100,6 +111,49 @@ def _max_pool_shifted_bwd(window, strides, pads, residuals, g):
 _max_pool_shifted.defvjp(_max_pool_shifted_fwd, _max_pool_shifted_bwd)
 
 
+# The native gradient: g -> dx is linear in g (a scatter to each window's first
+# maximum); its own derivatives come from the shifted formulation's, which computes
+# the same function in XLA ops (slower, but only reached by second-order gradients).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _native_backward(x, y, g, window, strides, pads):
+  reason = LIBRARY.unavailable_reason()
+  if reason is not None:
+    raise RuntimeError(f"native max-pool gradient unavailable: {reason}")
+  (kh, kw), (sh, sw), ((pt, _), (pl, _)) = window, strides, pads
+  return jax.ffi.ffi_call(
+      "ftjax_max_pool_backward", jax.ShapeDtypeStruct(x.shape, x.dtype),
+      vmap_method="sequential")(
+          x, g, window_h=np.int64(kh), window_w=np.int64(kw), stride_h=np.int64(sh),
+          stride_w=np.int64(sw), pad_top=np.int64(pt), pad_left=np.int64(pl))
+
+
+def _native_backward_fwd(x, y, g, window, strides, pads):
+  return _native_backward(x, y, g, window, strides, pads), (x, y, g)
+
+
+def _native_backward_bwd(window, strides, pads, residuals, ct):
+  x, y, g = residuals
+  _, vjp = jax.vjp(lambda x, y, g: _max_pool_shifted_bwd(window, strides, pads, (x, y), g)[0],
+                   x, y, g)
+  return vjp(ct)
+
+
+_native_backward.defvjp(_native_backward_fwd, _native_backward_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_native(x, window, strides, pads):
+  return _forward(x, window, strides, pads)
+
+
+def _max_pool_native_bwd(window, strides, pads, residuals, g):
+  x, y = residuals
+  return (_native_backward(x, y, g, window, strides, pads),)
+
+
+_max_pool_native.defvjp(_max_pool_shifted_fwd, _max_pool_native_bwd)
+
+
 def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int] | None = None,
              padding: conv_lib.Padding = "VALID", *, impl: str = "auto") -> jax.Array:
   """NHWC max pooling, padded with -inf (as ``flax.linen.max_pool`` and torch's MaxPool2d).
@@ -109,8 +163,8 @@ def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int] | N
     window: pooling window ``(kh, kw)``.
     strides: ``(sh, sw)`` (default ``(1, 1)``).
     padding: ``"SAME"``, ``"VALID"`` or ``((top, bottom), (left, right))``.
-    impl: ``"auto"`` (shifted on CPU, ``reduce_window`` elsewhere), ``"xla"`` or
-      ``"shifted"``.
+    impl: ``"auto"`` (``"native"`` on CPU for float32 when built, else
+      ``reduce_window``), ``"xla"``, ``"shifted"`` or ``"native"``.
 
   Returns:
     ``[batch, out_height, out_width, channels]``.
@@ -134,7 +188,18 @@ def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int] | N
     raise ValueError(f"max_pool output would be empty: input {x.shape[1:3]}, window {window}, "
                      f"strides {strides}, padding {pads}")
   if impl == "auto":
-    impl = "xla" if (jax.default_backend() != "cpu" or conv_lib.forced_impl() == "xla") else "shifted"
+    if jax.default_backend() != "cpu" or conv_lib.forced_impl() == "xla":
+      impl = "xla"
+    elif x.dtype == jnp.float32 and LIBRARY.available():
+      impl = "native"
+    else:
+      # Not "shifted": jitted inside ResNet-18 it gave wrong stem gradients
+      # (test_resnet18_step_gradients_match_float64); the cause is not found yet.
+      impl = "xla"
   if impl == "xla":
     return nn.max_pool(x, window, strides, padding=pads)
+  if impl == "native":
+    if x.dtype != jnp.float32:
+      raise TypeError(f"the native max-pool gradient is float32 only; got {x.dtype}")
+    return _max_pool_native(x, window, strides, pads)
   return _max_pool_shifted(x, window, strides, pads)
