@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -11,6 +12,7 @@ import pytest
 from jax import lax
 
 from ftjax.models import conv as conv_lib
+from ftjax.models import native
 from ftjax.models import onednn_conv
 from ftjax.models.conv import conv2d
 
@@ -170,9 +172,11 @@ def test_onednn_errors_are_clear(monkeypatch):
          pad_left=np.int64(1), pad_right=np.int64(1), groups=np.int64(1))
   # A missing library names the file and the build command.
   monkeypatch.setenv("FTJAX_ONEDNN_LIBRARY", "/nonexistent/libftjax_onednn_conv.so")
-  reason = onednn_conv._register.__wrapped__()
+  fresh = native.KernelLibrary(onednn_conv.LIBRARY.name, onednn_conv.LIBRARY.env_var,
+                              onednn_conv.LIBRARY.targets)
+  reason = fresh.unavailable_reason()
   assert "/nonexistent/libftjax_onednn_conv.so" in reason and "build_native.sh" in reason
-  monkeypatch.setattr(onednn_conv, "_register", lambda: reason)
+  monkeypatch.setattr(onednn_conv, "LIBRARY", fresh)
   assert not onednn_conv.available()
   with pytest.raises(RuntimeError, match="build_native.sh"):
     conv2d(x.astype(jnp.float32), kernel.astype(jnp.float32), impl="onednn")
@@ -435,12 +439,12 @@ def test_max_pool_dispatch_and_errors(monkeypatch):
     pool_lib.max_pool(x.astype(jnp.bfloat16), (2, 2), impl="native")
   # The C++ handler checks shapes too (g that does not fit x).
   with pytest.raises(Exception, match="does not fit"):
-    pool_lib._native_backward(  # pylint: disable=protected-access
-        x, None, jnp.ones((1, 9, 9, 2)), (2, 2), (1, 1), ((0, 0), (0, 0))).block_until_ready()
+    pool_lib._native_gradient(  # pylint: disable=protected-access
+        x, jnp.ones((1, 9, 9, 2)), (2, 2), (1, 1), ((0, 0), (0, 0))).block_until_ready()
   monkeypatch.setattr(pool_lib.LIBRARY, "available", lambda: False)
   text = jax.jit(jax.grad(lambda v: pool_lib.max_pool(v, (3, 3), (2, 2), ((1, 1), (1, 1))).sum())
                  ).lower(x).as_text()
-  assert "select_and_scatter" in text  # without the kernel: XLA's gradient, not "shifted"
+  assert "select_and_scatter" not in text and "ftjax_max_pool_backward" not in text  # shifted
   monkeypatch.undo()
   monkeypatch.setenv("FTJAX_CONV_IMPL", "xla")
   text = jax.jit(jax.grad(lambda v: pool_lib.max_pool(v, (3, 3), (2, 2), ((1, 1), (1, 1))).sum())
@@ -456,13 +460,17 @@ def test_max_pool_dispatch_and_errors(monkeypatch):
     pool_lib.max_pool(x, (7, 7))
 
 
-def test_resnet18_step_gradients_match_float64():
-  """The whole CPU fast path (oneDNN convs, BatchNorm, native max-pool gradient), jitted in
-  float32, against the same model differentiated eagerly in float64 (XLA formulations).
+@pytest.mark.parametrize("pool_impl", ["native", "shifted"])
+def test_resnet18_step_gradients_match_float64(pool_impl, monkeypatch):
+  """The whole CPU fast path (oneDNN convs, BatchNorm, a max-pool gradient), jitted in
+  float32, against the same model differentiated eagerly in float64 with XLA's convs
+  and XLA's max-pool gradient.
 
-  This caught the shifted max-pool gradient: under jit it gave the stem 40-75% wrong
-  gradients on this input (2026-11-27), while the native kernel is within 1e-5.
+  This caught the shifted max-pool gradient comparing taps against the forward pass's
+  output: under jit the stem got 40-75% wrong gradients on this input (2026-11-27).
   """
+  from ftjax.models import resnet
+  monkeypatch.setattr(resnet, "max_pool", functools.partial(_pool_with_impl, impl=pool_impl))
   from ftjax import models
   import optax
 
@@ -490,3 +498,10 @@ def test_resnet18_step_gradients_match_float64():
     scale = float(np.max(np.abs(w)))
     if scale > 1e-6:  # leaves whose gradient is zero up to rounding carry no signal
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-4 * scale)
+
+
+def _pool_with_impl(*args, impl, **kwargs):
+  # The float64 reference uses XLA's own gradient (select_and_scatter).
+  if args[0].dtype != jnp.float32:
+    impl = "xla"
+  return pool_lib.max_pool(*args, impl=impl, **kwargs)

@@ -30,6 +30,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -90,11 +91,6 @@ def _step_times(step: Callable[[], None], steps: int) -> list[float]:
   return times
 
 
-def _median_time(step: Callable[[], None], *, warmup: int, steps: int) -> float:
-  _step_times(step, warmup)
-  return statistics.median(_step_times(step, steps))
-
-
 def _flops(stage) -> float | None:
   analysis = stage.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older JAX: one dict per computation
@@ -144,13 +140,6 @@ def build_jax_step(name: str, batch: int, size: int) -> tuple[Callable[[], None]
   return step, flops
 
 
-def time_jax_step(name: str, batch: int, size: int, *, warmup: int, steps: int
-                  ) -> tuple[float, float | None]:
-  """Median seconds of one jitted training step and its FLOPs (XLA cost analysis)."""
-  step, flops = build_jax_step(name, batch, size)
-  return _median_time(step, warmup=warmup, steps=steps), flops
-
-
 def build_torch_step(name: str, batch: int, size: int) -> Callable[[], None]:
   """One eager PyTorch training step, channels_last (raises ImportError without torch)."""
   import torch
@@ -179,12 +168,6 @@ def build_torch_step(name: str, batch: int, size: int) -> Callable[[], None]:
   return step
 
 
-def time_torch_step(name: str, batch: int, size: int, *, warmup: int, steps: int) -> float:
-  """Median seconds of one eager PyTorch training step, channels_last."""
-  return _median_time(build_torch_step(name, batch, size), warmup=warmup, steps=steps)
-
-
-_TORCH_RESULT = "torch_step_s="
 _TORCH_TIMES = "torch_times="
 
 
@@ -204,8 +187,10 @@ class TorchWorker:
     if default_malloc:
       cmd.append("--default-malloc")
     self._cmd = " ".join(cmd)
+    # stderr to a file: a pipe nobody reads would stall a chatty worker once full.
+    self._stderr = tempfile.TemporaryFile("w+")
     self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+                                  stderr=self._stderr, text=True)
     self.available = self._reply() != "unavailable"
 
   def _reply(self) -> str:
@@ -213,7 +198,8 @@ class TorchWorker:
       if line.startswith(_TORCH_TIMES):
         return line[len(_TORCH_TIMES):].strip()
     self._proc.wait()
-    raise RuntimeError(f"PyTorch worker failed ({self._cmd}):\n{self._proc.stderr.read()[-3000:]}")
+    self._stderr.seek(0)
+    raise RuntimeError(f"PyTorch worker failed ({self._cmd}):\n{self._stderr.read()[-3000:]}")
 
   def step_times(self, steps: int) -> list[float]:
     """Seconds of each of ``steps`` consecutive steps (0 steps: just a round trip)."""
@@ -226,6 +212,7 @@ class TorchWorker:
     if self._proc.poll() is None:
       self._proc.stdin.close()
       self._proc.wait(timeout=60)
+    self._stderr.close()
 
   def __enter__(self) -> "TorchWorker":
     return self
@@ -309,9 +296,6 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--default-malloc", action="store_true",
                       help="leave glibc's malloc as it is instead of "
                            "host_memory.retain_freed_host_memory() (applies to both steps)")
-  parser.add_argument("--torch-only", action="store_true",
-                      help="time only the PyTorch step of --model/--batch/--size and print "
-                           f"{_TORCH_RESULT}SECONDS (median of --steps after --warmup)")
   parser.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   # Before anything runs: worker threads that already own a malloc arena keep it.
@@ -322,16 +306,6 @@ def main(argv: list[str] | None = None) -> None:
   if args.torch_worker:
     _serve_torch_steps(args.model, args.batch, args.size)
     return
-  if args.torch_only:
-    try:
-      seconds = time_torch_step(args.model, args.batch, args.size, warmup=args.warmup,
-                                steps=args.steps)
-    except ImportError:
-      print(f"{_TORCH_RESULT}unavailable")
-    else:
-      print(f"{_TORCH_RESULT}{seconds!r}")
-    return
-
   cases = CASES[args.cases] if args.cases else ((args.model, args.batch, args.size),)
   print(f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPUs, "
         f"conv impl {args.conv_impl!r} (FTJAX_CONV_IMPL={os.environ.get('FTJAX_CONV_IMPL')}), "

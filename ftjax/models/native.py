@@ -8,6 +8,8 @@ import os
 import pathlib
 import threading
 
+import jax
+
 BUILD_DIR = pathlib.Path(__file__).resolve().parent.parent / "native" / "_build"
 
 
@@ -66,8 +68,6 @@ class KernelLibrary:
     return self.unavailable_reason() is None
 
   def _register(self) -> str | None:
-    import jax  # here, so that importing this module stays cheap
-
     path = self.path()
     if not path.exists():
       return f"{path} not built (run scripts/build_native.sh)"

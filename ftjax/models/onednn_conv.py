@@ -18,7 +18,6 @@ three), float32 only, and batched under ``jax.vmap`` one element at a time.
 from __future__ import annotations
 
 import functools
-import os
 import pathlib
 
 import jax
@@ -29,45 +28,28 @@ import numpy as np
 from ftjax.models import conv as conv_lib
 from ftjax.models import native
 
-LIBRARY_NAME = "libftjax_onednn_conv.so"
-_TARGETS = {
+LIBRARY = native.KernelLibrary("libftjax_onednn_conv.so", "FTJAX_ONEDNN_LIBRARY", {
     "ftjax_onednn_conv_forward": "FtjaxOnednnConvForward",
     "ftjax_onednn_conv_backward_data": "FtjaxOnednnConvBackwardData",
     "ftjax_onednn_conv_backward_weights": "FtjaxOnednnConvBackwardWeights",
-}
+})
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
 def library_path() -> pathlib.Path:
   """Where the compiled handlers are looked for (``FTJAX_ONEDNN_LIBRARY`` overrides)."""
-  return pathlib.Path(os.environ.get("FTJAX_ONEDNN_LIBRARY", native.BUILD_DIR / LIBRARY_NAME))
-
-
-@functools.cache
-def _register() -> str | None:
-  """Loads the library and registers its FFI targets; returns why not, or None."""
-  path = library_path()
-  if not path.exists():
-    return f"{path} not built (run scripts/build_native.sh)"
-  try:
-    library = native.load_library(path)
-  except OSError as e:
-    return f"cannot load {path}: {e}"
-  for target, symbol in _TARGETS.items():
-    jax.ffi.register_ffi_target(
-        target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-  return None
+  return LIBRARY.path()
 
 
 def available() -> bool:
   """Whether the oneDNN convolutions are built and loadable (CPU only)."""
-  return _register() is None
+  return LIBRARY.available()
 
 
 def unavailable_reason() -> str | None:
   """None when :func:`available`, else what is missing."""
-  return _register()
+  return LIBRARY.unavailable_reason()
 
 
 def _attrs(strides, pads, groups) -> dict:
@@ -78,7 +60,7 @@ def _attrs(strides, pads, groups) -> dict:
 
 
 def _call(target: str, out_shape, *operands, strides, pads, groups):
-  reason = _register()
+  reason = unavailable_reason()
   if reason is not None:
     raise RuntimeError(f"oneDNN convolutions unavailable: {reason}")
   return jax.ffi.ffi_call(

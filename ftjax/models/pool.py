@@ -16,13 +16,12 @@ order, so gradients equal ``flax.linen.max_pool``'s exactly, ties included.
 
 ``impl="native"`` computes the same gradient in one pass with a CPU kernel
 (``ftjax/native/max_pool.cc``, built by ``scripts/build_native.sh``; float32).
-``impl="auto"`` uses it on CPU when built and ``reduce_window`` otherwise. The
-shifted formulation is no longer chosen automatically: jitted inside ResNet-18
-(b4, 48 px) it gave the stem 40-75% wrong gradients against float64, while it
-matches flax on isolated pools (cause not found;
-``tests/test_conv.py::test_resnet18_step_gradients_match_float64``); ``FTJAX_CONV_IMPL=xla`` (or
+``impl="auto"`` uses it on CPU when built, else the shifted formulation, and
+``reduce_window`` elsewhere; ``FTJAX_CONV_IMPL=xla`` (or
 :func:`ftjax.models.conv.conv_impl` ``("xla")``) forces ``reduce_window``, as for the
-convolutions.
+convolutions. Both gradients find each window's maximum from the input alone; until
+2026-11-27 the shifted one compared against the forward pass's output, which under
+jit can differ in rounding from the taps it re-reads (see :func:`_shifted_gradient`).
 """
 
 from __future__ import annotations
@@ -49,21 +48,6 @@ def _pad_neg_inf(x, pads):
                  ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
 
 
-def _forward(x, window, strides, pads):
-  # reduce_window's forward is fast on XLA:CPU; only its gradient is replaced.
-  return nn.max_pool(x, window, strides, padding=pads)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool_shifted(x, window, strides, pads):
-  return _forward(x, window, strides, pads)
-
-
-def _max_pool_shifted_fwd(x, window, strides, pads):
-  y = _forward(x, window, strides, pads)
-  return y, (x, y)
-
-
 def _shift(a, axis, offset, length):
   """``out[m] = a[m - offset]`` along ``axis`` for m in [0, length), zero outside ``a``."""
   cfg = [(0, 0, 0)] * a.ndim
@@ -71,13 +55,19 @@ def _shift(a, axis, offset, length):
   return lax.pad(a, jnp.zeros((), a.dtype), cfg)
 
 
-def _max_pool_shifted_bwd(window, strides, pads, residuals, g):
-  x, y = residuals
+def _shifted_gradient(x, g, window, strides, pads):
+  """dx of max pooling for cotangent ``g``, in XLA ops (see the module docstring)."""
   (kh, kw), (sh, sw) = window, strides
-  (h, w), (oh, ow) = x.shape[1:3], y.shape[1:3]
+  (h, w), (oh, ow) = x.shape[1:3], g.shape[1:3]
   xp = _pad_neg_inf(x, pads)
   taps = [conv_lib._tap(xp, i, j, strides, (oh, ow))  # pylint: disable=protected-access
           for i in range(kh) for j in range(kw)]
+  # The window maxima are recomputed from these taps, not taken from the forward pass:
+  # under jit XLA may evaluate the pool's input twice with different rounding (once
+  # fused into reduce_window, once into the taps), and then no tap equals the
+  # forward's maximum (ResNet-18: 40-75% wrong stem gradients,
+  # test_resnet18_step_gradients_match_float64).
+  y = functools.reduce(jnp.maximum, taps)
   # The cotangent of each window goes to its first maximum: one masked g per tap.
   taken = jnp.zeros(y.shape, bool)
   zero = jnp.zeros((), g.dtype)
@@ -104,18 +94,14 @@ def _max_pool_shifted_bwd(window, strides, pads, residuals, g):
       cols.append(phase)
     rows.append(jnp.stack(cols, axis=3))            # [n, mh, mw, sw, c]
   dx = jnp.stack(rows, axis=2)                      # [n, mh, sh, mw, sw, c]
-  dx = dx.reshape(x.shape[0], mh * sh, mw * sw, x.shape[3])[:, :h, :w]
-  return (dx,)
-
-
-_max_pool_shifted.defvjp(_max_pool_shifted_fwd, _max_pool_shifted_bwd)
+  return dx.reshape(x.shape[0], mh * sh, mw * sw, x.shape[3])[:, :h, :w]
 
 
 # The native gradient: g -> dx is linear in g (a scatter to each window's first
-# maximum); its own derivatives come from the shifted formulation's, which computes
-# the same function in XLA ops (slower, but only reached by second-order gradients).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _native_backward(x, y, g, window, strides, pads):
+# maximum, which depends only on x); its own derivatives are those of the shifted
+# formulation, which computes the same function in XLA ops.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _native_gradient(x, g, window, strides, pads):
   reason = LIBRARY.unavailable_reason()
   if reason is not None:
     raise RuntimeError(f"native max-pool gradient unavailable: {reason}")
@@ -127,31 +113,35 @@ def _native_backward(x, y, g, window, strides, pads):
           stride_w=np.int64(sw), pad_top=np.int64(pt), pad_left=np.int64(pl))
 
 
-def _native_backward_fwd(x, y, g, window, strides, pads):
-  return _native_backward(x, y, g, window, strides, pads), (x, y, g)
+def _native_gradient_fwd(x, g, window, strides, pads):
+  return _native_gradient(x, g, window, strides, pads), (x, g)
 
 
-def _native_backward_bwd(window, strides, pads, residuals, ct):
-  x, y, g = residuals
-  _, vjp = jax.vjp(lambda x, y, g: _max_pool_shifted_bwd(window, strides, pads, (x, y), g)[0],
-                   x, y, g)
-  return vjp(ct)
+def _native_gradient_bwd(window, strides, pads, residuals, ct):
+  x, g = residuals
+  return jax.vjp(lambda x, g: _shifted_gradient(x, g, window, strides, pads), x, g)[1](ct)
 
 
-_native_backward.defvjp(_native_backward_fwd, _native_backward_bwd)
+_native_gradient.defvjp(_native_gradient_fwd, _native_gradient_bwd)
+
+_GRADIENTS = {"shifted": _shifted_gradient, "native": _native_gradient}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool_native(x, window, strides, pads):
-  return _forward(x, window, strides, pads)
+# reduce_window's forward is fast on XLA:CPU; only its gradient is replaced.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool(x, window, strides, pads, impl):
+  return nn.max_pool(x, window, strides, padding=pads)
 
 
-def _max_pool_native_bwd(window, strides, pads, residuals, g):
-  x, y = residuals
-  return (_native_backward(x, y, g, window, strides, pads),)
+def _max_pool_fwd(x, window, strides, pads, impl):
+  return _max_pool(x, window, strides, pads, impl), x
 
 
-_max_pool_native.defvjp(_max_pool_shifted_fwd, _max_pool_native_bwd)
+def _max_pool_bwd(window, strides, pads, impl, x, g):
+  return (_GRADIENTS[impl](x, g, window, strides, pads),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int] | None = None,
@@ -163,8 +153,8 @@ def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int] | N
     window: pooling window ``(kh, kw)``.
     strides: ``(sh, sw)`` (default ``(1, 1)``).
     padding: ``"SAME"``, ``"VALID"`` or ``((top, bottom), (left, right))``.
-    impl: ``"auto"`` (``"native"`` on CPU for float32 when built, else
-      ``reduce_window``), ``"xla"``, ``"shifted"`` or ``"native"``.
+    impl: ``"auto"`` (on CPU ``"native"`` for float32 when built, else ``"shifted"``;
+      ``reduce_window`` elsewhere), ``"xla"``, ``"shifted"`` or ``"native"``.
 
   Returns:
     ``[batch, out_height, out_width, channels]``.
@@ -193,13 +183,9 @@ def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int] | N
     elif x.dtype == jnp.float32 and LIBRARY.available():
       impl = "native"
     else:
-      # Not "shifted": jitted inside ResNet-18 it gave wrong stem gradients
-      # (test_resnet18_step_gradients_match_float64); the cause is not found yet.
-      impl = "xla"
+      impl = "shifted"
   if impl == "xla":
     return nn.max_pool(x, window, strides, padding=pads)
-  if impl == "native":
-    if x.dtype != jnp.float32:
-      raise TypeError(f"the native max-pool gradient is float32 only; got {x.dtype}")
-    return _max_pool_native(x, window, strides, pads)
-  return _max_pool_shifted(x, window, strides, pads)
+  if impl == "native" and x.dtype != jnp.float32:
+    raise TypeError(f"the native max-pool gradient is float32 only; got {x.dtype}")
+  return _max_pool(x, window, strides, pads, impl)
