@@ -45,3 +45,4 @@ build() {  # build NAME LIBS...: ftjax/native/NAME.cc -> $out_dir/libftjax_NAME.
 
 build onednn_conv -ldnnl
 build max_pool -fopenmp
+build channel_sums -fopenmp

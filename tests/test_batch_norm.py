@@ -1,4 +1,8 @@
-"""``batch_norm_train`` and ``BatchNorm`` against NumPy and against ``flax.linen.BatchNorm``."""
+"""``batch_norm_train``, ``BatchNorm`` and the channel-sum kernels, against NumPy and flax.
+
+Every BatchNorm test runs twice: with the CPU channel-sum kernels
+(``ftjax.models.channel_sums``) and with plain XLA sums (``conv_impl("xla")``).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ftjax.models import channel_sums
+from ftjax.models import conv as conv_lib
 from ftjax.models.batch_norm import BatchNorm, batch_norm_train
 
 EPS = 1e-3
+
+
+@pytest.fixture(params=["kernels", "xla"], autouse=True)
+def sums_impl(request):
+  if request.param == "xla":
+    with conv_lib.conv_impl("xla"):
+      yield request.param
+  else:
+    # Built by scripts/setup.sh: a missing library fails here instead of testing XLA twice.
+    assert channel_sums.available(), channel_sums.unavailable_reason()
+    yield request.param
 
 
 def _data(shape=(4, 5, 3, 6), seed=0, mean=1.5):
@@ -155,3 +172,72 @@ def test_bad_shapes_are_named():
     batch_norm_train(x, scale=scale[:3], bias=bias, epsilon=EPS)
   with pytest.raises(ValueError, match="rank >= 2"):
     batch_norm_train(x[0, 0, 0], scale=scale, bias=bias, epsilon=EPS)
+
+
+# ----------------------------------------------------------------------------- channel sums
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (300, 7), (2, 33, 17, 19), (64, 48, 48, 24)])
+def test_channel_sums_match_numpy(shape):
+  rng = np.random.default_rng(5)
+  x = (rng.normal(size=shape) * 3 + 1).astype(np.float32)
+  dy = rng.normal(size=shape).astype(np.float32)
+  mean = rng.normal(size=shape[-1]).astype(np.float32)
+  axes = tuple(range(len(shape) - 1))
+  x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+  # Fresh lambdas: jit caches traces per function, and the impl is chosen at trace time.
+  total, total_sq = jax.jit(lambda x: channel_sums.moments(x))(x)
+  np.testing.assert_allclose(total, x64.sum(axes), rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(total_sq, (x64 ** 2).sum(axes), rtol=1e-5)
+  sum_dy, sum_centred = jax.jit(
+      lambda dy, x, mean: channel_sums.centred_sums(dy=dy, x=x, mean=mean))(dy, x, mean)
+  np.testing.assert_allclose(sum_dy, dy64.sum(axes), rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(sum_centred, (dy64 * (x64 - mean)).sum(axes), rtol=1e-5, atol=1e-3)
+
+
+def test_channel_sums_gradients_match_autodiff():
+  rng = np.random.default_rng(6)
+  x, dy = (rng.normal(size=(6, 4, 5)).astype(np.float32) for _ in range(2))
+  mean, w1, w2 = (rng.normal(size=5).astype(np.float32) for _ in range(3))
+
+  def objective(sums_fn):
+    def f(x, dy, mean):
+      a, b = sums_fn(x, dy, mean)
+      return jnp.sum(jnp.sin(a) * w1 + jnp.cos(b) * w2)
+    return f
+
+  ours = objective(lambda x, dy, mean: (
+      channel_sums.moments(x)[1] + channel_sums.centred_sums(dy=dy, x=x, mean=mean)[0],
+      channel_sums.moments(x)[0] * channel_sums.centred_sums(dy=dy, x=x, mean=mean)[1]))
+  ref = objective(lambda x, dy, mean: (
+      jnp.sum(x * x, (0, 1)) + jnp.sum(dy, (0, 1)),
+      jnp.sum(x, (0, 1)) * jnp.sum(dy * (x - mean), (0, 1))))
+  for order in (1, 2):
+    f_ours, f_ref = ours, ref
+    if order == 2:  # a gradient penalty: reverse over reverse
+      f_ours = lambda x, dy, m, g=jax.grad(ours): jnp.sum(g(x, dy, m) ** 2)
+      f_ref = lambda x, dy, m, g=jax.grad(ref): jnp.sum(g(x, dy, m) ** 2)
+    got = jax.jit(jax.grad(f_ours, argnums=(0, 1, 2)))(x, dy, mean)
+    want = jax.grad(f_ref, argnums=(0, 1, 2))(x, dy, mean)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4)
+
+
+def test_channel_sums_vmap():
+  x = np.random.default_rng(7).normal(size=(3, 10, 4)).astype(np.float32)
+  total, total_sq = jax.vmap(lambda x: channel_sums.moments(x))(x)
+  np.testing.assert_allclose(total, x.sum(1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(total_sq, (x ** 2).sum(1), rtol=1e-5)
+
+
+def test_channel_sums_errors_are_named(sums_impl):
+  x = np.ones((4, 3), np.float32)
+  with pytest.raises(ValueError, match=r"mean must have shape \(3,\)"):
+    channel_sums.centred_sums(dy=x, x=x, mean=np.ones(4, np.float32))
+  with pytest.raises(ValueError, match="shapes differ"):
+    channel_sums.centred_sums(dy=x[:2], x=x, mean=np.ones(3, np.float32))
+  with pytest.raises(ValueError, match="rank >= 2"):
+    channel_sums.moments(np.ones(3, np.float32))
+  if sums_impl == "kernels":  # the C++ handler checks shapes too
+    with pytest.raises(Exception, match="x must end in the channel axis"):
+      channel_sums._centred_sums_kernel(x, x, np.ones(4, np.float32))  # pylint: disable=protected-access

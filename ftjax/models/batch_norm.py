@@ -10,8 +10,9 @@ then ``y = a * (x - mean) + bias``) and twice backward (two per-channel sums, th
 ``dx = a * dy + c1 * (x - mean) + c0``) and keeps only ``x`` and two per-channel vectors
 for the backward pass. Differentiating flax's formulation instead materialises
 ``x - mean`` and several full-size intermediates; on a 32x48x48x96 activation
-the forward-plus-backward pass took 11.3 ms here against 25.4 ms
-(``experiments/bench/README.md``).
+the forward pass, ReLU6 and backward pass took 11.3 ms here against flax's 25.4 ms
+(``experiments/bench/README.md``). On CPU the two per-channel sums of each pass come
+from one read of the activation (:mod:`ftjax.models.channel_sums`).
 """
 
 from __future__ import annotations
@@ -22,17 +23,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax.models import channel_sums
+
 
 def _reduced_size(x: jax.Array) -> float:
   return float(np.prod(x.shape[:-1]))
 
 
 def _statistics(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  axes = tuple(range(x.ndim - 1))
   n = _reduced_size(x)
-  mean = jnp.sum(x, axes) / n
-  mean_of_squares = jnp.sum(x * x, axes) / n
-  return mean, jnp.maximum(mean_of_squares - mean * mean, 0.0)
+  total, total_of_squares = channel_sums.moments(x)
+  mean = total / n
+  return mean, jnp.maximum(total_of_squares / n - mean * mean, 0.0)
 
 
 def _forward(x, scale, bias, epsilon):
@@ -47,12 +49,10 @@ def _backward(epsilon, residuals, cotangents):
   del epsilon
   x, mean, rstd, scale = residuals
   dy, dmean, dvar = cotangents
-  axes = tuple(range(x.ndim - 1))
   n = _reduced_size(x)
-  # One pass over (dy, x) for both sums; centring inside the sum avoids the
-  # cancellation of sum(dy * x) - mean * sum(dy) when |mean| >> std.
-  sum_dy = jnp.sum(dy, axes)
-  sum_dy_centred = jnp.sum(dy * (x - mean), axes)
+  # Centring inside the sum avoids the cancellation of sum(dy * x) - mean * sum(dy)
+  # when |mean| >> std.
+  sum_dy, sum_dy_centred = channel_sums.centred_sums(dy=dy, x=x, mean=mean)
   dscale = rstd * sum_dy_centred  # sum(dy * x_hat)
   dbias = sum_dy
   a = scale * rstd
