@@ -390,11 +390,12 @@ from ftjax.models import pool as pool_lib  # noqa: E402
     ((3, 2), (2, 1), ((1, 0), (0, 1)), (7, 5)),
 ])
 @pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("impl", ["shifted", "native"])
-def test_max_pool_matches_flax_with_ties(window, stride, padding, hw, ties, impl):
+@pytest.mark.parametrize("impl,channels", [("shifted", 3), ("native", 3), ("native", 37)])
+def test_max_pool_matches_flax_with_ties(window, stride, padding, hw, ties, impl, channels):
   import flax.linen as nn
   rng = np.random.default_rng(0)
-  x = rng.normal(size=(2, *hw, 3)).astype(np.float32)
+  # 37 channels: the native kernels' SIMD loops with a remainder.
+  x = rng.normal(size=(2, *hw, channels)).astype(np.float32)
   if ties:  # after a ReLU: many windows hold several equal maxima (zeros)
     x = np.maximum(np.round(x), 0.0)
   x = jnp.asarray(x)
@@ -431,16 +432,20 @@ def test_max_pool_native_second_order_matches_flax():
 
 def test_max_pool_dispatch_and_errors(monkeypatch):
   x = jnp.ones((1, 6, 6, 2))
-  text = jax.jit(jax.grad(lambda v: pool_lib.max_pool(v, (3, 3), (2, 2), ((1, 1), (1, 1))).sum())
-                 ).lower(x).as_text()
-  assert "select_and_scatter" not in text  # CPU auto: the native gradient
-  assert "ftjax_max_pool_backward" in text
+  # Squared, so that the gradient needs the forward's output.
+  text = jax.jit(jax.grad(lambda v: (pool_lib.max_pool(v, (3, 3), (2, 2), ((1, 1), (1, 1)))
+                                     ** 2).sum())).lower(x).as_text()
+  assert "select_and_scatter" not in text  # CPU auto: the native kernels
+  assert "ftjax_max_pool_backward" in text and "ftjax_max_pool_forward" in text
   with pytest.raises(TypeError, match="float32 only"):
     pool_lib.max_pool(x.astype(jnp.bfloat16), (2, 2), impl="native")
   # The C++ handler checks shapes too (g that does not fit x).
   with pytest.raises(Exception, match="does not fit"):
     pool_lib._native_gradient(  # pylint: disable=protected-access
         x, jnp.ones((1, 9, 9, 2)), (2, 2), (1, 1), ((0, 0), (0, 0))).block_until_ready()
+  with pytest.raises(Exception, match="padding must be smaller than the window"):
+    pool_lib._native_forward(  # pylint: disable=protected-access
+        x, (2, 2), (1, 1), ((2, 0), (0, 0))).block_until_ready()
   monkeypatch.setattr(pool_lib.LIBRARY, "available", lambda: False)
   text = jax.jit(jax.grad(lambda v: pool_lib.max_pool(v, (3, 3), (2, 2), ((1, 1), (1, 1))).sum())
                  ).lower(x).as_text()

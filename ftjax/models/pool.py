@@ -1,27 +1,30 @@
-"""Max pooling behind the models' stems, with a fast gradient on CPU.
+"""Max pooling behind the models' stems, with fast kernels on CPU.
 
 ``flax.linen.max_pool`` lowers to ``lax.reduce_window``; its gradient is XLA's
-``select_and_scatter``, which XLA:CPU runs slowly. :func:`max_pool` keeps
-``reduce_window`` for the forward pass and replaces the gradient (``jax.custom_vjp``):
-each of the k² taps gets the cotangent where it holds its window's first maximum, and
-the input is split into stride phases so that every tap lands on a phase by a
-unit-stride shift (no strided scatter). ResNet-18's 3x3/2 stem pool on 32x56x56x64,
-forward + gradient: 89.8 ms with XLA's gradient, 37.9 ms with this one
-(``experiments/bench/conv_formulations.py``, ``experiments/bench/README.md``); on the
-whole ResNet-18 step the difference was within noise.
+``select_and_scatter``, which XLA:CPU runs slowly. :func:`max_pool` replaces the
+gradient (``jax.custom_vjp``) and, with the native kernels, the forward pass too.
+
+``impl="shifted"`` writes the gradient in XLA ops: each of the k² taps gets the
+cotangent where it holds its window's first maximum, and the input is split into
+stride phases so that every tap lands on a phase by a unit-stride shift (no strided
+scatter). ResNet-18's 3x3/2 stem pool on 32x56x56x64, forward + gradient: 89.8 ms with
+XLA's gradient, 37.9 ms with this one (``experiments/bench/conv_formulations.py``,
+``experiments/bench/README.md``).
+
+``impl="native"`` runs the forward pass and the gradient as CPU kernels
+(``ftjax/native/max_pool.cc``, built by ``scripts/build_native.sh``; float32), one
+pass over the input each, on all cores. Same pool, jitted alone: forward 3.7 ms with
+``reduce_window`` -> 1.1 ms, gradient 8.0 ms shifted -> 4.2-4.6 ms native. ``impl="auto"``
+uses the kernels on CPU when built, else the shifted gradient, and ``reduce_window``
+elsewhere; ``FTJAX_CONV_IMPL=xla`` (or :func:`ftjax.models.conv.conv_impl` ``("xla")``)
+forces ``reduce_window``, as for the convolutions.
 
 Ties follow XLA's ``select_and_scatter`` with ``>=`` (what JAX's ``reduce_window`` max
 gradient uses): the cotangent of a window goes to its first maximum in row-major window
-order, so gradients equal ``flax.linen.max_pool``'s exactly, ties included.
-
-``impl="native"`` computes the same gradient in one pass with a CPU kernel
-(``ftjax/native/max_pool.cc``, built by ``scripts/build_native.sh``; float32).
-``impl="auto"`` uses it on CPU when built, else the shifted formulation, and
-``reduce_window`` elsewhere; ``FTJAX_CONV_IMPL=xla`` (or
-:func:`ftjax.models.conv.conv_impl` ``("xla")``) forces ``reduce_window``, as for the
-convolutions. Both gradients find each window's maximum from the input alone; until
-2026-11-27 the shifted one compared against the forward pass's output, which under
-jit can differ in rounding from the taps it re-reads (see :func:`_shifted_gradient`).
+order, so gradients equal ``flax.linen.max_pool``'s exactly, ties included. Both
+gradients find each window's maximum from the input alone; until 2026-11-27 the
+shifted one compared against the forward pass's output, which under jit can differ in
+rounding from the taps it re-reads (see :func:`_shifted_gradient`).
 """
 
 from __future__ import annotations
@@ -39,8 +42,31 @@ from ftjax.models import native
 
 POOL_IMPLS = ("auto", "xla", "shifted", "native")
 
-LIBRARY = native.KernelLibrary("libftjax_max_pool.so", "FTJAX_MAX_POOL_LIBRARY",
-                               {"ftjax_max_pool_backward": "FtjaxMaxPoolBackward"})
+LIBRARY = native.KernelLibrary("libftjax_max_pool.so", "FTJAX_MAX_POOL_LIBRARY", {
+    "ftjax_max_pool_forward": "FtjaxMaxPoolForward",
+    "ftjax_max_pool_backward": "FtjaxMaxPoolBackward",
+})
+
+
+def _native_attrs(window, strides, pads) -> dict:
+  (kh, kw), (sh, sw), ((pt, _), (pl, _)) = window, strides, pads
+  return dict(window_h=np.int64(kh), window_w=np.int64(kw), stride_h=np.int64(sh),
+              stride_w=np.int64(sw), pad_top=np.int64(pt), pad_left=np.int64(pl))
+
+
+def _require_library() -> None:
+  reason = LIBRARY.unavailable_reason()
+  if reason is not None:
+    raise RuntimeError(f"native max-pool kernels unavailable: {reason}")
+
+
+def _native_forward(x, window, strides, pads):
+  _require_library()
+  out_hw = conv_lib.output_hw(x.shape[1:3], window, strides, pads)
+  return jax.ffi.ffi_call(
+      "ftjax_max_pool_forward",
+      jax.ShapeDtypeStruct((x.shape[0], *out_hw, x.shape[3]), x.dtype),
+      vmap_method="sequential")(x, **_native_attrs(window, strides, pads))
 
 
 def _pad_neg_inf(x, pads):
@@ -102,15 +128,10 @@ def _shifted_gradient(x, g, window, strides, pads):
 # formulation, which computes the same function in XLA ops.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _native_gradient(x, g, window, strides, pads):
-  reason = LIBRARY.unavailable_reason()
-  if reason is not None:
-    raise RuntimeError(f"native max-pool gradient unavailable: {reason}")
-  (kh, kw), (sh, sw), ((pt, _), (pl, _)) = window, strides, pads
+  _require_library()
   return jax.ffi.ffi_call(
       "ftjax_max_pool_backward", jax.ShapeDtypeStruct(x.shape, x.dtype),
-      vmap_method="sequential")(
-          x, g, window_h=np.int64(kh), window_w=np.int64(kw), stride_h=np.int64(sh),
-          stride_w=np.int64(sw), pad_top=np.int64(pt), pad_left=np.int64(pl))
+      vmap_method="sequential")(x, g, **_native_attrs(window, strides, pads))
 
 
 def _native_gradient_fwd(x, g, window, strides, pads):
@@ -127,9 +148,10 @@ _native_gradient.defvjp(_native_gradient_fwd, _native_gradient_bwd)
 _GRADIENTS = {"shifted": _shifted_gradient, "native": _native_gradient}
 
 
-# reduce_window's forward is fast on XLA:CPU; only its gradient is replaced.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _max_pool(x, window, strides, pads, impl):
+  if impl == "native":
+    return _native_forward(x, window, strides, pads)
   return nn.max_pool(x, window, strides, padding=pads)
 
 
@@ -187,5 +209,5 @@ def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int] | N
   if impl == "xla":
     return nn.max_pool(x, window, strides, padding=pads)
   if impl == "native" and x.dtype != jnp.float32:
-    raise TypeError(f"the native max-pool gradient is float32 only; got {x.dtype}")
+    raise TypeError(f"the native max-pool kernels are float32 only; got {x.dtype}")
   return _max_pool(x, window, strides, pads, impl)

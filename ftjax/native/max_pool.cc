@@ -1,11 +1,19 @@
-// XLA FFI handler for the gradient of NHWC max pooling on CPU, for
-// ftjax.models.pool: dx[n, r, s, c] = sum of g[n, p, q, c] over the windows (p, q)
-// whose first maximum (row-major window order, as XLA's select_and_scatter with >=)
-// is input (r, s) of channel c. Padding counts as -inf.
+// XLA FFI handlers for NHWC max pooling on CPU, for ftjax.models.pool.
 //
-// Why: written in XLA ops this gradient reads the input once per window tap and
-// assembles stride phases; on ResNet-18's stem pool (32x56x56x64, 3x3/2) forward and
-// gradient took 24 ms that way (experiments/bench/README.md). Here it is one pass.
+//   FtjaxMaxPoolForward:  y[n, p, q, c] = max of x over window (p, q) (padding: -inf)
+//   FtjaxMaxPoolBackward: dx[n, r, s, c] = sum of g[n, p, q, c] over the windows
+//     (p, q) whose first maximum (row-major window order, as XLA's select_and_scatter
+//     with >=) is input (r, s) of channel c.
+//
+// Why: XLA:CPU's reduce_window forward and its select_and_scatter gradient are slow,
+// and the gradient written in XLA ops reads the input once per tap and assembles
+// stride phases (experiments/bench/README.md). Here each is one pass over the input,
+// OpenMP over images, SIMD over channels.
+//
+// The gradient takes each window's maximum first and then hands the window's
+// cotangent to the first tap equal to it: both read the same stored floats, so the
+// equality is exact, and the loops stay float-only (vectorisable) instead of
+// tracking the index of a running maximum.
 #include <omp.h>
 
 #include <algorithm>
@@ -19,73 +27,157 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-ffi::Error MaxPoolBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+struct Geometry {
+  int64_t n, h, w, c, oh, ow, window_h, window_w, stride_h, stride_w, pad_top, pad_left;
+};
+
+ffi::Error Check(const Geometry& g) {
+  if (g.window_h < 1 || g.window_w < 1 || g.stride_h < 1 || g.stride_w < 1 ||
+      g.pad_top < 0 || g.pad_left < 0)
+    return ffi::Error::InvalidArgument("window and strides must be positive, padding >= 0");
+  if (g.pad_top >= g.window_h || g.pad_left >= g.window_w)
+    return ffi::Error::InvalidArgument("padding must be smaller than the window");
+  if (g.oh < 1 || g.ow < 1 || (g.oh - 1) * g.stride_h - g.pad_top >= g.h ||
+      (g.ow - 1) * g.stride_w - g.pad_left >= g.w ||
+      (g.oh - 1) * g.stride_h - g.pad_top + g.window_h <= 0 ||
+      (g.ow - 1) * g.stride_w - g.pad_left + g.window_w <= 0)
+    return ffi::Error::InvalidArgument(
+        "the pooled spatial size does not fit x, window and strides");
+  return ffi::Error::Success();
+}
+
+// The input rows / columns of output row p (column q) that lie inside x.
+inline void TapRange(int64_t p, int64_t stride, int64_t pad, int64_t window, int64_t size,
+                     int64_t* begin, int64_t* end) {
+  const int64_t first = p * stride - pad;
+  *begin = std::max<int64_t>(first, 0);
+  *end = std::min<int64_t>(first + window, size);
+}
+
+// One output row of one image. target_clones: one build runs AVX-512 / AVX2 code
+// where the CPU has it (the OpenMP-outlined caller cannot be cloned, hence a helper).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void ForwardRow(const Geometry& g, const float* __restrict xb, float* __restrict yrow,
+                int64_t p) {
+  const int64_t c = g.c;
+  int64_t r0, r1;
+  TapRange(p, g.stride_h, g.pad_top, g.window_h, g.h, &r0, &r1);
+  for (int64_t q = 0; q < g.ow; ++q) {
+    int64_t s0, s1;
+    TapRange(q, g.stride_w, g.pad_left, g.window_w, g.w, &s0, &s1);
+    float* y = yrow + q * c;
+    const float* first = xb + (r0 * g.w + s0) * c;
+    std::copy(first, first + c, y);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t s = (r == r0 ? s0 + 1 : s0); s < s1; ++s) {
+        const float* v = xb + (r * g.w + s) * c;
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) y[j] = v[j] > y[j] ? v[j] : y[j];
+      }
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void BackwardRow(const Geometry& g, const float* __restrict xb, const float* __restrict grow,
+                 float* __restrict dxb, float* __restrict best, float* __restrict rest,
+                 int64_t p) {
+  const int64_t c = g.c;
+  int64_t r0, r1;
+  TapRange(p, g.stride_h, g.pad_top, g.window_h, g.h, &r0, &r1);
+  for (int64_t q = 0; q < g.ow; ++q) {
+    int64_t s0, s1;
+    TapRange(q, g.stride_w, g.pad_left, g.window_w, g.w, &s0, &s1);
+    const float* first = xb + (r0 * g.w + s0) * c;
+    std::copy(first, first + c, best);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t s = (r == r0 ? s0 + 1 : s0); s < s1; ++s) {
+        const float* v = xb + (r * g.w + s) * c;
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) best[j] = v[j] > best[j] ? v[j] : best[j];
+      }
+    // rest: the part of the window's cotangent not yet handed out (all of it until
+    // the first tap that equals the maximum takes it).
+    std::copy(grow + q * c, grow + (q + 1) * c, rest);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t s = s0; s < s1; ++s) {
+        const float* v = xb + (r * g.w + s) * c;
+        float* d = dxb + (r * g.w + s) * c;
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) {
+          const bool hit = v[j] == best[j];
+          d[j] += hit ? rest[j] : 0.f;
+          rest[j] = hit ? 0.f : rest[j];
+        }
+      }
+  }
+}
+
+ffi::Error MaxPoolForward(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
+                          int64_t window_h, int64_t window_w, int64_t stride_h,
+                          int64_t stride_w, int64_t pad_top, int64_t pad_left) {
+  auto xd = x.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || yd.size() != 4)
+    return ffi::Error::InvalidArgument("max pool expects NHWC x and y");
+  if (yd[0] != xd[0] || yd[3] != xd[3])
+    return ffi::Error::InvalidArgument("y must have x's batch and channel sizes");
+  const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], window_h, window_w,
+                   stride_h, stride_w, pad_top, pad_left};
+  if (auto e = Check(g); !e.success()) return e;
+  const float* xs = x.typed_data();
+  float* ys = y->typed_data();
+#pragma omp parallel for schedule(static) collapse(2)
+  for (int64_t b = 0; b < g.n; ++b)
+    for (int64_t p = 0; p < g.oh; ++p)
+      ForwardRow(g, xs + b * g.h * g.w * g.c, ys + ((b * g.oh) + p) * g.ow * g.c, p);
+  return ffi::Error::Success();
+}
+
+ffi::Error MaxPoolBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy,
                            ffi::ResultBuffer<ffi::F32> dx, int64_t window_h, int64_t window_w,
                            int64_t stride_h, int64_t stride_w, int64_t pad_top,
                            int64_t pad_left) {
-  auto xd = x.dimensions(), gd = g.dimensions(), dd = dx->dimensions();
+  auto xd = x.dimensions(), gd = gy.dimensions(), dd = dx->dimensions();
   if (xd.size() != 4 || gd.size() != 4 || dd.size() != 4)
     return ffi::Error::InvalidArgument("max pool gradient expects NHWC x, g and dx");
-  const int64_t n = xd[0], h = xd[1], w = xd[2], c = xd[3], oh = gd[1], ow = gd[2];
   for (int i = 0; i < 4; ++i)
     if (dd[i] != xd[i]) return ffi::Error::InvalidArgument("dx must have x's shape");
-  if (gd[0] != n || gd[3] != c)
+  if (gd[0] != xd[0] || gd[3] != xd[3])
     return ffi::Error::InvalidArgument("g must have x's batch and channel sizes");
-  if (window_h < 1 || window_w < 1 || stride_h < 1 || stride_w < 1 || pad_top < 0 ||
-      pad_left < 0)
-    return ffi::Error::InvalidArgument("window and strides must be positive, padding >= 0");
-  if ((oh - 1) * stride_h - pad_top >= h || (ow - 1) * stride_w - pad_left >= w)
-    return ffi::Error::InvalidArgument("g's spatial size does not fit x, window and strides");
+  const Geometry g{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], window_h, window_w,
+                   stride_h, stride_w, pad_top, pad_left};
+  if (auto e = Check(g); !e.success()) return e;
   const float* xs = x.typed_data();
-  const float* gs = g.typed_data();
+  const float* gs = gy.typed_data();
   float* out = dx->typed_data();
-  const int64_t taps = window_h * window_w;
+  const int64_t image = g.h * g.w * g.c;
+  // Whole images per thread: overlapping windows of one image add into the same dx.
 #pragma omp parallel
   {
-    std::vector<float> best(c);
-    std::vector<int32_t> chosen(c);
+    std::vector<float> best(g.c), rest(g.c);
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < n; ++b) {
-      float* dxb = out + b * h * w * c;
-      std::fill(dxb, dxb + h * w * c, 0.f);
-      const float* xb = xs + b * h * w * c;
-      for (int64_t p = 0; p < oh; ++p) {
-        for (int64_t q = 0; q < ow; ++q) {
-          std::fill(best.begin(), best.end(), -std::numeric_limits<float>::infinity());
-          std::fill(chosen.begin(), chosen.end(), -1);
-          float* bp = best.data();
-          int32_t* cp = chosen.data();
-          for (int64_t t = 0; t < taps; ++t) {
-            const int64_t r = p * stride_h - pad_top + t / window_w;
-            const int64_t s = q * stride_w - pad_left + t % window_w;
-            if (r < 0 || r >= h || s < 0 || s >= w) continue;
-            const float* v = xb + (r * w + s) * c;
-            const int32_t tap = static_cast<int32_t>(t);
-#pragma omp simd
-            for (int64_t j = 0; j < c; ++j) {
-              const bool take = v[j] > bp[j] || cp[j] < 0;  // strictly greater: first maximum
-              bp[j] = take ? v[j] : bp[j];
-              cp[j] = take ? tap : cp[j];
-            }
-          }
-          const float* gv = gs + ((b * oh + p) * ow + q) * c;
-          for (int64_t t = 0; t < taps; ++t) {
-            const int64_t r = p * stride_h - pad_top + t / window_w;
-            const int64_t s = q * stride_w - pad_left + t % window_w;
-            if (r < 0 || r >= h || s < 0 || s >= w) continue;
-            float* d = dxb + (r * w + s) * c;
-            const int32_t tap = static_cast<int32_t>(t);
-#pragma omp simd
-            for (int64_t j = 0; j < c; ++j) d[j] += cp[j] == tap ? gv[j] : 0.f;
-          }
-        }
-      }
+    for (int64_t b = 0; b < g.n; ++b) {
+      float* dxb = out + b * image;
+      std::fill(dxb, dxb + image, 0.f);
+      for (int64_t p = 0; p < g.oh; ++p)
+        BackwardRow(g, xs + b * image, gs + (b * g.oh + p) * g.ow * g.c, dxb, best.data(),
+                    rest.data(), p);
     }
   }
   return ffi::Error::Success();
 }
 
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxMaxPoolForward, MaxPoolForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("window_h")
+                                  .Attr<int64_t>("window_w")
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxMaxPoolBackward, MaxPoolBackward,
                               ffi::Ffi::Bind()
