@@ -410,6 +410,26 @@ def test_max_pool_matches_flax_with_ties(window, stride, padding, hw, ties, impl
   np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["native", "shifted"])
+def test_relu_after_max_pool_equals_relu_before(impl):
+  """ResNet's stem pools before its ReLU: same outputs and gradients as torch's order."""
+  import flax.linen as nn
+  rng = np.random.default_rng(4)
+  # Rounded: exact ties, and windows that are all <= 0 (where the two orders route the
+  # cotangent to different inputs, with a zero ReLU gradient in both).
+  z = jnp.asarray(np.round(rng.normal(size=(2, 9, 8, 5)) * 2) - 1.0, jnp.float32)
+  pool_first = lambda v: nn.relu(pool_lib.max_pool(v, (3, 3), (2, 2), ((1, 1), (1, 1)),
+                                                   impl=impl))
+  relu_first = lambda v: nn.max_pool(nn.relu(v), (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+  y, vjp = jax.vjp(jax.jit(pool_first), z)
+  y_ref, vjp_ref = jax.vjp(relu_first, z)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+  g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  # Routed to the same inputs; where windows overlap, the sums may differ in order.
+  np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]),
+                             rtol=1e-6, atol=1e-6)
+
+
 def test_max_pool_native_kernel_is_built():
   # Built by scripts/setup.sh; without it "auto" would silently fall back to "shifted".
   assert pool_lib.LIBRARY.available(), pool_lib.LIBRARY.unavailable_reason()

@@ -117,9 +117,12 @@ class ResNetBackbone(nn.Module):
     spec = self.spec
     if spec.stem == "imagenet":
       x = Conv(spec.stem_width, (7, 7), (2, 2), symmetric_padding(7), name="stem_conv")(x)
-      x = nn.relu(batch_norm("stem_bn", train=train, epsilon=spec.bn_epsilon)(x))
-      # torch MaxPool2d(3, 2, padding=1) pads with -inf, as max_pool does (fast gradient on CPU).
-      x = max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+      x = batch_norm("stem_bn", train=train, epsilon=spec.bn_epsilon)(x)
+      # torch MaxPool2d(3, 2, padding=1) pads with -inf, as max_pool does (fast kernels on
+      # CPU). ReLU and max commute, so pooling first gives the same outputs and gradients
+      # (a window's first maximum is the same unless all its inputs are <= 0, where the
+      # ReLU's gradient is 0) and the ReLU and its gradient run on a 4x smaller map.
+      x = nn.relu(max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1))))
     else:
       x = Conv(spec.stem_width, (3, 3), padding=symmetric_padding(3), name="stem_conv")(x)
       x = nn.relu(batch_norm("stem_bn", train=train, epsilon=spec.bn_epsilon)(x))
