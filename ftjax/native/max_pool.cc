@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -54,26 +55,34 @@ inline void TapRange(int64_t p, int64_t stride, int64_t pad, int64_t window, int
   *end = std::min<int64_t>(first + window, size);
 }
 
+// Window [r0, r1) x [s0, s1) of image xb: out[j] = its maximum in channel j. Always
+// inlined into the row functions below, so each of their target clones vectorises it.
+__attribute__((always_inline)) inline void WindowMax(const Geometry& g,
+                                                     const float* __restrict xb,
+                                                     int64_t r0, int64_t r1, int64_t s0,
+                                                     int64_t s1, float* __restrict out) {
+  const int64_t c = g.c;
+  const float* first = xb + (r0 * g.w + s0) * c;
+  std::copy(first, first + c, out);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t s = (r == r0 ? s0 + 1 : s0); s < s1; ++s) {
+      const float* v = xb + (r * g.w + s) * c;
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) out[j] = v[j] > out[j] ? v[j] : out[j];
+    }
+}
+
 // One output row of one image. target_clones: one build runs AVX-512 / AVX2 code
 // where the CPU has it (the OpenMP-outlined caller cannot be cloned, hence a helper).
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void ForwardRow(const Geometry& g, const float* __restrict xb, float* __restrict yrow,
                 int64_t p) {
-  const int64_t c = g.c;
   int64_t r0, r1;
   TapRange(p, g.stride_h, g.pad_top, g.window_h, g.h, &r0, &r1);
   for (int64_t q = 0; q < g.ow; ++q) {
     int64_t s0, s1;
     TapRange(q, g.stride_w, g.pad_left, g.window_w, g.w, &s0, &s1);
-    float* y = yrow + q * c;
-    const float* first = xb + (r0 * g.w + s0) * c;
-    std::copy(first, first + c, y);
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t s = (r == r0 ? s0 + 1 : s0); s < s1; ++s) {
-        const float* v = xb + (r * g.w + s) * c;
-#pragma omp simd
-        for (int64_t j = 0; j < c; ++j) y[j] = v[j] > y[j] ? v[j] : y[j];
-      }
+    WindowMax(g, xb, r0, r1, s0, s1, yrow + q * g.c);
   }
 }
 
@@ -87,14 +96,7 @@ void BackwardRow(const Geometry& g, const float* __restrict xb, const float* __r
   for (int64_t q = 0; q < g.ow; ++q) {
     int64_t s0, s1;
     TapRange(q, g.stride_w, g.pad_left, g.window_w, g.w, &s0, &s1);
-    const float* first = xb + (r0 * g.w + s0) * c;
-    std::copy(first, first + c, best);
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t s = (r == r0 ? s0 + 1 : s0); s < s1; ++s) {
-        const float* v = xb + (r * g.w + s) * c;
-#pragma omp simd
-        for (int64_t j = 0; j < c; ++j) best[j] = v[j] > best[j] ? v[j] : best[j];
-      }
+    WindowMax(g, xb, r0, r1, s0, s1, best);
     // rest: the part of the window's cotangent not yet handed out (all of it until
     // the first tap that equals the maximum takes it).
     std::copy(grow + q * c, grow + (q + 1) * c, rest);
@@ -166,27 +168,27 @@ ffi::Error MaxPoolBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy,
   return ffi::Error::Success();
 }
 
+// Both handlers take the pooling geometry as the same six attributes.
+template <typename Binding>
+auto WithPoolAttrs(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("window_h")
+      .template Attr<int64_t>("window_w")
+      .template Attr<int64_t>("stride_h")
+      .template Attr<int64_t>("stride_w")
+      .template Attr<int64_t>("pad_top")
+      .template Attr<int64_t>("pad_left");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxMaxPoolForward, MaxPoolForward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("window_h")
-                                  .Attr<int64_t>("window_w")
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left"));
+                              WithPoolAttrs(ffi::Ffi::Bind()
+                                                .Arg<ffi::Buffer<ffi::F32>>()
+                                                .Ret<ffi::Buffer<ffi::F32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxMaxPoolBackward, MaxPoolBackward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("window_h")
-                                  .Attr<int64_t>("window_w")
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left"));
+                              WithPoolAttrs(ffi::Ffi::Bind()
+                                                .Arg<ffi::Buffer<ffi::F32>>()
+                                                .Arg<ffi::Buffer<ffi::F32>>()
+                                                .Ret<ffi::Buffer<ffi::F32>>()));
