@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -158,6 +159,54 @@ def test_onednn_second_order_and_vmap_match_lax():
       rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("wrt", [(0,), (1,), (0, 1)])
+def test_onednn_gradients_call_only_what_is_needed(wrt):
+  """An image batch needs no input gradient; both gradients come from one call."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(2, 7, 7, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+
+  def grads(impl):
+    def loss(a, k):
+      return jnp.sum(jnp.sin(conv2d(a, k, strides=(2, 2), impl=impl)))
+    return jax.jit(jax.grad(loss, wrt))
+
+  for a, b in zip(grads("xla")(x, kernel), grads("onednn")(x, kernel)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(jnp.abs(a).max()))
+  hlo = grads("onednn").lower(x, kernel).compile().as_text()
+  calls = set(re.findall(r'custom_call_target="(ftjax_onednn_conv_\w+)"', hlo))
+  want = {(0,): {"forward", "backward_data"}, (1,): {"forward", "backward_weights"},
+          (0, 1): {"forward", "backward"}}[wrt]
+  assert calls == {f"ftjax_onednn_conv_{name}" for name in want}, calls
+
+
+def test_onednn_training_step_does_not_copy_donated_kernels():
+  """Both gradients in one call order the last read of a kernel before its update.
+
+  With two calls XLA cannot tell whether backward-data reads a donated kernel before
+  the optimizer overwrites it in place, and copies every kernel at the step's start.
+  """
+  rng = np.random.default_rng(8)
+  images = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+  params = {name: jnp.asarray(rng.normal(size=shape), jnp.float32)
+            for name, shape in (("k1", (3, 3, 3, 8)), ("k2", (3, 3, 8, 8)))}
+
+  def step(params, images):
+    def loss(p):
+      h = jax.nn.relu(conv2d(images, p["k1"], impl="onednn"))
+      return jnp.sum(conv2d(h, p["k2"], strides=(2, 2), impl="onednn") ** 2)
+    return jax.tree.map(lambda p, g: p - 0.1 * g, params, jax.grad(loss)(params))
+
+  hlo = jax.jit(step, donate_argnums=0).lower(params, images).compile().as_text()
+  assert "ftjax_onednn_conv_backward\"" in hlo
+  copied = re.findall(r"= f32\[[\d,]+\]\{[\d,]+\} copy\(", hlo)
+  assert not copied, copied
+  want = jax.jit(lambda p, x: step(p, x))(params, images)
+  got = jax.jit(step, donate_argnums=0)(dict(params), images)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+
+
 def test_onednn_errors_are_clear(monkeypatch):
   x = jnp.zeros((1, 4, 4, 4), jnp.float16)
   kernel = jnp.zeros((3, 3, 4, 4), jnp.float16)
@@ -170,6 +219,14 @@ def test_onednn_errors_are_clear(monkeypatch):
     call(x.astype(jnp.float32), kernel.astype(jnp.float32), stride_h=np.int64(1),
          stride_w=np.int64(1), pad_top=np.int64(1), pad_bottom=np.int64(1),
          pad_left=np.int64(1), pad_right=np.int64(1), groups=np.int64(1))
+  both = jax.ffi.ffi_call("ftjax_onednn_conv_backward",
+                          [jax.ShapeDtypeStruct((1, 5, 5, 4), jnp.float32),
+                           jax.ShapeDtypeStruct((3, 3, 4, 4), jnp.float32)])
+  with pytest.raises(Exception, match="input gradient shape differs"):
+    both(jnp.zeros((1, 4, 4, 4)), jnp.zeros((1, 4, 4, 4)), jnp.zeros((3, 3, 4, 4)),
+         stride_h=np.int64(1), stride_w=np.int64(1), pad_top=np.int64(1),
+         pad_bottom=np.int64(1), pad_left=np.int64(1), pad_right=np.int64(1),
+         groups=np.int64(1))
   # A missing library names the file and the build command.
   monkeypatch.setenv("FTJAX_ONEDNN_LIBRARY", "/nonexistent/libftjax_onednn_conv.so")
   fresh = native.KernelLibrary(onednn_conv.LIBRARY.name, onednn_conv.LIBRARY.env_var,

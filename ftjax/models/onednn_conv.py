@@ -32,6 +32,7 @@ LIBRARY = native.KernelLibrary("libftjax_onednn_conv.so", "FTJAX_ONEDNN_LIBRARY"
     "ftjax_onednn_conv_forward": "FtjaxOnednnConvForward",
     "ftjax_onednn_conv_backward_data": "FtjaxOnednnConvBackwardData",
     "ftjax_onednn_conv_backward_weights": "FtjaxOnednnConvBackwardWeights",
+    "ftjax_onednn_conv_backward": "FtjaxOnednnConvBackward",
 })
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -60,12 +61,14 @@ def _attrs(strides, pads, groups) -> dict:
 
 
 def _call(target: str, out_shape, *operands, strides, pads, groups):
+  """One FFI call; ``out_shape`` is a shape, or a list of shapes for several results."""
   reason = unavailable_reason()
   if reason is not None:
     raise RuntimeError(f"oneDNN convolutions unavailable: {reason}")
-  return jax.ffi.ffi_call(
-      target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")(
-          *operands, **_attrs(strides, pads, groups))
+  result = (jax.ShapeDtypeStruct(out_shape, jnp.float32) if isinstance(out_shape, tuple)
+            else [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in out_shape])
+  return jax.ffi.ffi_call(target, result, vmap_method="sequential")(
+      *operands, **_attrs(strides, pads, groups))
 
 
 # The three convolutions are bilinear, and each one's derivatives are the other two,
@@ -73,6 +76,9 @@ def _call(target: str, out_shape, *operands, strides, pads, groups):
 #   y  = forward(x, k)            dx = backward_data(dy, k)    dk = backward_weights(x, dy)
 #   dx = backward_data(dy, k)     ddy = forward(ct, k)         dk = backward_weights(ct, dy)
 #   dk = backward_weights(x, dy)  dx = backward_data(dy, ct)   ddy = forward(x, ct)
+# The forward's VJP asks only for the gradients of perturbed operands (an image batch
+# needs no input gradient) and takes both from one call, `_backward`, when both are
+# needed; see FtjaxOnednnConvBackward in onednn_conv.cc for why one call.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -83,14 +89,44 @@ def _forward(x, kernel, strides, pads, groups):
 
 
 def _forward_fwd(x, kernel, strides, pads, groups):
-  return _forward(x, kernel, strides, pads, groups), (x, kernel)
+  # symbolic_zeros=True: operands arrive as CustomVJPPrimal(value, perturbed). The
+  # flags are static Python bools, kept in the residuals' tree structure.
+  needs = ("x" if x.perturbed else "") + ("kernel" if kernel.perturbed else "")
+  y = _forward(x.value, kernel.value, strides, pads, groups)
+  return y, {needs: (x.value, kernel.value)}
 
 
 def _forward_bwd(strides, pads, groups, residuals, ct):
-  x, kernel = residuals
+  [(needs, (x, kernel))] = residuals.items()
+  if isinstance(ct, jax.custom_derivatives.SymbolicZero) or not needs:
+    return None, None
   ct = ct.astype(jnp.float32)
-  return (_backward_data(ct, kernel, x.shape[1:3], strides, pads, groups),
-          _backward_weights(x, ct, kernel.shape, strides, pads, groups))
+  if needs == "xkernel":
+    return _backward(x, ct, kernel, strides, pads, groups)
+  if needs == "x":
+    return _backward_data(ct, kernel, x.shape[1:3], strides, pads, groups), None
+  return None, _backward_weights(x, ct, kernel.shape, strides, pads, groups)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _backward(x, dy, kernel, strides, pads, groups):
+  """``(backward_data(dy, kernel), backward_weights(x, dy))`` in one FFI call."""
+  dx, dkernel = _call("ftjax_onednn_conv_backward", [x.shape, kernel.shape], x, dy, kernel,
+                      strides=strides, pads=pads, groups=groups)
+  return dx, dkernel
+
+
+def _backward_fwd(x, dy, kernel, strides, pads, groups):
+  return _backward(x, dy, kernel, strides, pads, groups), (x, dy, kernel)
+
+
+def _backward_bwd(strides, pads, groups, residuals, cts):
+  x, dy, kernel = residuals
+  ct_dx, ct_dkernel = (ct.astype(jnp.float32) for ct in cts)
+  return (_backward_data(dy, ct_dkernel, x.shape[1:3], strides, pads, groups),
+          _forward(ct_dx, kernel, strides, pads, groups)
+          + _forward(x, ct_dkernel, strides, pads, groups),
+          _backward_weights(ct_dx, dy, kernel.shape, strides, pads, groups))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -128,7 +164,8 @@ def _backward_weights_bwd(kernel_shape, strides, pads, groups, residuals, ct):
           _forward(x, ct, strides, pads, groups))
 
 
-_forward.defvjp(_forward_fwd, _forward_bwd)
+_forward.defvjp(_forward_fwd, _forward_bwd, symbolic_zeros=True)
+_backward.defvjp(_backward_fwd, _backward_bwd)
 _backward_data.defvjp(_backward_data_fwd, _backward_data_bwd)
 _backward_weights.defvjp(_backward_weights_fwd, _backward_weights_bwd)
 

@@ -219,6 +219,38 @@ ffi::Error Convolve(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   return Run(kind, g, x, kernel, y);
 }
 
+// Both gradients in one call: backward_data(dy, kernel) -> dx, then
+// backward_weights(x, dy) -> dkernel. One call makes the kernel gradient -- and so
+// the optimizer's in-place update of a donated kernel -- depend on the last read of
+// the kernel, which lets XLA drop the copy it otherwise makes of every kernel at the
+// start of a training step (a copy that also runs beside, and slows, the first
+// convolution).
+ffi::Error ConvolveBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                            ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> dx,
+                            ffi::ResultBuffer<ffi::F32> dkernel, int64_t sh, int64_t sw,
+                            int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
+  if (x.dimensions().size() != dx->dimensions().size() ||
+      kernel.dimensions().size() != dkernel->dimensions().size())
+    return ffi::Error::InvalidArgument("expected NHWC input/output and HWIO kernel");
+  for (size_t i = 0; i < x.dimensions().size(); ++i)
+    if (x.dimensions()[i] != dx->dimensions()[i])
+      return ffi::Error::InvalidArgument("input gradient shape differs from the input's");
+  for (size_t i = 0; i < kernel.dimensions().size(); ++i)
+    if (kernel.dimensions()[i] != dkernel->dimensions()[i])
+      return ffi::Error::InvalidArgument("kernel gradient shape differs from the kernel's");
+  Geometry g;
+  if (auto e = MakeGeometry(x.dimensions(), kernel.dimensions(), dy.dimensions(), sh, sw, pt,
+                            pb, pl, pr, groups, &g);
+      !e.success())
+    return e;
+  if (auto e = Run(Kind::kBackwardData, g, dx->typed_data(), kernel.typed_data(),
+                   dy.typed_data());
+      !e.success())
+    return e;
+  return Run(Kind::kBackwardWeights, g, x.typed_data(), dkernel->typed_data(),
+             dy.typed_data());
+}
+
 }  // namespace
 
 #define FTJAX_CONV_ATTRS                                                        \
@@ -236,3 +268,11 @@ ffi::Error Convolve(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
 FTJAX_CONV_HANDLER(FtjaxOnednnConvForward, Kind::kForward)
 FTJAX_CONV_HANDLER(FtjaxOnednnConvBackwardData, Kind::kBackwardData)
 FTJAX_CONV_HANDLER(FtjaxOnednnConvBackwardWeights, Kind::kBackwardWeights)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxOnednnConvBackward, ConvolveBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() FTJAX_CONV_ATTRS);
