@@ -12,7 +12,11 @@ same machine (``experiments/bench/README.md``). The kernels live in
 :func:`conv2d_onednn` is differentiable to any order in reverse mode
 (``jax.custom_vjp``: the input gradient is oneDNN's backward-data convolution, the
 kernel gradient its backward-weights one, and their derivatives are again these
-three), float32 only, and batched under ``jax.vmap`` one element at a time.
+three), float32 only, and batched under ``jax.vmap`` one element at a time. A
+gradient computes only what is needed (no input gradient for an image batch) and
+takes both gradients from one call when both are: then the kernel gradient depends on
+the last read of the kernel, and XLA no longer copies every donated kernel at the start
+of a training step so that the optimizer's in-place update cannot overwrite it early.
 """
 
 from __future__ import annotations
