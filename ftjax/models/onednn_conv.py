@@ -93,23 +93,28 @@ def _forward(x, kernel, strides, pads, groups):
 
 
 def _forward_fwd(x, kernel, strides, pads, groups):
-  # symbolic_zeros=True: operands arrive as CustomVJPPrimal(value, perturbed). The
-  # flags are static Python bools, kept in the residuals' tree structure.
-  needs = ("x" if x.perturbed else "") + ("kernel" if kernel.perturbed else "")
+  # symbolic_zeros=True: operands arrive as CustomVJPPrimal(value, perturbed). What the
+  # backward pass needs to know statically (which gradients, the shapes) rides in the
+  # residuals' tree structure as the one dict key; an array is kept only if a gradient
+  # reads it (a frozen kernel's layer keeps no input alive for the backward pass).
+  need_x, need_kernel = x.perturbed, kernel.perturbed
   y = _forward(x.value, kernel.value, strides, pads, groups)
-  return y, {needs: (x.value, kernel.value)}
+  key = (need_x, need_kernel, x.value.shape, kernel.value.shape)
+  return y, {key: (x.value if need_kernel else None, kernel.value if need_x else None)}
 
 
 def _forward_bwd(strides, pads, groups, residuals, ct):
-  [(needs, (x, kernel))] = residuals.items()
-  if isinstance(ct, jax.custom_derivatives.SymbolicZero) or not needs:
+  [((need_x, need_kernel, x_shape, kernel_shape), (x, kernel))] = residuals.items()
+  if isinstance(ct, jax.custom_derivatives.SymbolicZero):
     return None, None
   ct = ct.astype(jnp.float32)
-  if needs == "xkernel":
+  if need_x and need_kernel:
     return _backward(x, ct, kernel, strides, pads, groups)
-  if needs == "x":
-    return _backward_data(ct, kernel, x.shape[1:3], strides, pads, groups), None
-  return None, _backward_weights(x, ct, kernel.shape, strides, pads, groups)
+  if need_x:
+    return _backward_data(ct, kernel, x_shape[1:3], strides, pads, groups), None
+  if need_kernel:
+    return None, _backward_weights(x, ct, kernel_shape, strides, pads, groups)
+  return None, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))

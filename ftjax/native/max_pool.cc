@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -45,6 +46,23 @@ ffi::Error Check(const Geometry& g) {
     return ffi::Error::InvalidArgument(
         "the pooled spatial size does not fit x, window and strides");
   return ffi::Error::Success();
+}
+
+// The geometry of x ([n, h, w, c]) pooled to `pooled` ([n, oh, ow, c]: y, or the
+// gradient's cotangent g), checked.
+ffi::Error MakeGeometry(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> pooled,
+                        const char* pooled_name, int64_t window_h, int64_t window_w,
+                        int64_t stride_h, int64_t stride_w, int64_t pad_top,
+                        int64_t pad_left, Geometry* g) {
+  if (xd.size() != 4 || pooled.size() != 4)
+    return ffi::Error::InvalidArgument(std::string("max pool expects NHWC x and ") +
+                                       pooled_name);
+  if (pooled[0] != xd[0] || pooled[3] != xd[3])
+    return ffi::Error::InvalidArgument(std::string(pooled_name) +
+                                       " must have x's batch and channel sizes");
+  *g = Geometry{xd[0], xd[1], xd[2], xd[3], pooled[1], pooled[2], window_h, window_w,
+                stride_h, stride_w, pad_top, pad_left};
+  return Check(*g);
 }
 
 // The input rows / columns of output row p (column q) that lie inside x.
@@ -117,14 +135,11 @@ void BackwardRow(const Geometry& g, const float* __restrict xb, const float* __r
 ffi::Error MaxPoolForward(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
                           int64_t window_h, int64_t window_w, int64_t stride_h,
                           int64_t stride_w, int64_t pad_top, int64_t pad_left) {
-  auto xd = x.dimensions(), yd = y->dimensions();
-  if (xd.size() != 4 || yd.size() != 4)
-    return ffi::Error::InvalidArgument("max pool expects NHWC x and y");
-  if (yd[0] != xd[0] || yd[3] != xd[3])
-    return ffi::Error::InvalidArgument("y must have x's batch and channel sizes");
-  const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], window_h, window_w,
-                   stride_h, stride_w, pad_top, pad_left};
-  if (auto e = Check(g); !e.success()) return e;
+  Geometry g;
+  if (auto e = MakeGeometry(x.dimensions(), y->dimensions(), "y", window_h, window_w,
+                            stride_h, stride_w, pad_top, pad_left, &g);
+      !e.success())
+    return e;
   const float* xs = x.typed_data();
   float* ys = y->typed_data();
 #pragma omp parallel for schedule(static) collapse(2)
@@ -138,16 +153,15 @@ ffi::Error MaxPoolBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy,
                            ffi::ResultBuffer<ffi::F32> dx, int64_t window_h, int64_t window_w,
                            int64_t stride_h, int64_t stride_w, int64_t pad_top,
                            int64_t pad_left) {
-  auto xd = x.dimensions(), gd = gy.dimensions(), dd = dx->dimensions();
-  if (xd.size() != 4 || gd.size() != 4 || dd.size() != 4)
-    return ffi::Error::InvalidArgument("max pool gradient expects NHWC x, g and dx");
-  for (int i = 0; i < 4; ++i)
-    if (dd[i] != xd[i]) return ffi::Error::InvalidArgument("dx must have x's shape");
-  if (gd[0] != xd[0] || gd[3] != xd[3])
-    return ffi::Error::InvalidArgument("g must have x's batch and channel sizes");
-  const Geometry g{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], window_h, window_w,
-                   stride_h, stride_w, pad_top, pad_left};
-  if (auto e = Check(g); !e.success()) return e;
+  Geometry g;
+  if (auto e = MakeGeometry(x.dimensions(), gy.dimensions(), "g", window_h, window_w,
+                            stride_h, stride_w, pad_top, pad_left, &g);
+      !e.success())
+    return e;
+  auto xd = x.dimensions(), dd = dx->dimensions();
+  for (size_t i = 0; i < xd.size(); ++i)
+    if (dd.size() != xd.size() || dd[i] != xd[i])
+      return ffi::Error::InvalidArgument("dx must have x's shape");
   const float* xs = x.typed_data();
   const float* gs = gy.typed_data();
   float* out = dx->typed_data();
