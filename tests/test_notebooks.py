@@ -1,4 +1,12 @@
-"""The notebooks in notebooks/: generated, committed without outputs, executed top to bottom.
+"""The notebooks in notebooks/: jupytext sources, committed without outputs, executed top to bottom.
+
+Each notebook's source is its paired percent-format script, ``notebooks/<name>.py``
+(``# %%`` code cells, ``# %% [markdown]`` cells); the ``.ipynb`` next to it is
+regenerated from it with jupytext (``SYNC_COMMAND``) and must hold the same cells.
+The scripts are checked as code: byte-compiled and linted with ruff's pyflakes
+rules (undefined names, unused imports), each code cell as the kernel runs it
+(IPython magics, which jupytext writes as ``# %pip ...`` comments, turned into
+``get_ipython()`` calls line for line).
 
 Each notebook runs in a fresh Jupyter kernel of *this* interpreter (a kernelspec
 written to a temporary directory points at ``sys.executable``, so the venv's
@@ -16,18 +24,20 @@ are ``slow``: add ``-m "slow or not slow"``).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 import warnings
 
 import jax
 import jax.numpy as jnp
+import jupytext
 import nbformat
 import numpy as np
 import pytest
+from IPython.core.inputtransformer2 import TransformerManager
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
@@ -35,14 +45,65 @@ from nbclient import NotebookClient
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(ROOT, "notebooks")
 KERNEL_NAME = "ftjax-test-python"
+NOTEBOOKS = ("compose_losses", "model_patches", "spottune_policy", "uot_selection")
+PAIRING = "ipynb,py:percent"  # notebook metadata jupytext.formats: <name>.ipynb <-> <name>.py
+# Rewrites each .ipynb's cells from its .py, keeping the ids of unchanged cells (and any outputs).
+SYNC_COMMAND = ".venv/bin/python -m jupytext --to ipynb --update notebooks/*.py"
+RESULTS_PREFIX = "NOTEBOOK_RESULTS "
 
 
-def _generator():
-  spec = importlib.util.spec_from_file_location("build_notebooks",
-                                                os.path.join(NOTEBOOK_DIR, "build_notebooks.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def _path(name: str, ext: str) -> str:
+  return os.path.join(NOTEBOOK_DIR, f"{name}.{ext}")
+
+
+def _cells(nb: nbformat.NotebookNode) -> list[tuple[str, str, dict]]:
+  return [(cell.cell_type, cell.source, dict(cell.metadata)) for cell in nb.cells]
+
+
+def _notebook_metadata(nb: nbformat.NotebookNode) -> dict:
+  """Notebook metadata less the text-only part of jupytext's (the script's format version)."""
+  metadata = json.loads(json.dumps(nb.metadata))
+  metadata.get("jupytext", {}).pop("text_representation", None)
+  return metadata
+
+
+def _difference(script: nbformat.NotebookNode, notebook: nbformat.NotebookNode) -> str | None:
+  """Where ``notebook`` differs from what jupytext reads from the script, or None."""
+  for i, (want, have) in enumerate(zip(_cells(script), _cells(notebook))):
+    if want != have:
+      return f"cell {i} ({want[0]}, starting {want[1][:60]!r}) differs"
+  if len(script.cells) != len(notebook.cells):
+    return f"the .py has {len(script.cells)} cells, the .ipynb {len(notebook.cells)}"
+  if _notebook_metadata(script) != _notebook_metadata(notebook):
+    return "the notebook metadata differs"
+  return None
+
+
+def kernel_source(path: str) -> str:
+  """The script at ``path`` as the kernel runs it, line for line (so errors name its lines).
+
+  jupytext writes a code cell's IPython magics as comments (``# %pip install ...``); here
+  each code cell is replaced by IPython's own translation of the cell jupytext reads
+  (``get_ipython().run_line_magic("pip", ...)``); markdown cells and markers stay comments.
+  """
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  nb = jupytext.read(path)
+  markers = [i for i, line in enumerate(lines) if line.startswith("# %%")]
+  assert len(markers) == len(nb.cells), f"{path}: {len(markers)} '# %%' markers, {len(nb.cells)} cells"
+  transformer = TransformerManager()
+  for marker, cell in zip(markers, nb.cells):
+    if cell.cell_type != "code":
+      continue
+    source = cell.source.split("\n")
+    python = transformer.transform_cell(cell.source).rstrip("\n").split("\n")
+    start = marker + 1
+    written = lines[start:start + len(source)]
+    assert len(python) == len(source) and all(
+        line == src or line.replace("# ", "", 1) == src for line, src in zip(written, source)), (
+            f"{path}: cannot line up the cell at line {start} with the script")
+    lines[start:start + len(source)] = python
+  return "\n".join(lines)
 
 
 def _kernel_manager(kernel_dir: str) -> AsyncKernelManager:
@@ -58,7 +119,7 @@ def _kernel_manager(kernel_dir: str) -> AsyncKernelManager:
 
 def execute_notebook(name: str, tmp_path, monkeypatch, timeout: int = 300) -> dict:
   """Runs ``notebooks/<name>`` in a fresh kernel; returns its ``NOTEBOOK_RESULTS`` dict."""
-  prefix = _generator().RESULTS_PREFIX
+  prefix = RESULTS_PREFIX
   out_dir = tmp_path / "out"
   out_dir.mkdir()
   monkeypatch.setenv("FTJAX_NOTEBOOK_OUT", str(out_dir))   # the kernel inherits the environment
@@ -83,24 +144,58 @@ def execute_notebook(name: str, tmp_path, monkeypatch, timeout: int = 300) -> di
 # ----------------------------------------------------------------------------- the files
 
 
-def test_notebooks_are_generated_and_have_no_outputs():
-  generator = _generator()
-  assert sorted(generator.NOTEBOOKS) == ["compose_losses.ipynb", "model_patches.ipynb",
-                                         "spottune_policy.ipynb", "uot_selection.ipynb"]
-  assert generator.stale_notebooks() == [], "run python notebooks/build_notebooks.py"
-  assert sorted(generator.NOTEBOOKS) == sorted(f for f in os.listdir(NOTEBOOK_DIR)
-                                               if f.endswith(".ipynb"))
-  for name in generator.NOTEBOOKS:
-    nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name), as_version=4)
+def test_each_notebook_is_a_paired_script():
+  files = sorted(os.listdir(NOTEBOOK_DIR))
+  assert sorted(f for f in files if f.endswith(".ipynb")) == [f"{n}.ipynb" for n in NOTEBOOKS]
+  assert sorted(f for f in files if f.endswith(".py")) == [f"{n}.py" for n in NOTEBOOKS]
+  for name in NOTEBOOKS:
+    for ext in ("py", "ipynb"):
+      nb = jupytext.read(_path(name, ext))
+      assert nb.metadata["jupytext"]["formats"] == PAIRING, f"{name}.{ext} is not paired as {PAIRING}"
+
+
+def test_notebooks_are_up_to_date_with_their_scripts():
+  """Each .ipynb holds exactly the cells (and metadata) jupytext makes of its .py."""
+  stale = []
+  for name in NOTEBOOKS:
+    difference = _difference(jupytext.read(_path(name, "py")),
+                             nbformat.read(_path(name, "ipynb"), as_version=4))
+    if difference:
+      stale.append(f"{name}.ipynb: {difference}")
+  assert not stale, ("notebooks out of date with their .py sources (" + "; ".join(stale)
+                     + f"); regenerate them with `{SYNC_COMMAND}`")
+
+
+def test_notebooks_have_no_outputs_and_open_as_documented():
+  for name in NOTEBOOKS:
+    nb = nbformat.read(_path(name, "ipynb"), as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(not c.outputs and c.execution_count is None for c in code), f"{name} has outputs"
+    assert all(not c.outputs and c.execution_count is None for c in code), (
+        f"{name}.ipynb has outputs: save it without them, or rewrite it from its script without"
+        f" --update (new cell ids): `.venv/bin/python -m jupytext --to ipynb notebooks/{name}.py`")
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
     for cell in nb.cells:  # an indented markdown line would render as a code block
       if cell.cell_type == "markdown":
         assert not any(line.startswith("    ") for line in cell.source.splitlines()), name
     install = code[0].source
     assert "except ImportError" in install and "%pip install" in install and "import ftjax" in install
+    assert code[-1].source.count(RESULTS_PREFIX) == 1, f"{name}: the last cell prints the results line"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_script_compiles_and_lints(name):
+  """Byte-compiles the script and runs ruff's pyflakes rules (F: undefined names, unused imports...)."""
+  path = _path(name, "py")
+  source = kernel_source(path)
+  compile(source, path, "exec")  # a SyntaxError names the script's line
+  relative = os.path.relpath(path, ROOT)
+  lint = subprocess.run(
+      [sys.executable, "-m", "ruff", "check", "--isolated", "--no-cache", "--select", "F",
+       "--config", 'builtins = ["get_ipython"]', "--output-format", "concise",
+       "--stdin-filename", relative, "-"],
+      input=source, capture_output=True, text=True, cwd=ROOT, check=False)
+  assert lint.returncode == 0, f"ruff (pyflakes rules) on {relative}:\n{lint.stdout}{lint.stderr}"
 
 
 # ----------------------------------------------------------------------------- executions
