@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Builds ftjax's CPU kernels into ftjax/native/_build/ against the XLA FFI headers of
+# Builds ftjax's CPU kernels into ftjax/ops/_build/ against the XLA FFI headers of
 # the installed jaxlib:
-#   ftjax/native/onednn_conv.cc  -> libftjax_onednn_conv.so  (convolutions, Debian's libdnnl-dev)
-#   ftjax/native/max_pool.cc     -> libftjax_max_pool.so     (max-pool gradient, OpenMP)
+#   ftjax/ops/onednn_conv.cc   -> libftjax_onednn_conv.so   (convolutions, Debian's libdnnl-dev)
+#   ftjax/ops/max_pool.cc      -> libftjax_max_pool.so      (max-pool gradient, OpenMP)
+#   ftjax/ops/channel_sums.cc  -> libftjax_channel_sums.so  (BatchNorm channel sums, OpenMP)
 # Run by scripts/setup.sh; safe to re-run (a library is skipped when its source, the
 # compiler flags, jaxlib and libdnnl are unchanged).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=${PYTHON:-.venv/bin/python}
-out_dir=ftjax/native/_build
+out_dir=ftjax/ops/_build
 
 missing=()
 dpkg -s libdnnl-dev >/dev/null 2>&1 || missing+=(libdnnl-dev)
@@ -27,9 +28,9 @@ flags="-O2 -std=c++17 -fPIC -shared -Wno-attributes"
 versions="$("$python" -c "import jaxlib; print(jaxlib.__version__)"; dpkg -s libdnnl-dev | grep '^Version')"
 mkdir -p "$out_dir"
 
-build() {  # build NAME LIBS...: ftjax/native/NAME.cc -> $out_dir/libftjax_NAME.so
+build() {  # build NAME LIBS...: ftjax/ops/NAME.cc -> $out_dir/libftjax_NAME.so
   local name=$1; shift
-  local src=ftjax/native/$name.cc out=$out_dir/libftjax_$name.so stamp=$out_dir/.stamp_$name
+  local src=ftjax/ops/$name.cc out=$out_dir/libftjax_$name.so stamp=$out_dir/.stamp_$name
   local want
   want="$( (cat "$src"; echo "$flags $*"; echo "$versions") | sha256sum | cut -d' ' -f1)"
   if [ -f "$out" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

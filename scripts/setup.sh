@@ -29,7 +29,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-# oneDNN convolutions for CPU (ftjax.models.onednn_conv): Debian libdnnl-dev + g++.
+# CPU kernels (ftjax/ops/*.cc: oneDNN convolutions, max pooling, BatchNorm channel sums)
+# into ftjax/ops/_build/: Debian libdnnl-dev + g++.
 bash scripts/build_native.sh
 
 # Builds TFDS's fashion_mnist from the Debian files once (no network).

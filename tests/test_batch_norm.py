@@ -1,7 +1,7 @@
 """``batch_norm_train``, ``BatchNorm`` and the channel-sum kernels, against NumPy and flax.
 
 Every BatchNorm test runs twice: with the CPU channel-sum kernels
-(``ftjax.models.channel_sums``) and with plain XLA sums (``conv_impl("xla")``).
+(``ftjax.ops.channel_sums``) and with plain XLA sums (``conv_impl("xla")``).
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax.models import channel_sums
-from ftjax.models import conv as conv_lib
-from ftjax.models.batch_norm import BatchNorm, batch_norm_train
+from ftjax.models.layers import BatchNorm
+from ftjax.ops import channel_sums
+from ftjax.ops import conv as conv_lib
+from ftjax.ops.batch_norm import batch_norm_train
 
 EPS = 1e-3
 

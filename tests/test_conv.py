@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from jax import lax
 
-from ftjax.models import conv as conv_lib
-from ftjax.models import native
-from ftjax.models import onednn_conv
-from ftjax.models.conv import conv2d
+from ftjax.ops import conv as conv_lib
+from ftjax.ops import native
+from ftjax.ops import onednn_conv
+from ftjax.ops.conv import conv2d
 
 SYMMETRIC = "symmetric"  # explicit ((k // 2, k // 2), (k // 2, k // 2)), as ResNet uses
 
@@ -437,7 +437,7 @@ def test_full_grid_matches_lax(impl):
 
 # --------------------------------------------------------------------------- max pool
 
-from ftjax.models import pool as pool_lib  # noqa: E402
+from ftjax.ops import pool as pool_lib  # noqa: E402
 
 
 @pytest.mark.parametrize("window,stride,padding,hw", [

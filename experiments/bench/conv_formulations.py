@@ -7,7 +7,7 @@ Each row times one jitted function that returns the input and weight gradients o
 ``sum(op(x, w) * g)`` (a forward pass plus both backward products, as in a training
 step), for every formulation that can express the op; the formulations are run
 interleaved (round robin) so that machine load affects them alike. ``auto`` names what
-:func:`ftjax.models.conv.conv2d` picks for the shape on this platform, so a row whose
+:func:`ftjax.ops.conv.conv2d` picks for the shape on this platform, so a row whose
 fastest column is not the ``auto`` choice shows a rule to revisit (``onednn`` for
 float32 when built, else ``SMALL_MAP_POSITIONS`` / ``SMALL_IN_CHANNELS`` /
 ``MATMUL_MAX_PATCH_BYTES``). The shapes are the convolutions of
@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import host_memory
-from ftjax.models import conv as conv_lib
-from ftjax.models import onednn_conv
-from ftjax.models import pool as pool_lib
+from ftjax.ops import conv as conv_lib
+from ftjax.ops import onednn_conv
+from ftjax.ops import pool as pool_lib
 
 # (label, batch, map size, in channels, out channels, kernel, stride); depthwise when
 # out channels is None.

@@ -41,7 +41,7 @@ import optax
 
 from ftjax import host_memory
 from ftjax.models import create_model
-from ftjax.models import conv as conv_lib
+from ftjax.ops import conv as conv_lib
 
 NUM_CLASSES = 1000
 
@@ -176,7 +176,7 @@ class TorchWorker:
 
   PyTorch and ftjax's oneDNN kernels both use GNU OpenMP, which reads its settings
   once per process: ftjax loads it with a passive wait policy (see
-  ``ftjax.models.onednn_conv``), under which PyTorch's eager step is 5-40% slower
+  ``ftjax.ops.onednn_conv``), under which PyTorch's eager step is 5-40% slower
   than with its default. A separate process times PyTorch as its users run it, and
   staying alive between requests lets the two steps take turns.
   """

@@ -1,9 +1,10 @@
 """Building blocks shared by ftjax's Linen models.
 
 :class:`Conv` stores its parameters exactly like ``flax.linen.Conv`` (``kernel``
-HWIO, optional ``bias``) but calls :func:`ftjax.models.conv.conv2d`, so the
+HWIO, optional ``bias``) but calls :func:`ftjax.ops.conv.conv2d`, so the
 convolution implementation can change without touching checkpoints or
-parameter-path rules.
+parameter-path rules; :class:`BatchNorm` keeps ``flax.linen.BatchNorm``'s variables
+and runs training mode through :func:`ftjax.ops.batch_norm.batch_norm_train`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ftjax.models.batch_norm import BatchNorm
-from ftjax.models.conv import Padding, conv2d
+from ftjax.ops.batch_norm import batch_norm_train
+from ftjax.ops.conv import conv2d
+from ftjax.ops.geometry import Padding
 
 # He-normal, fan-out: torchvision's ResNet conv initialisation.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -38,7 +40,7 @@ class Conv(nn.Module):
     feature_group_count: ``in_channels`` for a depthwise convolution.
     use_bias: add a ``bias`` parameter.
     kernel_init: initialiser of the HWIO kernel.
-    impl: :func:`~ftjax.models.conv.conv2d` implementation (``"auto"`` picks per
+    impl: :func:`~ftjax.ops.conv.conv2d` implementation (``"auto"`` picks per
       platform and shape; does not change the parameters).
 
   Example:
@@ -77,6 +79,45 @@ class Conv(nn.Module):
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
       y = y + bias.astype(y.dtype)
+    return y
+
+
+class BatchNorm(nn.Module):
+  """``flax.linen.BatchNorm`` over the last axis, two passes each way in training mode.
+
+  Training mode runs :func:`ftjax.ops.batch_norm.batch_norm_train` (a hand-written
+  gradient). Same variables (``params/scale``, ``params/bias``, ``batch_stats/mean``,
+  ``batch_stats/var``), initialisation, defaults, statistics and running-average rule
+  as flax (``ra = momentum * ra + (1 - momentum) * batch_statistic``, not updated while
+  initialising), so checkpoints, patches and parameter-path rules see no difference.
+
+  Attributes:
+    use_running_average: normalise by the running statistics; may instead be given
+      at call time (exactly one of the two).
+    momentum: running-average decay.
+    epsilon: added to the variance.
+  """
+
+  use_running_average: bool | None = None
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    use_running_average = nn.merge_param("use_running_average", self.use_running_average,
+                                         use_running_average)
+    channels = (x.shape[-1],)
+    scale = self.param("scale", nn.initializers.ones, channels, jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, channels, jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), channels)
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), channels)
+    if use_running_average:
+      return (x - ra_mean.value) * (scale * jax.lax.rsqrt(ra_var.value + self.epsilon)) + bias
+    y, mean, var = batch_norm_train(x, scale=scale, bias=bias, epsilon=self.epsilon)
+    if not self.is_initializing():
+      m = self.momentum
+      ra_mean.value = m * ra_mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
+      ra_var.value = m * ra_var.value + (1.0 - m) * jax.lax.stop_gradient(var)
     return y
 
 

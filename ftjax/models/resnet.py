@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.models.layers import Conv, batch_norm, symmetric_padding
-from ftjax.models.pool import max_pool
+from ftjax.ops.pool import max_pool
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)

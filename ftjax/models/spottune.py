@@ -76,10 +76,9 @@ import numpy as np
 from ftjax.losses.spottune import gumbel_softmax
 from ftjax.models.efficientnet_lite import (EFFICIENTNET_SPECS, LITE_MEAN, LITE_STD, EfficientNetSpec,
                                             MBConv)
-from ftjax.models.batch_norm import BatchNorm
-from ftjax.models.layers import Conv, head_kernel_init, normalize_pixels, symmetric_padding
-from ftjax.models.pool import max_pool
+from ftjax.models.layers import BatchNorm, Conv, head_kernel_init, normalize_pixels, symmetric_padding
 from ftjax.models.resnet import IMAGENET_MEAN, IMAGENET_STD, RESNET_SPECS, ResidualBlock, ResNetSpec
+from ftjax.ops.pool import max_pool
 
 SPOTTUNE_OUTPUTS = ("features", "logits", "source_logits", "feature_maps", "policy", "policy_logits")
 ROUTING_MODES = ("gumbel", "sample", "argmax", "all_frozen", "all_finetuned", "random", "fixed")

@@ -12,7 +12,7 @@ channels) and their gradients at a few GFLOP/s, depthwise convolutions at under 
 Implementations:
 
 * ``"onednn"``: oneDNN (the library behind PyTorch's CPU convolutions) through XLA
-  FFI custom calls, forward and both gradients (:mod:`ftjax.models.onednn_conv`);
+  FFI custom calls, forward and both gradients (:mod:`ftjax.ops.onednn_conv`);
   float32 on CPU, any strides, padding and groups. Needs the kernels built by
   ``scripts/build_native.sh`` (``scripts/setup.sh`` does it).
 * ``"xla"``: ``lax.conv_general_dilated`` (always used on GPU/TPU under ``"auto"``).
@@ -38,16 +38,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ftjax.models import onednn_conv
-
-Padding = str | Sequence[tuple[int, int]]
-Pads = tuple[tuple[int, int], tuple[int, int]]
+from ftjax.ops import onednn_conv
+from ftjax.ops.geometry import Padding, output_hw, pad_hw, resolve_padding, tap
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 IMPLS = ("auto", "xla", "matmul", "shifted", "onednn")
@@ -100,53 +98,6 @@ def _check_impl(impl: str) -> None:
     raise ValueError(f"unknown conv impl {impl!r}; expected one of {IMPLS}")
 
 
-def resolve_padding(
-    padding: Padding,
-    in_hw: tuple[int, int],
-    kernel_hw: tuple[int, int],
-    strides: tuple[int, int],
-) -> Pads:
-  """Explicit ``((top, bottom), (left, right))`` padding.
-
-  ``"SAME"`` follows TensorFlow (and ``lax``): ``out = ceil(in / stride)`` and the odd
-  pad goes at the bottom/right.
-  """
-  if isinstance(padding, str):
-    mode = padding.upper()
-    if mode not in ("SAME", "VALID"):
-      raise ValueError(
-          f"unknown padding {padding!r}; expected 'SAME', 'VALID' or ((t, b), (l, r))")
-    pads = lax.padtype_to_pads(in_hw, kernel_hw, strides, mode)
-    return tuple((int(lo), int(hi)) for lo, hi in pads)  # type: ignore[return-value]
-  pads = tuple(tuple(int(p) for p in pair) for pair in padding)
-  if len(pads) != 2 or any(len(pair) != 2 or min(pair) < 0 for pair in pads):
-    raise ValueError(
-        f"explicit padding must be ((top, bottom), (left, right)) of non-negative "
-        f"ints; got {padding!r}")
-  return pads  # type: ignore[return-value]
-
-
-def output_hw(in_hw, kernel_hw, strides, pads) -> tuple[int, int]:
-  """``(height, width)`` of a window op's output, for explicit ``((t, b), (l, r))`` pads."""
-  return tuple(
-      (size + lo + hi - k) // s + 1
-      for size, k, s, (lo, hi) in zip(in_hw, kernel_hw, strides, pads))  # type: ignore[return-value]
-
-
-def _tap(xp: jax.Array, i: int, j: int, strides, out_hw) -> jax.Array:
-  """View of padded ``xp`` that kernel tap ``(i, j)`` multiplies: ``xp[:, i::s, j::s]``."""
-  (sh, sw), (oh, ow) = strides, out_hw
-  n, _, _, c = xp.shape
-  return lax.slice(
-      xp, (0, i, j, 0), (n, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, c), (1, sh, sw, 1))
-
-
-def _pad_hw(x: jax.Array, pads: Pads) -> jax.Array:
-  if pads == ((0, 0), (0, 0)):
-    return x
-  return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-
-
 # --------------------------------------------------------------------------- matmul
 
 
@@ -154,8 +105,8 @@ def _conv_matmul(x, kernel, strides, pads):
   """Dense conv as patch extraction + one matmul (autodiff gives matmul gradients)."""
   kh, kw, cin, cout = kernel.shape
   out_hw = output_hw(x.shape[1:3], (kh, kw), strides, pads)
-  xp = _pad_hw(x, pads)
-  taps = [_tap(xp, i, j, strides, out_hw) for i in range(kh) for j in range(kw)]
+  xp = pad_hw(x, pads)
+  taps = [tap(xp, i, j, strides, out_hw) for i in range(kh) for j in range(kw)]
   # Tap order (i, j, cin) matches kernel.reshape(kh * kw * cin, cout).
   patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
   n = x.shape[0]
@@ -171,11 +122,11 @@ def _depthwise_forward(x, w, strides, pads):
   """``y = sum_ij tap_ij(pad(x)) * w[i, j]`` with ``w`` of shape ``[kh, kw, c]``."""
   kh, kw, _ = w.shape
   out_hw = output_hw(x.shape[1:3], (kh, kw), strides, pads)
-  xp = _pad_hw(x, pads)
+  xp = pad_hw(x, pads)
   y = None
   for i in range(kh):
     for j in range(kw):
-      term = _tap(xp, i, j, strides, out_hw) * w[i, j]
+      term = tap(xp, i, j, strides, out_hw) * w[i, j]
       y = term if y is None else y + term
   return y
 
@@ -198,10 +149,10 @@ def _depthwise_shifted_bwd(strides, pads, residuals, g):
   # one variadic reduction (one output per tap) over the 4-D products. XLA:CPU emits
   # it as a single pass over x and g; separate per-tap reductions of sliced operands
   # measured 2-6x slower (weight-gradient table in experiments/bench/README.md).
-  xp = _pad_hw(x, pads)
+  xp = pad_hw(x, pads)
   # Low-precision inputs accumulate in float32 (as jnp.sum does).
   acc_dtype = jnp.promote_types(g.dtype, jnp.float32)
-  products = [(_tap(xp, i, j, strides, out_hw) * g).astype(acc_dtype)
+  products = [(tap(xp, i, j, strides, out_hw) * g).astype(acc_dtype)
               for i in range(kh) for j in range(kw)]
   zeros = [jnp.zeros((), acc_dtype)] * len(products)
 

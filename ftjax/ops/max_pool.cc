@@ -1,4 +1,4 @@
-// XLA FFI handlers for NHWC max pooling on CPU, for ftjax.models.pool.
+// XLA FFI handlers for NHWC max pooling on CPU, for ftjax.ops.pool.
 //
 //   FtjaxMaxPoolForward:  y[n, p, q, c] = max of x over window (p, q) (padding: -inf)
 //   FtjaxMaxPoolBackward: dx[n, r, s, c] = sum of g[n, p, q, c] over the windows

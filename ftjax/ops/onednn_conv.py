@@ -4,10 +4,10 @@ oneDNN is the library behind PyTorch's CPU convolutions. On the shapes of ResNet
 EfficientNet fine-tuning steps it runs a convolution's forward pass and both
 gradients at 180-210 GFLOP/s where XLA:CPU's own convolutions reach 70-160 on the
 same machine (``experiments/bench/README.md``). The kernels live in
-``ftjax/native/onednn_conv.cc``; ``scripts/build_native.sh`` (run by
+``ftjax/ops/onednn_conv.cc``; ``scripts/build_native.sh`` (run by
 ``scripts/setup.sh``) compiles them against Debian's ``libdnnl-dev`` into
-``ftjax/native/_build/``. Without that library :func:`available` is False and
-:mod:`ftjax.models.conv` keeps its XLA-based formulations.
+``ftjax/ops/_build/``. Without that library :func:`available` is False and
+:mod:`ftjax.ops.conv` keeps its XLA-based formulations.
 
 :func:`conv2d_onednn` is differentiable to any order in reverse mode
 (``jax.custom_vjp``: the input gradient is oneDNN's backward-data convolution, the
@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# conv imports this module too; only conv_lib.output_hw is used, at trace time.
-from ftjax.models import conv as conv_lib
-from ftjax.models import native
+from ftjax.ops import native
+from ftjax.ops.geometry import Pads, output_hw
 
 LIBRARY = native.KernelLibrary("libftjax_onednn_conv.so", "FTJAX_ONEDNN_LIBRARY", {
     "ftjax_onednn_conv_forward": "FtjaxOnednnConvForward",
@@ -38,8 +37,6 @@ LIBRARY = native.KernelLibrary("libftjax_onednn_conv.so", "FTJAX_ONEDNN_LIBRARY"
     "ftjax_onednn_conv_backward_weights": "FtjaxOnednnConvBackwardWeights",
     "ftjax_onednn_conv_backward": "FtjaxOnednnConvBackward",
 })
-
-Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
 def library_path() -> pathlib.Path:
@@ -87,7 +84,7 @@ def _call(target: str, out_shape, *operands, strides, pads, groups):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _forward(x, kernel, strides, pads, groups):
-  out_hw = conv_lib.output_hw(x.shape[1:3], kernel.shape[:2], strides, pads)
+  out_hw = output_hw(x.shape[1:3], kernel.shape[:2], strides, pads)
   return _call("ftjax_onednn_conv_forward", (x.shape[0], *out_hw, kernel.shape[3]),
                x, kernel, strides=strides, pads=pads, groups=groups)
 

@@ -2,10 +2,10 @@
 
 Training-mode BatchNorm needs two per-channel sums forward (``x`` and ``x^2``) and two
 backward (``dy`` and ``dy * (x - mean)``). XLA:CPU reads the activation once per sum;
-the FFI kernels in ``ftjax/native/channel_sums.cc`` read it once for both, on all
+the FFI kernels in ``ftjax/ops/channel_sums.cc`` read it once for both, on all
 cores. Whole training steps, kernels vs XLA's sums in one process taking turns:
 EfficientNet-Lite0 b32/96 time ratio 0.901, ResNet-18 b32/112 0.971, b64/64 0.990
-(``experiments/bench/README.md``). :mod:`ftjax.models.batch_norm` calls
+(``experiments/bench/README.md``). :mod:`ftjax.ops.batch_norm` calls
 :func:`moments` and :func:`centred_sums`; they run the kernels on CPU for float32
 when the library is built (``scripts/build_native.sh``) and ``jnp.sum`` otherwise,
 or everywhere under ``FTJAX_CONV_IMPL=xla`` / ``conv_impl("xla")``.
@@ -19,8 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ftjax.models import conv as conv_lib
-from ftjax.models import native
+from ftjax.ops import conv as conv_lib
+from ftjax.ops import native
 
 LIBRARY = native.KernelLibrary("libftjax_channel_sums.so", "FTJAX_CHANNEL_SUMS_LIBRARY", {
     "ftjax_channel_moments": "FtjaxChannelMoments",

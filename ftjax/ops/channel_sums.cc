@@ -1,5 +1,5 @@
 // XLA FFI handlers for the per-channel sums of BatchNorm on CPU, for
-// ftjax.models.channel_sums. The activation is NHWC, i.e. an [M, C] row-major
+// ftjax.ops.channel_sums. The activation is NHWC, i.e. an [M, C] row-major
 // matrix; each handler reads its inputs once and returns two [C] sums:
 //
 //   moments(x)              -> (sum_m x,  sum_m x^2)

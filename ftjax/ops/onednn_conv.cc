@@ -1,5 +1,5 @@
 // XLA FFI handlers that run 2-D convolutions (forward, input gradient, kernel
-// gradient) with oneDNN on CPU, for ftjax.models.onednn_conv.
+// gradient) with oneDNN on CPU, for ftjax.ops.onednn_conv.
 //
 // Why: XLA:CPU's own convolutions (YNNPACK fusions, Eigen) reach 70-160 GFLOP/s on
 // the shapes of ResNet/EfficientNet fine-tuning steps where oneDNN -- the library

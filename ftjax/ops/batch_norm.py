@@ -1,29 +1,27 @@
-"""Batch normalisation in two passes over the activations each way.
+"""Training-mode batch normalisation in two passes over the activations each way.
 
-:class:`BatchNorm` keeps ``flax.linen.BatchNorm``'s variables (``params/scale``,
-``params/bias``, ``batch_stats/mean``, ``batch_stats/var``), initialisation,
-momentum convention and statistics (biased variance, ``E[x^2] - E[x]^2``), so
-checkpoints, patches and parameter-path rules see no difference. What changes is
-the training-mode computation: :func:`batch_norm_train` has a hand-written
-gradient, so a training step reads the activations twice forward (statistics,
-then ``y = a * (x - mean) + bias``) and twice backward (two per-channel sums, then
-``dx = a * dy + c1 * (x - mean) + c0``) and keeps only ``x`` and two per-channel vectors
-for the backward pass. Differentiating flax's formulation instead materialises
-``x - mean`` and several full-size intermediates; on a 32x48x48x96 activation
-the forward pass, ReLU6 and backward pass took 11.3 ms here against flax's 25.4 ms
-(``experiments/bench/README.md``). On CPU the two per-channel sums of each pass come
-from one read of the activation (:mod:`ftjax.models.channel_sums`).
+:func:`batch_norm_train` computes flax's statistics (biased variance,
+``E[x^2] - E[x]^2``) with a hand-written gradient, so a training step reads the
+activations twice forward (statistics, then ``y = a * (x - mean) + bias``) and twice
+backward (two per-channel sums, then ``dx = a * dy + c1 * (x - mean) + c0``) and keeps
+only ``x`` and two per-channel vectors for the backward pass. Differentiating flax's
+formulation instead materialises ``x - mean`` and several full-size intermediates; on a
+32x48x48x96 activation the forward pass, ReLU6 and backward pass took 11.3 ms here
+against flax's 25.4 ms (``experiments/bench/README.md``). On CPU the two per-channel
+sums of each pass come from one read of the activation (:mod:`ftjax.ops.channel_sums`).
+The Linen module, with ``flax.linen.BatchNorm``'s variables, is
+:class:`ftjax.models.layers.BatchNorm`.
 """
 
 from __future__ import annotations
 
 import functools
-import flax.linen as nn
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.models import channel_sums
+from ftjax.ops import channel_sums
 
 
 def _reduced_size(x: jax.Array) -> float:
@@ -109,41 +107,3 @@ def batch_norm_train(x: jax.Array, *, scale: jax.Array, bias: jax.Array,
   dtype = jnp.promote_types(jnp.result_type(x, scale, bias), jnp.float32)
   return _batch_norm_train(x.astype(dtype), scale.astype(dtype), bias.astype(dtype),
                            float(epsilon))
-
-
-class BatchNorm(nn.Module):
-  """``flax.linen.BatchNorm`` over the last axis, training mode via :func:`batch_norm_train`.
-
-  Same variables, defaults and running-average rule as flax
-  (``ra = momentum * ra + (1 - momentum) * batch_statistic``, not updated while
-  initialising).
-
-  Attributes:
-    use_running_average: normalise by the running statistics; may instead be given
-      at call time (exactly one of the two).
-    momentum: running-average decay.
-    epsilon: added to the variance.
-  """
-
-  use_running_average: bool | None = None
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-
-  @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-    use_running_average = nn.merge_param("use_running_average", self.use_running_average,
-                                         use_running_average)
-    channels = (x.shape[-1],)
-    scale = self.param("scale", nn.initializers.ones, channels, jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, channels, jnp.float32)
-    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), channels)
-    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), channels)
-    if use_running_average:
-      return (x - ra_mean.value) * (scale * jax.lax.rsqrt(ra_var.value + self.epsilon)) + bias
-    y, mean, var = batch_norm_train(x, scale=scale, bias=bias, epsilon=self.epsilon)
-    if not self.is_initializing():
-      m = self.momentum
-      ra_mean.value = m * ra_mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
-      ra_var.value = m * ra_var.value + (1.0 - m) * jax.lax.stop_gradient(var)
-    return y
-

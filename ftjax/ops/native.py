@@ -1,5 +1,5 @@
-"""Loading ftjax's compiled CPU kernels (``ftjax/native/*.cc``, built by
-``scripts/build_native.sh`` into ``ftjax/native/_build/``)."""
+"""Loading ftjax's compiled CPU kernels (``ftjax/ops/*.cc``, built by
+``scripts/build_native.sh`` into ``ftjax/ops/_build/``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import threading
 
 import jax
 
-BUILD_DIR = pathlib.Path(__file__).resolve().parent.parent / "native" / "_build"
+BUILD_DIR = pathlib.Path(__file__).resolve().parent / "_build"
 
 
 def load_library(path: pathlib.Path | str) -> ctypes.CDLL:

@@ -12,11 +12,11 @@ XLA's gradient, 37.9 ms with this one (``experiments/bench/conv_formulations.py`
 ``experiments/bench/README.md``).
 
 ``impl="native"`` runs the forward pass and the gradient as CPU kernels
-(``ftjax/native/max_pool.cc``, built by ``scripts/build_native.sh``; float32), one
+(``ftjax/ops/max_pool.cc``, built by ``scripts/build_native.sh``; float32), one
 pass over the input each, on all cores. Same pool, jitted alone: forward 3.7 ms with
 ``reduce_window`` -> 1.1 ms, gradient 8.0 ms shifted -> 4.2-4.6 ms native. ``impl="auto"``
 uses the kernels on CPU when built, else the shifted gradient, and ``reduce_window``
-elsewhere; ``FTJAX_CONV_IMPL=xla`` (or :func:`ftjax.models.conv.conv_impl` ``("xla")``)
+elsewhere; ``FTJAX_CONV_IMPL=xla`` (or :func:`ftjax.ops.conv.conv_impl` ``("xla")``)
 forces ``reduce_window``, as for the convolutions.
 
 Ties follow XLA's ``select_and_scatter`` with ``>=`` (what JAX's ``reduce_window`` max
@@ -37,8 +37,9 @@ import numpy as np
 from jax import lax
 import flax.linen as nn
 
-from ftjax.models import conv as conv_lib
-from ftjax.models import native
+from ftjax.ops import conv as conv_lib
+from ftjax.ops import geometry
+from ftjax.ops import native
 
 POOL_IMPLS = ("auto", "xla", "shifted", "native")
 
@@ -62,7 +63,7 @@ def _require_library() -> None:
 
 def _native_forward(x, window, strides, pads):
   _require_library()
-  out_hw = conv_lib.output_hw(x.shape[1:3], window, strides, pads)
+  out_hw = geometry.output_hw(x.shape[1:3], window, strides, pads)
   return jax.ffi.ffi_call(
       "ftjax_max_pool_forward",
       jax.ShapeDtypeStruct((x.shape[0], *out_hw, x.shape[3]), x.dtype),
@@ -86,8 +87,7 @@ def _shifted_gradient(x, g, window, strides, pads):
   (kh, kw), (sh, sw) = window, strides
   (h, w), (oh, ow) = x.shape[1:3], g.shape[1:3]
   xp = _pad_neg_inf(x, pads)
-  taps = [conv_lib._tap(xp, i, j, strides, (oh, ow))  # pylint: disable=protected-access
-          for i in range(kh) for j in range(kw)]
+  taps = [geometry.tap(xp, i, j, strides, (oh, ow)) for i in range(kh) for j in range(kw)]
   # The window maxima are recomputed from these taps, not taken from the forward pass:
   # under jit XLA may evaluate the pool's input twice with different rounding (once
   # fused into reduce_window, once into the taps), and then no tap equals the
@@ -167,7 +167,7 @@ _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int] | None = None,
-             padding: conv_lib.Padding = "VALID", *, impl: str = "auto") -> jax.Array:
+             padding: geometry.Padding = "VALID", *, impl: str = "auto") -> jax.Array:
   """NHWC max pooling, padded with -inf (as ``flax.linen.max_pool`` and torch's MaxPool2d).
 
   Args:
@@ -191,11 +191,11 @@ def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int] | N
     raise ValueError(f"max_pool expects NHWC input; got shape {x.shape}")
   window = tuple(int(k) for k in window)
   strides = (1, 1) if strides is None else tuple(int(s) for s in strides)
-  pads = conv_lib.resolve_padding(padding, x.shape[1:3], window, strides)
+  pads = geometry.resolve_padding(padding, x.shape[1:3], window, strides)
   if any(max(pair) >= k for pair, k in zip(pads, window)):
     raise ValueError(f"max_pool padding {pads} must be smaller than the window {window}: "
                      "a window of padding only has no maximum")
-  out_hw = conv_lib.output_hw(x.shape[1:3], window, strides, pads)
+  out_hw = geometry.output_hw(x.shape[1:3], window, strides, pads)
   if min(out_hw) < 1:
     raise ValueError(f"max_pool output would be empty: input {x.shape[1:3]}, window {window}, "
                      f"strides {strides}, padding {pads}")
