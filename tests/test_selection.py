@@ -124,7 +124,8 @@ def test_uot_jit_vmap_over_targets_equals_one_at_a_time():
 
 def test_uot_float32_stable_with_large_costs():
   # Opposite directions: costs up to 2 / 0.01 = 200, exp(-200) underflows in
-  # float32; the log-domain solver must still give finite, positive masses.
+  # float32; the solver (kernel space on shifted costs, exact rows near underflow)
+  # must still give finite, positive masses.
   rng = np.random.default_rng(0)
   target = rng.normal(size=(N_TARGET, DIM)).astype(np.float32)
   near = target[:3] + 0.1 * rng.normal(size=(3, DIM))

@@ -11,7 +11,9 @@ from ftjax.selection.uot import UOTScores
 from ftjax.selection.uot import class_means
 from ftjax.selection.uot import cost_matrix
 from ftjax.selection.uot import select_top_k
+from ftjax.selection.uot import solve_uot
 from ftjax.selection.uot import uot_scores
+from ftjax.selection.uot import uot_scores_batched
 
 __all__ = [
     "KMeansResult",
@@ -25,5 +27,7 @@ __all__ = [
     "load_cached_features",
     "random_units",
     "select_top_k",
+    "solve_uot",
     "uot_scores",
+    "uot_scores_batched",
 ]
