@@ -241,6 +241,13 @@ def test_convergence_info_and_warning_when_the_cap_is_hit():
   # Under jit the warning comes from a host callback.
   with pytest.warns(RuntimeWarning, match="did not converge in 1 of 1"):
     jax.block_until_ready(jax.jit(lambda c: solve_uot(cost=c, max_iterations=3))(cost))
+  # Under vmap: one warning for the batch, counting the unconverged problems.
+  costs = jnp.stack([cost, cost + 1.0])
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    jax.block_until_ready(jax.vmap(lambda c: solve_uot(cost=c, max_iterations=3))(costs))
+  assert [str(w.message)[:45] for w in caught] == [
+      "UOT Sinkhorn did not converge in 2 of 2 probl"]
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     full = solve_uot(cost=cost, threshold=1e-7)

@@ -394,6 +394,7 @@ def run_scale_case(solver, n_pool, n_target, dim, *, threshold=None, scores_out=
 
 def scale(sizes, n_target=1000, dim=512, pot_max=100_000):
   import tempfile
+  peaks = {}
   print(f"\n[3] scale: pool x {n_target} classes x {dim}-d, one subprocess per solver "
         "(peak RSS = VmHWM: runtime + inputs + solver)")
   for n_pool in sizes:
@@ -404,6 +405,7 @@ def scale(sizes, n_target=1000, dim=512, pot_max=100_000):
       thr = pot["error"] if pot else 1e-7
       ours = run_scale_case("ftjax", n_pool, n_target, dim, threshold=thr,
                             scores_out=f"{tmp}/ours.npy")
+      peaks[n_pool] = ours["peak_rss_mb"]
       print(f"  {n_pool:,} x {n_target:,}: ftjax uot_scores (features -> scores) "
             f"{ours['total_s']:.2f} s (median of 4) = cost {ours['cost_s']:.2f} s + solver "
             f"{ours['solve_s']:.2f} s (first call {ours['first_s']:.2f} s incl. compile), "
@@ -427,6 +429,7 @@ def scale(sizes, n_target=1000, dim=512, pot_max=100_000):
               f"{(pot['peak_rss_mb'] - pot['rss_inputs_mb']) / (ours['peak_rss_mb'] - ours['rss_inputs_mb']):.2f}x; max rel score "
               f"diff {np.max(np.abs(a - b) / b):.1e}, same top-100 "
               f"{ours['top100'] == pot['top100']}")
+  return peaks
 
 
 def main() -> None:
@@ -447,10 +450,23 @@ def main() -> None:
   start = time.perf_counter()
   print(f"jax {jax.__version__}, ott-jax {ott.__version__}, POT {ot.__version__}, "
         f"numpy {np.__version__}; {os.cpu_count()} CPUs; loadavg {os.getloadavg()}")
-  one_problem(args.rounds)
-  many_targets(max(args.rounds // 3, 5), args.tasks)
-  if not args.no_scale:
-    scale([int(s) for s in args.scale_sizes.split(",")])
+  one = one_problem(args.rounds)
+  many = many_targets(max(args.rounds // 3, 5), args.tasks)
+  peaks = scale([int(s) for s in args.scale_sizes.split(",")]) if not args.no_scale else {}
+
+  def ratio(times):
+    (_, base), (_, ours) = list(times.items())[:2]
+    return np.median(base) / np.median(ours), np.median(np.asarray(base) / np.asarray(ours))
+
+  r1, r2 = ratio(one), ratio(many)
+  print("\nsummary (issue 26 targets; solver against solver, same marginal error):")
+  print(f"  one problem: {r1[0]:.2f}x POT (per-round {r1[1]:.2f}x) -> "
+        f"{'met' if min(r1) >= 1.0 else 'NOT met'} (>= 1.0x)")
+  print(f"  {args.tasks} targets, jax.vmap: {r2[0]:.2f}x a POT loop (per-round {r2[1]:.2f}x) -> "
+        f"{'met' if min(r2) >= 3.0 else 'NOT met'} (>= 3x)")
+  for n_pool, peak in peaks.items():
+    print(f"  {n_pool:,} x 1,000: peak RSS {peak:.0f} MB -> "
+          f"{'met' if peak <= 2048 else 'NOT met'} (<= 2 GB)")
   print(f"\nloadavg {os.getloadavg()}; whole run {time.perf_counter() - start:.0f} s")
 
 

@@ -227,7 +227,7 @@ def _chunked_lse(potential, features, axis, *, epsilon, cost, cost_scale, chunk)
   return top + jnp.log(total)
 
 
-def _warn_not_converged(converged, num_iterations, error, threshold, max_iterations):
+def _warn_not_converged(converged, error, threshold, max_iterations):
   converged = np.asarray(converged)
   if not np.all(converged):
     bad = int(np.size(converged) - np.count_nonzero(converged))
@@ -239,6 +239,30 @@ def _warn_not_converged(converged, num_iterations, error, threshold, max_iterati
         "threshold, or check the inputs", RuntimeWarning, stacklevel=3)
 
 
+def _warn_from_host(converged, error, *, threshold, max_iterations):
+  """Host callback that warns about unconverged problems; one call per vmapped
+  batch (plain ``jax.debug.callback`` would call back once per problem)."""
+  warn = functools.partial(_warn_not_converged, threshold=threshold,
+                           max_iterations=max_iterations)
+
+  @jax.custom_batching.custom_vmap
+  def hook(converged, error):
+    jax.debug.callback(warn, converged, error)
+    return converged
+
+  @hook.def_vmap
+  def hook_vmap(axis_size, in_batched, converged, error):
+    del axis_size
+    converged_b, error_b = in_batched
+    if converged_b != error_b:  # broadcast the unbatched one
+      n = (converged if converged_b else error).shape[0]
+      converged = converged if converged_b else jnp.broadcast_to(converged, (n,) + converged.shape)
+      error = error if error_b else jnp.broadcast_to(error, (n,) + error.shape)
+    return hook(converged, error), converged_b or error_b
+
+  hook(converged, error)
+
+
 def _finish(cost_mat, out, *, epsilon, log_p, log_q, return_plan, warn_traced,
             threshold, max_iterations):
   plan = None
@@ -247,10 +271,8 @@ def _finish(cost_mat, out, *, epsilon, log_p, log_q, return_plan, warn_traced,
                    + (out.f[:, None] + out.g[None, :] - cost_mat) / epsilon)
   if warn_traced:
     # Traced by the caller's jit/vmap: no Python value to test, warn from the host.
-    jax.debug.callback(
-        functools.partial(_warn_not_converged, threshold=threshold,
-                          max_iterations=max_iterations),
-        out.converged, out.num_iterations, out.error)
+    _warn_from_host(out.converged, out.error, threshold=threshold,
+                    max_iterations=max_iterations)
   return UOTScores(
       scores=jnp.exp(out.log_row_masses), log_scores=out.log_row_masses, plan=plan,
       converged=out.converged, num_iterations=out.num_iterations, error=out.error,
@@ -360,8 +382,7 @@ def _feature_call(fn, target_means, pool_means, *, epsilon, tau_pool, tau_target
            threshold=float(threshold), return_plan=bool(return_plan),
            warn_traced=not concrete)
   if concrete:
-    _warn_not_converged(out.converged, out.num_iterations, out.error, float(threshold),
-                        int(max_iterations))
+    _warn_not_converged(out.converged, out.error, float(threshold), int(max_iterations))
   return out
 
 
@@ -555,8 +576,7 @@ def solve_uot(*, cost: jax.Array, epsilon: float = 1.0, tau_pool: float = 1.0,
                    max_iterations=int(max_iterations), threshold=float(threshold),
                    return_plan=bool(return_plan), warn_traced=not concrete)
   if concrete:
-    _warn_not_converged(out.converged, out.num_iterations, out.error, float(threshold),
-                        int(max_iterations))
+    _warn_not_converged(out.converged, out.error, float(threshold), int(max_iterations))
   return out
 
 
