@@ -260,7 +260,8 @@ def _warn_from_host(converged, error, *, threshold, max_iterations):
       error = error if error_b else jnp.broadcast_to(error, (n,) + error.shape)
     return hook(converged, error), converged_b or error_b
 
-  hook(converged, error)
+  # No gradient flows into the hook (custom_vmap functions cannot be linearised).
+  hook(jax.lax.stop_gradient(converged), jax.lax.stop_gradient(error))
 
 
 def _finish(cost_mat, out, *, epsilon, log_p, log_q, return_plan, warn_traced,
