@@ -123,7 +123,8 @@ def main(argv):
   from ftjax import models
   from ftjax.selection import class_means, greedy_ot_scores, kmeans, random_units, select_top_k, uot_scores
   from ftjax.train.checkpoint import load_checkpoint_arrays
-  from ftjax.train.loop import save_backbone_variables, train_and_evaluate
+  from ftjax.train.loop import train_and_evaluate
+  from ftjax.train.setup import save_backbone_variables
   from experiments.configs.data_reuse import POOL_GROUPS, TARGET_GROUPS
 
   cfg = FLAGS.config

@@ -54,7 +54,7 @@ def main(argv):
   from ftjax.train import report
   try:
     if FLAGS.config.get("tasks"):
-      from ftjax.train import multitask
+      from ftjax.methods import multitask
       print(multitask.train_multitask(FLAGS.config, FLAGS.workdir)["table"], flush=True)
     else:
       report.run_all(FLAGS.config, FLAGS.workdir)

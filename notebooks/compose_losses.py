@@ -21,20 +21,22 @@
 # %% [markdown]
 # # Composing losses: Co-Tuning + Bi-Tuning + BSS in one training step
 #
-# This notebook builds **one jitted training step** from four loss components of
-# ftjax, on a tiny ResNet at 32 px and 2% of Fashion-MNIST:
+# This notebook builds **one jitted training step** from four methods of ftjax, on a
+# tiny ResNet at 32 px and 2% of Fashion-MNIST:
 #
-# | component | paper term | what it needs from the forward |
+# | method | paper term | what it needs from the forward |
 # |---|---|---|
-# | `CrossEntropy` | target cross-entropy | `logits` |
-# | `CoTuning` | soft CE of the source head against the label's relationship row (Co-Tuning Eq. 2) | `source_logits` |
-# | `BiTuning` | contrastive CE + categorical contrastive loss (Bi-Tuning Eq. 3, 4) | `features`, `projection` |
-# | `BatchSpectralShrinkage` | smallest squared singular value of the features (BSS Eq. 4) | `features` |
+# | `CrossEntropy` (`ce`) | target cross-entropy | `logits` |
+# | `CoTuning` (`co_tuning`) | soft CE of the source head against the label's relationship row (Co-Tuning Eq. 2) | `source_logits` |
+# | `BiTuning` (`bi_tuning`) | contrastive CE + categorical contrastive loss (Bi-Tuning Eq. 3, 4) | `features`, `projection` |
+# | `BatchSpectralShrinkage` (`bss`) | smallest squared singular value of the features (BSS Eq. 4) | `features` |
 #
-# `ftjax.train.step.make_train_step` runs the forward once with every output the
-# components ask for, sums `weight * term`, takes one gradient and updates each
-# component's state (Bi-Tuning's momentum encoder and queues). It shows each
-# term's value on the first batch, trains a few dozen steps and plots the curves.
+# The methods are built from the same `losses` dictionary a config holds
+# (`ftjax.methods.build_methods`), and the run is set up by the trainer's own setup,
+# `ftjax.train.setup.init_training`: it runs the forward once with every output the
+# methods ask for, sums `weight * term`, takes one gradient and updates each method's
+# state (Bi-Tuning's momentum encoder and queues). The notebook shows each term's value
+# on the first batch, trains a few dozen steps and plots the curves.
 #
 # The model is randomly initialised (no pretrained tiny model exists) and the
 # Co-Tuning relationship is hand-built: the notebook shows how the pieces fit,
@@ -77,26 +79,21 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ftjax import models, patches
-from ftjax.methods.bi_tuning import BiTuning
-from ftjax.methods.co_tuning import CoTuning
-from ftjax.methods.finetune import CrossEntropy
-from ftjax.methods.regularizers import BatchSpectralShrinkage
-from ftjax.train import optim
+from ftjax import methods as methods_lib
+from ftjax import models
+from ftjax.methods import RunContext
+from ftjax.train import setup
 from ftjax.train import sharding
 from ftjax.train import step as step_lib
-from ftjax.train.state import TrainState
+from ftjax.train.config import default_config
 
 # %matplotlib inline
 NOTEBOOK_START = time.perf_counter()
 
 # %% [markdown]
-# ## Data and model
+# ## Data
 #
-# 2% of the Fashion-MNIST train split (about 960 images), resized to 32 px. Bi-Tuning
-# needs a second augmented view of every image (`views=2` gives `batch["image_key"]`).
-# The model keeps a source head (`keep_source_head=True`, for Co-Tuning) and has a
-# projector (`projection_dim`, for Bi-Tuning).
+# 2% of the Fashion-MNIST train split (about 960 images), resized to 32 px.
 
 # %%
 SEED, IMAGE_SIZE, BATCH_SIZE, NUM_STEPS = 0, 32, 32, 30
@@ -106,25 +103,18 @@ dataset = data.load_dataset("fashion_mnist", sampling_rate=2, seed=SEED,
                             image_size=IMAGE_SIZE, crop_scale=(0.35, 1.0))
 print(dataset)
 
-model = models.create_model("resnet_tiny", num_classes=dataset.num_classes,
-                            keep_source_head=True, num_source_classes=NUM_SOURCE_CLASSES,
-                            projection_dim=PROJECTION_DIM)
-init = jax.jit(functools.partial(model.init, train=False, outputs=model.all_outputs))
-variables = init(jax.random.key(SEED), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)))
-print({name: jax.tree.map(jnp.shape, p) if name == "head" else "..."
-       for name, p in variables["params"].items()})
-
 # %% [markdown]
 # ## The Co-Tuning relationship
 #
 # Co-Tuning needs `p(y_s | y_t)`, a `[target classes, source classes]` row-stochastic
-# matrix. With a real pretrained model it is computed from data:
-# `CoTuning(approach="reverse").prepare(dataset=..., model=..., variables=..., config=...)`
-# or `ftjax.relationship.compute_relationship(...)` (Alg. 1), or
-# `ftjax.relationship.direct_relationship` (Eq. 3) from the source model's probabilities.
+# matrix. With a real pretrained model its `prepare` computes it from data (the run's
+# `RunContext`: dataset, model, variables) with
+# `ftjax.methods.co_tuning.relationship.compute_relationship(...)` (Alg. 1), or
+# `ftjax.methods.co_tuning.relationship.direct_relationship` (Eq. 3) from the source model's probabilities.
 # A random source head has no such knowledge (it sends every class to the same source
 # class), so here we hand-build one: target class `c` is related to source classes `2c`
-# and `2c + 1`, as if the source task had two finer categories per target class.
+# and `2c + 1`, as if the source task had two finer categories per target class. Given
+# as the method's `relationship` option, `prepare` only checks its shape.
 
 # %%
 relationship = np.full((dataset.num_classes, NUM_SOURCE_CLASSES), 0.1 / (NUM_SOURCE_CLASSES - 2))
@@ -133,60 +123,85 @@ for c in range(dataset.num_classes):
 print("relationship", relationship.shape, "rows sum to", np.unique(relationship.sum(1).round(6)))
 
 # %% [markdown]
-# ## Components and the step
+# ## Methods and the model they ask for
 #
-# Each component is a small frozen dataclass with a `weight`, the forward `outputs` it
-# needs, `init_state` and `__call__` returning a `TermOutput(loss, state, metrics)`.
-# Bi-Tuning's `prepare` hands it the model (its key encoder runs inside the step).
-# The optimizer trains the new head and projector at 10x the backbone's learning rate,
-# chosen by regex rules over parameter paths (`ftjax.patches.path_labels`).
+# Each method is a small frozen dataclass with a `weight`, the forward `outputs` it
+# needs, `init_state` and `__call__` returning a `TermOutput(loss, state, metrics)`
+# (the contract is `ftjax.methods.Method`). What the methods declare shapes the model:
+# Co-Tuning reads `source_logits` (keep the source head), Bi-Tuning's `model_options()`
+# adds a projector (`projection_dim`) and asks for a second augmented view of every
+# image (`views=2` gives `batch["image_key"]`).
 
 # %%
-components = [
-    CrossEntropy(weight=1.0),
-    CoTuning(weight=2.3, relationship=relationship),
-    BiTuning(weight=1.0, keys_per_class=8, projection_dim=PROJECTION_DIM,
-             key_bn_mode="train").prepare(dataset=dataset, model=model,
-                                          variables=variables, config=None),
-    BatchSpectralShrinkage(weight=1e-3, k=1),
-]
-print("forward outputs the step computes:", step_lib.required_outputs(components))
+methods = methods_lib.build_methods({
+    "ce": {"weight": 1.0},
+    "co_tuning": {"weight": 2.3, "relationship": relationship},
+    "bi_tuning": {"weight": 1.0, "keys_per_class": 8, "projection_dim": PROJECTION_DIM},
+    "bss": {"weight": 1e-3, "k": 1},
+})
+needed = step_lib.required_outputs(methods)
+views = max(m.views for m in methods)
+print("forward outputs the step computes:", needed, "; views per image:", views)
+print("model options from the methods:", setup.model_options(methods))
 
-rules = [("(?:head|projector)/.*", "head"), ("backbone/.*|source_head/.*", "backbone")]
-labels_tree = patches.path_labels(variables["params"], rules)
-optimizer = optim.make_optimizer(
-    labels=labels_tree,
-    groups={"head": optim.GroupConfig(lr_mult=10.0), "backbone": optim.GroupConfig()},
-    schedule=optim.make_schedule(name="cosine", base_lr=0.05, total_steps=NUM_STEPS),
-    momentum=0.9, weight_decay=5e-4)
+model = models.create_model("resnet_tiny", num_classes=dataset.num_classes,
+                            keep_source_head="source_logits" in needed,
+                            num_source_classes=NUM_SOURCE_CLASSES, **setup.model_options(methods))
+init = jax.jit(functools.partial(model.init, train=False, outputs=model.all_outputs))
+variables = init(jax.random.key(SEED), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)))
+print({name: jax.tree.map(jnp.shape, p) if name == "head" else "..."
+       for name, p in variables["params"].items()})
 
-state = TrainState(
-    step=jnp.zeros((), jnp.int32), params=variables["params"],
-    batch_stats=variables["batch_stats"], opt_state=optimizer.init(variables["params"]),
-    method_state={c.name: c.init_state(variables=variables, rng=jax.random.key(1))
-                  for c in components},
-    rng=jax.random.key(2))
-mesh = sharding.make_data_mesh()
-train_step = step_lib.jit_train_step(
-    step_lib.make_train_step(model=model, optimizer=optimizer, components=components),
-    mesh=mesh, state=state)
+# %% [markdown]
+# ## The run: rules, prepared methods, state and step
+#
+# The parameter rules come from the config's baseline (`finetune`: the new head and
+# Bi-Tuning's projector, a `new_heads` of the method, train at 10x the backbone's
+# learning rate) through `setup.resolve_rules`, as in a config-driven run. Each method
+# is then prepared once from the run's `RunContext` (Bi-Tuning takes the model for its
+# key encoder and the run's BatchNorm mode; Co-Tuning checks its relationship against
+# the dataset), and `setup.init_training` builds the partitioned optimizer, the train
+# state (with every method's state) and the jitted steps.
+
+# %%
+config = default_config()
+config.model, config.pretrained = "resnet_tiny", ""   # randomly initialised
+config.baseline, config.head_lr_mult = "finetune", 10.0
+config.optimizer.lr, config.optimizer.schedule = 0.05, "cosine"
+config.optimizer.momentum, config.optimizer.nesterov, config.optimizer.weight_decay = 0.9, False, 5e-4
+
+rules, groups, bn_mode = setup.resolve_rules(config, variables, methods=methods)
+context = RunContext(dataset=dataset, model=model, variables=variables, seed=SEED, bn_mode=bn_mode,
+                     views=views, batch_size=BATCH_SIZE, model_name=config.model, image_size=IMAGE_SIZE)
+methods = [m.prepare(context) for m in methods]
+training = setup.init_training(
+    model=model, variables=variables, methods=methods, rules=rules, groups=groups, bn_mode=bn_mode,
+    num_classes=dataset.num_classes, schedule=setup.make_schedule(config, NUM_STEPS),
+    momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
+    weight_decay=config.optimizer.weight_decay,
+    method_rng=jax.random.PRNGKey(1), state_rng=jax.random.PRNGKey(2))
+print("BatchNorm mode:", bn_mode, "; parameters per group:", training.sizes)
+for regex, group in rules:
+  print(f"    {group:9s} {regex}")
 
 # %% [markdown]
 # ## Each term on the first batch
 #
-# The step's metrics hold every unweighted term (`loss/<name>`), each component's own
+# The step's metrics hold every unweighted term (`loss/<name>`), each method's own
 # metrics (`bi_tuning/cce`, `bi_tuning/ccl`, queue fill) and the weighted total `loss`.
 # On the first batch Bi-Tuning's queues are still empty.
 
 # %%
-batches = dataset.train_batches(batch_size=BATCH_SIZE, views=2)
+mesh = training.mesh
+batches = dataset.train_batches(batch_size=BATCH_SIZE, views=views)
 t0 = time.perf_counter()
-state, metrics = train_step(state, sharding.global_batch(next(batches), mesh))
+state, metrics = training.train_step(training.state, sharding.global_batch(next(batches), mesh),
+                                     training.source)
 first_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
 print(f"first step (trace + compile + run): {time.perf_counter() - t0:.1f} s")
 for name, value in sorted(first_metrics.items()):
   print(f"  {name:22s} {value:9.4f}")
-weighted_sum = sum(c.weight * first_metrics[f"loss/{c.name}"] for c in components)
+weighted_sum = sum(m.weight * first_metrics[f"loss/{m.name}"] for m in methods)
 print(f"sum of weight * term = {weighted_sum:.4f}   total loss = {first_metrics['loss']:.4f}")
 
 # %% [markdown]
@@ -203,7 +218,8 @@ print(f"sum of weight * term = {weighted_sum:.4f}   total loss = {first_metrics[
 history = [first_metrics]
 t0 = time.perf_counter()
 for _ in range(NUM_STEPS - 1):
-  state, metrics = train_step(state, sharding.global_batch(next(batches), mesh))
+  state, metrics = training.train_step(state, sharding.global_batch(next(batches), mesh),
+                                       training.source)
   history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
 print(f"{NUM_STEPS - 1} more steps: {time.perf_counter() - t0:.1f} s")
 print("last step:", {k: round(v, 4) for k, v in history[-1].items() if k.startswith("loss")})
@@ -233,7 +249,7 @@ active = total[full:]
 results = {
     "python": __import__("sys").executable,
     "num_steps": len(history),
-    "weights": {c.name: c.weight for c in components},
+    "weights": {m.name: m.weight for m in methods},
     "first_step": first_metrics,
     "loss": total,
     "ce": [h["loss/ce"] for h in history],

@@ -23,10 +23,12 @@
 #
 # Mudrakarta et al., "K for the price of 1": instead of fine-tuning a whole network per
 # task, train a small *patch* (here every BatchNorm scale and bias, plus the new head)
-# on top of a frozen, shared base. `ftjax.patches` finds the patch parameters from the
-# model's structure (`patch_rules(selection="scale_bias")`), the optimizer trains only
-# them (`optax.partition` with `set_to_zero` for the rest), and the patch is saved to
-# and applied from one small `.npz` file.
+# on top of a frozen, shared base. The `patch` method (`ftjax.methods.patches.ModelPatch`,
+# added by a config's `baseline = "patch"`) claims the patch parameters, found from the
+# model's structure (`selection="scale_bias"`); the baseline freezes the rest. The run is
+# set up by the trainer's own setup (`ftjax.train.setup`): its optimizer trains only the
+# patch (`optax.partition` with `set_to_zero` for the frozen group), and the patch is
+# saved to and applied from one small `.npz` file.
 #
 # This notebook trains, on 5% of Fashion-MNIST at 32 px, for 40 steps of 64 images:
 # * **last layer**: only the new head (BatchNorm in eval mode, base statistics);
@@ -77,12 +79,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import models, patches
-from ftjax.methods.finetune import CrossEntropy
-from ftjax.train import optim
+from ftjax import methods as methods_lib
+from ftjax import models
+from ftjax.methods import RunContext
+from ftjax.methods import patches
+from ftjax.train import loop
+from ftjax.train import setup
 from ftjax.train import sharding
-from ftjax.train import step as step_lib
-from ftjax.train.state import TrainState
+from ftjax.train.config import default_config
 
 NOTEBOOK_START = time.perf_counter()
 OUT_DIR = os.environ.get("FTJAX_NOTEBOOK_OUT") or tempfile.mkdtemp(prefix="ftjax_patches_")
@@ -98,68 +102,73 @@ print(dataset)
 # %% [markdown]
 # ## Which parameters train
 #
-# Rules are `(regex, group)` pairs over parameter paths; every parameter must match
-# exactly one. `patch_rules` builds them from the structure (BatchNorm layers are those
-# with running statistics).
+# Each variant is a config: `baseline = "patch"` adds the `patch` method with
+# `config.patch`'s selection. Rules are `(regex, group)` pairs over parameter paths;
+# every parameter must match exactly one. `setup.resolve_rules` lets the method claim
+# its parameters first (the `patch` group, found from the structure: BatchNorm layers
+# are those with running statistics; and the `head`), then the baseline's rules cover
+# the rest (`frozen`). The last-layer variant keeps BatchNorm in eval mode (the base's
+# statistics, `config.bn_mode = "eval"`); the patch method's default, `train`,
+# re-estimates them on the task. `setup.init_training` then builds the optimizer, the
+# train state and the jitted steps of each variant.
 
 # %%
-params, batch_stats = base_variables["params"], base_variables["batch_stats"]
-variants = {
-    "last layer": {"rules": patches.patch_rules(params, batch_stats=batch_stats, selection="head"),
-                   "train_bn": False},
-    "scale-and-bias patch": {"rules": patches.patch_rules(params, batch_stats=batch_stats,
-                                                          selection="scale_bias"),
-                             "train_bn": True},
-}
+params = base_variables["params"]
+
+def build_variant(selection, bn_mode):
+  """One variant's config, prepared methods and ``Training`` (state, jitted steps, labels)."""
+  config = default_config()
+  config.model, config.pretrained, config.seed = "resnet_tiny", "", SEED
+  config.baseline, config.patch.selection, config.bn_mode = "patch", selection, bn_mode
+  config.head_lr_mult = 1.0
+  config.optimizer.lr, config.optimizer.schedule = 0.1, "cosine"
+  config.optimizer.momentum, config.optimizer.nesterov, config.optimizer.weight_decay = 0.9, False, 0.0
+  methods = methods_lib.build_methods(methods_lib.config_losses(config))   # ce + patch
+  rules, groups, bn_mode = setup.resolve_rules(config, base_variables, methods=methods)
+  context = RunContext(model=model, variables=base_variables, seed=SEED, bn_mode=bn_mode,
+                       batch_size=BATCH_SIZE, model_name=config.model, image_size=IMAGE_SIZE)
+  methods = [m.prepare(context) for m in methods]
+  training = setup.init_training(
+      model=model, variables=base_variables, methods=methods, rules=rules, groups=groups,
+      bn_mode=bn_mode, num_classes=dataset.num_classes, schedule=setup.make_schedule(config, NUM_STEPS),
+      momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
+      weight_decay=config.optimizer.weight_decay,
+      method_rng=jax.random.PRNGKey(SEED), state_rng=jax.random.PRNGKey(SEED))
+  return {"config": config, "methods": methods, "bn_mode": bn_mode, "training": training,
+          "labels": training.labels}
+
+variants = {"last layer": build_variant("head", bn_mode="eval"),
+            "scale-and-bias patch": build_variant("scale_bias", bn_mode="train")}
 for name, variant in variants.items():
-  variant["labels"] = patches.path_labels(params, variant["rules"])
-  print(f"{name}: parameters per group {patches.group_sizes(params, variant['labels'])}")
-  for regex, group in variant["rules"]:
-    print(f"    {group:7s} {regex[:100]}")
+  print(f"{name}: methods {[m.name for m in variant['methods']]}, BatchNorm {variant['bn_mode']}, "
+        f"parameters per group {variant['training'].sizes}")
+  for m in variant["methods"]:   # claimed first
+    for regex, group in m.param_rules(variables=base_variables):
+      print(f"    {group:7s} {regex[:100]}   ({m.name} method)")
+  for regex, group in setup.baseline_rules(variant["config"])[0]:
+    print(f"    {group:7s} {regex[:100]}   (baseline, the rest)")
 
 # %% [markdown]
 # ## Training both variants
 
 # %%
-mesh = sharding.make_data_mesh()
-components = [CrossEntropy()]
-eval_step = step_lib.make_eval_step(model=model, num_classes=dataset.num_classes, mesh=mesh)
+def evaluate(training, variables, split="val"):
+  return loop.evaluate(training.eval_step, variables, dataset, split, batch_size=200, mesh=training.mesh)
 
-def evaluate(variables, split="val"):
-  totals = None
-  for batch in dataset.eval_batches(split, batch_size=200):
-    out = jax.device_get(eval_step(variables, sharding.global_batch(batch, mesh)))
-    totals = out if totals is None else jax.tree.map(np.add, totals, out)
-  return step_lib.summarize_eval(totals)
-
-def train(variant):
-  labels = variant["labels"]
-  groups = {"patch": optim.GroupConfig(), "head": optim.GroupConfig(),
-            "frozen": optim.GroupConfig(frozen=True)}
-  groups = {g: c for g, c in groups.items() if g in set(jax.tree.leaves(labels))}
-  optimizer = optim.make_optimizer(
-      labels=labels, groups=groups, momentum=0.9, weight_decay=0.0,
-      schedule=optim.make_schedule(name="cosine", base_lr=0.1, total_steps=NUM_STEPS))
-  frozen_mask = jax.tree.map(lambda group: group == "frozen", labels)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                     opt_state=optimizer.init(params), method_state={"ce": ()},
-                     rng=jax.random.key(SEED))
-  step = step_lib.jit_train_step(
-      step_lib.make_train_step(model=model, optimizer=optimizer, components=components,
-                               train_bn=variant["train_bn"], frozen_mask=frozen_mask),
-      mesh=mesh, state=state)
-  losses = []
+def train(training):
+  state, losses = training.state, []
   for batch in itertools.islice(dataset.train_batches(batch_size=BATCH_SIZE), NUM_STEPS):
-    state, metrics = step(state, sharding.global_batch(batch, mesh))
+    state, metrics = training.train_step(state, sharding.global_batch(batch, training.mesh),
+                                         training.source)
     losses.append(float(metrics["loss"]))
   return jax.device_get(state), losses
 
 for name, variant in variants.items():
   t0 = time.perf_counter()
-  state, losses = train(variant)
+  state, losses = train(variant["training"])
   variant["variables"] = state.variables
   variant["losses"] = losses
-  variant["val"] = evaluate(state.variables)
+  variant["val"] = evaluate(variant["training"], state.variables)
   print(f"{name:22s} loss {np.mean(losses[:5]):.3f} -> {np.mean(losses[-5:]):.3f}   "
         f"val top-1 {variant['val']['top1']:.3f}   ({time.perf_counter() - t0:.0f} s)")
 
@@ -169,7 +178,8 @@ for name, variant in variants.items():
 # `extract_patch` keeps the parameters of the `patch` and `head` groups and, since
 # BatchNorm ran in training mode, the re-estimated statistics. `apply_patch` writes them
 # into a copy of the base variables; the result must give exactly the trained model's
-# logits.
+# logits. (In a config-driven run, `ftjax.train.loop.train_and_evaluate`, the `patch`
+# method's `finalize` does the same for the chosen checkpoint and writes `patch.npz`.)
 
 # %%
 patched = variants["scale-and-bias patch"]
@@ -186,7 +196,7 @@ trained_logits = np.asarray(logits_fn(patched["variables"], check_images))
 applied_logits = np.asarray(logits_fn(applied, check_images))
 patch_logit_diff = float(np.max(np.abs(applied_logits - trained_logits)))
 print(f"max |logits(base + patch) - logits(trained)| = {patch_logit_diff:.2e}")
-print(f"val top-1 of base + patch: {evaluate(applied)['top1']:.3f}")
+print(f"val top-1 of base + patch: {evaluate(patched['training'], applied)['top1']:.3f}")
 np.savez(os.path.join(OUT_DIR, "patch_check.npz"), images=check_images, logits=trained_logits)
 
 # %% [markdown]

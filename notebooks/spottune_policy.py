@@ -27,9 +27,11 @@
 # straight-through Gumbel-softmax (Eq. 3, 4). This notebook, on 5% of Fashion-MNIST at
 # 32 px:
 #
-# 1. builds a SpotTune model over a tiny ResNet (`create_spottune_model`,
-#    `spottune_variables_from_pretrained`) and trains it for a few dozen steps with the
-#    frozen copies in a frozen parameter group (`spottune_rules` / `spottune_groups`);
+# 1. builds a SpotTune model over a tiny ResNet with the `SpotTune` method
+#    (`wrap_model`: `create_spottune_model`, `spottune_variables_from_pretrained`) and
+#    trains it for a few dozen steps through the trainer's setup
+#    (`ftjax.train.setup.init_training`), the method's frozen copies in a frozen
+#    parameter group and its policy network in a group of its own;
 # 2. routes test images with the deterministic (arg-max) policy and draws the paper's
 #    **Fig. 3** (per block, the fraction of images routed through the fine-tuned copy)
 #    and **Fig. 4** (histogram of the number of fine-tuned blocks per image);
@@ -83,14 +85,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Image, display
 
-from ftjax import models, patches
-from ftjax.methods.finetune import CrossEntropy
-from ftjax.methods.spottune import SpotTune
-from ftjax.models import spottune as st
-from ftjax.train import optim
+from ftjax import methods as methods_lib
+from ftjax import models
+from ftjax.methods import RunContext
+from ftjax.methods import spottune as st
+from ftjax.train import setup
 from ftjax.train import sharding
-from ftjax.train import step as step_lib
-from ftjax.train.state import TrainState
+from ftjax.train.config import default_config
 
 # %matplotlib inline
 NOTEBOOK_START = time.perf_counter()
@@ -103,11 +104,18 @@ POLICY_LR_MULT = 10.0  # the policy's own learning rate: 10x the backbone's
 # %% [markdown]
 # ## The base model and the SpotTune model over it
 #
-# `spottune_variables_from_pretrained` puts the base backbone under `backbone` (the
-# trainable copies, same names, so pretrained weights load unchanged), copies each routed
-# block again under `frozen_backbone` and initialises the policy at random. The stem (and
-# the head) exist once and are trained. `SpotTune(...).model_options()` gives the model's
-# policy options from the loss component's settings.
+# The run's methods come from a config's `losses`: `ce` and `spottune` (with the policy's
+# size and its own learning-rate multiplier). The `SpotTune` method's `wrap_model` builds
+# the SpotTune model over the base: `spottune_variables_from_pretrained` puts the base
+# backbone under `backbone` (the trainable copies, same names, so pretrained weights load
+# unchanged), copies each routed block again under `frozen_backbone` and initialises the
+# policy at random. The stem (and the head) exist once and are trained.
+# `SpotTune.routing_options()` gives the model's policy options from the method's settings.
+#
+# The method claims the parameters it adds (`param_rules`: `frozen_backbone` in the frozen
+# group, `policy` in its own group); the config's baseline (`finetune`) covers the rest:
+# the new head at 10x, the trainable copies and the stem. `setup.resolve_rules` puts the
+# two together; `setup.init_training` builds the optimizer, state and jitted steps.
 
 # %%
 dataset = data.load_dataset("fashion_mnist", sampling_rate=5, seed=SEED, image_size=IMAGE_SIZE,
@@ -117,61 +125,64 @@ base_model = models.create_model("resnet_tiny", num_classes=dataset.num_classes)
 init = jax.jit(functools.partial(base_model.init, train=False, outputs=base_model.all_outputs))
 base_variables = jax.device_get(init(jax.random.key(SEED), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))))
 
-def build(spottune):
-  """The SpotTune model for ``spottune``'s options, its variables and parameter groups."""
-  model = st.create_spottune_model("resnet_tiny", num_classes=dataset.num_classes,
-                                   **spottune.model_options())
-  variables = st.spottune_variables_from_pretrained(model, base_variables, rng=jax.random.key(SEED + 1))
-  labels = patches.path_labels(variables["params"], st.spottune_rules())
-  return model, variables, labels
+config = default_config()
+config.model, config.pretrained, config.seed = "resnet_tiny", "", SEED
+config.baseline, config.head_lr_mult = "finetune", 10.0
+config.optimizer.lr, config.optimizer.schedule = 0.05, "cosine"
+config.optimizer.momentum, config.optimizer.nesterov, config.optimizer.weight_decay = 0.9, False, 5e-4
 
-spottune = SpotTune(**POLICY)
-model, variables, labels = build(spottune)
+def build(spottune_options):
+  """The run of ``ce`` + ``spottune``: the SpotTune model, its variables and ``Training``."""
+  methods = methods_lib.build_methods({"ce": {"weight": 1.0}, "spottune": spottune_options})
+  model, variables = base_model, base_variables
+  for m in methods:
+    model, variables = m.wrap_model(model=model, variables=variables, rng=jax.random.key(SEED + 1))
+  rules, groups, bn_mode = setup.resolve_rules(config, variables, methods=methods)
+  context = RunContext(dataset=dataset, model=model, variables=variables, seed=SEED, bn_mode=bn_mode,
+                       batch_size=BATCH_SIZE, model_name=config.model, image_size=IMAGE_SIZE)
+  methods = [m.prepare(context) for m in methods]
+  training = setup.init_training(
+      model=model, variables=variables, methods=methods, rules=rules, groups=groups, bn_mode=bn_mode,
+      num_classes=dataset.num_classes, schedule=setup.make_schedule(config, NUM_STEPS),
+      momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
+      weight_decay=config.optimizer.weight_decay,
+      method_rng=jax.random.key(SEED + 3), state_rng=jax.random.key(SEED + 2))
+  return {"methods": methods, "spottune": methods[-1], "model": model, "variables": variables,
+          "training": training}
+
+run = build({**POLICY, "policy_lr_mult": POLICY_LR_MULT})
+model = run["model"]
 print("routed blocks:", model.routed_blocks)
-print("parameters per group:", patches.group_sizes(variables["params"], labels))
-for regex, group in st.spottune_rules():
-  print(f"    {group:8s} {regex}")
+print("parameters per group:", run["training"].sizes)
+for m in run["methods"]:   # claimed first
+  for regex, group in m.param_rules(variables=run["variables"]):
+    print(f"    {group:8s} {regex}   ({m.name} method)")
+for regex, group in setup.baseline_rules(config)[0]:
+  print(f"    {group:8s} {regex}   (baseline, the rest)")
 
 # %% [markdown]
 # ## Training
 #
-# One jitted step (`make_train_step`) runs the model with `train=True`, where the routing
-# is a straight-through Gumbel-softmax sample (temperature 5): the forward pass is hard
-# (each image takes one copy of each block), the policy gets the gradient of the soft
-# relaxation. The `frozen` group gets no updates (`frozen=True`) and no backward pass
-# (`frozen_mask`). The `SpotTune` component adds nothing to the loss here
+# The step runs the model with `train=True`, where the routing is a straight-through
+# Gumbel-softmax sample (temperature 5; the method declares the `gumbel` rng stream): the
+# forward pass is hard (each image takes one copy of each block), the policy gets the
+# gradient of the soft relaxation. The `frozen` group gets no updates (`frozen=True`) and
+# no backward pass (a frozen mask). The `SpotTune` method adds nothing to the loss here
 # (`lambda1 = lambda2 = 0`) but reports the per-block usage `v_l` of every batch.
 
 # %%
-mesh = sharding.make_data_mesh()
-
-def train(spottune, model, variables, labels):
-  """NUM_STEPS steps of cross-entropy + ``spottune``; returns the trained variables and the metrics."""
-  groups = {name: optim.GroupConfig.from_mapping(group) for name, group in
-            st.spottune_groups(head_lr_mult=10.0, policy_lr_mult=POLICY_LR_MULT).items()}
-  optimizer = optim.make_optimizer(
-      labels=labels, groups=groups, momentum=0.9, weight_decay=5e-4,
-      schedule=optim.make_schedule(name="cosine", base_lr=0.05, total_steps=NUM_STEPS))
-  components = [CrossEntropy(), spottune]
-  params = variables["params"]
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     batch_stats=variables["batch_stats"], opt_state=optimizer.init(params),
-                     method_state={c.name: c.init_state(variables=variables, rng=None)
-                                   for c in components},
-                     rng=jax.random.key(SEED + 2))
-  frozen_mask = jax.tree.map(lambda group: group == "frozen", labels)
-  step = step_lib.jit_train_step(
-      step_lib.make_train_step(model=model, optimizer=optimizer, components=components,
-                               frozen_mask=frozen_mask),
-      mesh=mesh, state=state)
-  history = []
+def train(run):
+  """NUM_STEPS steps of cross-entropy + spottune; returns the trained variables and the metrics."""
+  training = run["training"]
+  state, history = training.state, []
   for batch in itertools.islice(dataset.train_batches(batch_size=BATCH_SIZE), NUM_STEPS):
-    state, metrics = step(state, sharding.global_batch(batch, mesh))
+    state, metrics = training.train_step(state, sharding.global_batch(batch, training.mesh),
+                                         training.source)
     history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
   return jax.device_get(state.variables), history
 
 t0 = time.perf_counter()
-trained, history = train(spottune, model, variables, labels)
+trained, history = train(run)
 print(f"{NUM_STEPS} steps: {time.perf_counter() - t0:.1f} s")
 print("last step:", {k: round(v, 3) for k, v in history[-1].items()})
 
@@ -301,10 +312,10 @@ print(f"max |logits(all frozen) - logits(pretrained model)| = {all_frozen_max_ab
 # routed blocks we ask for `k = 1`.
 
 # %%
-global_k = SpotTune(lambda1=1.0, lambda2=1.0, k=1, **POLICY)
-gk_model, gk_variables, gk_labels = build(global_k)
+gk_run = build({"lambda1": 1.0, "lambda2": 1.0, "k": 1, **POLICY, "policy_lr_mult": POLICY_LR_MULT})
+global_k, gk_model = gk_run["spottune"], gk_run["model"]
 t0 = time.perf_counter()
-gk_trained, gk_history = train(global_k, gk_model, gk_variables, gk_labels)
+gk_trained, gk_history = train(gk_run)
 print(f"{NUM_STEPS} steps: {time.perf_counter() - t0:.1f} s; last step l_k = "
       f"{gk_history[-1]['spottune/global_k']:.4f}, l_e = {gk_history[-1]['spottune/entropy']:.4f}")
 gk_decisions, _, gk_top1 = route(gk_model, gk_trained)

@@ -51,26 +51,17 @@ def train_spottune_steps(*, model, variables, components, batch, steps: int = 3,
   Returns ``(state, metrics of the last step)``.
   """
   import jax
-  import jax.numpy as jnp
   import optax
-  from ftjax import patches
-  from ftjax.models import spottune as st
-  from ftjax.train import optim
-  from ftjax.train.state import TrainState
-  from ftjax.train.step import make_train_step
-  params, batch_stats = variables["params"], variables["batch_stats"]
-  labels = patches.path_labels(params, st.spottune_rules())
+  from ftjax.methods import spottune as st
+  from ftjax.train import optim, setup
   groups = {name: optim.GroupConfig.from_mapping(g)
             for name, g in st.spottune_groups(head_lr_mult=10.0, policy_lr_mult=2.0).items()}
-  optimizer = optim.make_optimizer(labels=labels, groups=groups, schedule=optax.constant_schedule(0.05),
-                                   weight_decay=weight_decay)
-  frozen_mask = jax.tree.map(lambda label: label == "frozen", labels)
-  step = jax.jit(make_train_step(model=model, optimizer=optimizer, components=components,
-                                 frozen_mask=frozen_mask))
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                     opt_state=optimizer.init(params),
-                     method_state={c.name: c.init_state(variables=variables, rng=None) for c in components},
-                     rng=jax.random.PRNGKey(0))
+  training = setup.init_training(
+      model=model, variables=variables, methods=components, rules=st.spottune_rules(), groups=groups,
+      num_classes=int(variables["params"]["head"]["bias"].shape[0]),
+      schedule=optax.constant_schedule(0.05), weight_decay=weight_decay,
+      method_rng=jax.random.PRNGKey(1), state_rng=jax.random.PRNGKey(0))
+  state = training.state
   for _ in range(steps):
-    state, metrics = step(state, batch)
+    state, metrics = training.train_step(state, batch, training.source)
   return state, metrics

@@ -17,7 +17,7 @@ import scipy.special
 
 from ftjax import data, models
 from ftjax.losses import categorical_contrastive_loss, contrastive_cross_entropy, info_nce
-from ftjax.methods import build_components
+from ftjax.methods import build_methods
 from ftjax.methods.bi_tuning import BiTuning, enqueue_by_label, momentum_update, queue_nbytes
 from ftjax.train.config import default_config
 
@@ -281,12 +281,16 @@ def test_projector_output_and_no_change_without_it(tiny):
   with pytest.raises(ValueError, match="projection_dim must be >= 0"):
     models.create_model("resnet_tiny", num_classes=C, projection_dim=-1)
   # The projector is a new head: the baselines train it with the head's group.
-  from ftjax import patches
-  from ftjax.train.loop import resolve_rules
+  # Bi-Tuning declares it (new_heads); without the method, no rule covers it.
+  from ftjax.core import paths
+  from ftjax.train.setup import resolve_rules
   for baseline in ("finetune", "linear_probe", "last_k"):
     config = default_config()
     config.model, config.baseline = "resnet_tiny", baseline
-    labels = patches.path_labels(variables["params"], resolve_rules(config)[0])
+    with pytest.raises(paths.RuleError, match="projector/kernel"):
+      paths.path_labels(variables["params"], resolve_rules(config)[0])
+    config.losses = {"ce": {"weight": 1.0}, "bi_tuning": {"projection_dim": 8}}
+    labels = paths.path_labels(variables["params"], resolve_rules(config)[0])
     assert set(jax.tree.leaves(labels["projector"])) == {"head"}
 
 
@@ -305,7 +309,7 @@ def test_pretrained_accepts_projection_dim():
 
 def test_component_options_and_errors(tiny):
   _, variables, _ = tiny
-  ce, bt = build_components({"ce": {"weight": 1.0},
+  ce, bt = build_methods({"ce": {"weight": 1.0},
                              "bi_tuning": {"keys_per_class": 8, "ccl_weight": 0.0, "projection_dim": 8}})
   assert isinstance(bt, BiTuning) and bt.views == 2 and bt.outputs == ("features", "projection")
   assert (bt.cce_weight, bt.ccl_weight, bt.temperature, bt.momentum) == (1.0, 0.0, 0.07, 0.999)
@@ -316,7 +320,7 @@ def test_component_options_and_errors(tiny):
   with pytest.raises(ValueError, match="key_bn_mode must be"):
     BiTuning(key_bn_mode="frozen")
   with pytest.raises(ValueError, match="bad options"):
-    build_components({"bi_tuning": {"queue_size": 3}})
+    build_methods({"bi_tuning": {"queue_size": 3}})
   with pytest.raises(ValueError, match="projection_dim=128 but the model's projector has 8"):
     BiTuning().init_state(variables=variables, rng=None)
   no_projector = {"params": {k: v for k, v in variables["params"].items() if k != "projector"}}
@@ -485,7 +489,7 @@ def test_experiment_config_rows():
   assert set(variants) == {"finetune", "bi_tuning", "ce_cce", "ce_ccl", "cce_ccl"}
   weights = {}
   for name, cfg in variants.items():
-    comps = {c.name: c for c in build_components(cfg.losses)}
+    comps = {c.name: c for c in build_methods(cfg.losses)}
     bt = comps.get("bi_tuning")
     weights[name] = ("ce" in comps, bool(bt and bt.cce_weight), bool(bt and bt.ccl_weight))
     if bt:

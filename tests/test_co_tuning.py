@@ -9,18 +9,17 @@ import numpy as np
 import pytest
 import scipy.special
 
-from ftjax import models, patches
+from ftjax import models
 from ftjax.losses import co_tuning_loss
-from ftjax.methods import build_components
-from ftjax.methods import co_tuning as ct_lib
+from ftjax.methods import RunContext, build_methods
+from ftjax.methods.co_tuning import method as ct_lib
 from ftjax.methods.co_tuning import CoTuning
 from ftjax.methods.finetune import CrossEntropy
-from ftjax.train import optim
+from ftjax.train import setup
 from ftjax.train import sharding as shd
 from ftjax.train import step as step_lib
 from ftjax.train.config import default_config
-from ftjax.train.loop import resolve_rules
-from ftjax.train.state import TrainState
+from ftjax.train.setup import resolve_rules
 
 NUM_TARGET, NUM_SOURCE = 5, 7
 
@@ -99,7 +98,7 @@ def tiny():
 def test_component_from_config_and_its_term(tiny):
   _, variables, batch = tiny
   rel = _relationship()
-  ce, co = build_components({"ce": {"weight": 1.0},
+  ce, co = build_methods({"ce": {"weight": 1.0},
                              "co_tuning": {"weight": 2.3, "relationship": rel}})
   assert isinstance(co, CoTuning) and co.weight == 2.3 and co.outputs == ("source_logits",)
   state = co.init_state(variables=variables, rng=jax.random.PRNGKey(0))
@@ -140,8 +139,9 @@ def test_prepare_loads_a_path_or_computes(tiny, tmp_path, monkeypatch):
   rel = _relationship(seed=5)
   path = tmp_path / "rel.npy"
   np.save(path, rel)
-  prepared = CoTuning(relationship_path=str(path)).prepare(
-      dataset=_FakeDataset(), model=model, variables=variables, config=config)
+  context = RunContext(dataset=_FakeDataset(), model=model, variables=variables, seed=3, eval_batch_size=16,
+                       pretrained=config.pretrained)
+  prepared = CoTuning(relationship_path=str(path)).prepare(context)
   np.testing.assert_array_equal(prepared.relationship, rel)
 
   calls = []
@@ -150,8 +150,7 @@ def test_prepare_loads_a_path_or_computes(tiny, tmp_path, monkeypatch):
     calls.append(kwargs)
     return rel
   monkeypatch.setattr(ct_lib, "compute_relationship", fake_compute)
-  prepared = CoTuning(approach="direct", calibrate=False, source_temperature=0.0).prepare(
-      dataset=_FakeDataset(), model=model, variables=variables, config=config)
+  prepared = CoTuning(approach="direct", calibrate=False, source_temperature=0.0).prepare(context)
   np.testing.assert_array_equal(prepared.relationship, rel)
   (kw,) = calls
   assert kw["pretrained_name"] == config.pretrained and kw["seed"] == 3 and kw["batch_size"] == 16
@@ -159,8 +158,7 @@ def test_prepare_loads_a_path_or_computes(tiny, tmp_path, monkeypatch):
   assert kw["model"] is model and kw["variables"] is variables and kw["cache_dir"] is None
   with pytest.raises(ValueError, match=r"shape \(5, 7\) but the model needs \(4, 7\)"):
     bad = type("D", (), {"num_classes": 4})()
-    CoTuning(relationship_path=str(path)).prepare(dataset=bad, model=model, variables=variables,
-                                                  config=config)
+    CoTuning(relationship_path=str(path)).prepare(context._replace(dataset=bad))
 
 
 def test_train_step_with_ce_plus_co_tuning(tiny):
@@ -170,20 +168,12 @@ def test_train_step_with_ce_plus_co_tuning(tiny):
   config = default_config()
   config.model = "efficientnet_tiny"
   rules, groups, _ = resolve_rules(config)
-  labels = patches.path_labels(variables["params"], rules)
-  tx = optim.make_optimizer(labels=labels, groups=groups, schedule=lambda s: 0.05, momentum=0.9,
-                            weight_decay=0.0)
-  mesh = shd.make_data_mesh()
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                     batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-                     method_state={c.name: c.init_state(variables=variables, rng=None)
-                                   for c in components},
-                     rng=jax.random.PRNGKey(1))
+  training = setup.init_training(model=model, variables=variables, methods=components, rules=rules,
+                                 groups=groups, num_classes=NUM_TARGET, schedule=lambda s: 0.05, momentum=0.9,
+                                 method_rng=jax.random.PRNGKey(0), state_rng=jax.random.PRNGKey(1))
   assert step_lib.required_outputs(components) == ("logits", "source_logits")
-  step = step_lib.jit_train_step(step_lib.make_train_step(model=model, optimizer=tx,
-                                                          components=components),
-                                 mesh=mesh, state=state)
-  new_state, metrics = step(state, shd.global_batch(batch, mesh))
+  new_state, metrics = training.train_step(training.state, shd.global_batch(batch, training.mesh),
+                                           training.source)
 
   # Reference: the same training-mode forward, losses re-derived in NumPy.
   out, _ = model.apply(variables, batch["image"], train=True, outputs=("logits", "source_logits"),
@@ -206,8 +196,8 @@ def test_write_artifacts_saves_the_relationship_and_fig1(tmp_path):
   rel = np.random.default_rng(7).dirichlet(np.ones(1000) * 0.05, size=3).astype(np.float32)
   config = default_config()  # pretrained efficientnet_lite0/imagenet: ImageNet names
   dataset = type("D", (), {"class_names": ["tee", "trouser", "bag"], "num_classes": 3})()
-  paths = CoTuning(relationship=rel).write_artifacts(workdir=str(tmp_path), dataset=dataset,
-                                                     config=config)
+  paths = CoTuning(relationship=rel).write_artifacts(
+      RunContext(workdir=str(tmp_path), dataset=dataset, pretrained=config.pretrained))
   assert [p.rsplit("/", 1)[-1] for p in paths] == ["relationship.npy", "relationship.png"]
   np.testing.assert_array_equal(np.load(tmp_path / "relationship.npy"), rel)
   assert (tmp_path / "relationship.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -215,8 +205,8 @@ def test_write_artifacts_saves_the_relationship_and_fig1(tmp_path):
   with pytest.raises(ValueError, match="unknown pretrained model 'nope'"):
     registry.source_class_names_file("nope")
   config.pretrained = ""  # no names known: indices stand in, still a figure
-  assert CoTuning(relationship=rel).write_artifacts(workdir=str(tmp_path / "b"), dataset=dataset,
-                                                    config=config)[1].endswith(".png")
+  assert CoTuning(relationship=rel).write_artifacts(
+      RunContext(workdir=str(tmp_path / "b"), dataset=dataset, pretrained=""))[1].endswith(".png")
 
 
 CO_TUNING_RUN = r"""

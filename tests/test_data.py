@@ -158,9 +158,9 @@ def test_stratified_sample_counts_and_nesting():
 
 def test_class_keep_count_has_no_float_noise():
   # 15% of 20 is exactly 3 (0.15 * 20 in floats is 3.0000000000000004).
-  assert data.pipeline.class_keep_count(15, 20) == 3
-  assert data.pipeline.class_keep_count(0.1, 5) == 1
-  assert data.pipeline.class_keep_count(33.3, 1000) == 333
+  assert data.sampling.class_keep_count(15, 20) == 3
+  assert data.sampling.class_keep_count(0.1, 5) == 1
+  assert data.sampling.class_keep_count(33.3, 1000) == 333
 
 
 def test_stratified_split_is_stratified_disjoint_and_fixed():

@@ -294,12 +294,12 @@ def _mixed_step_setup(weight, mode="labelled", with_reuse=True, n=4, num_pool_cl
   from ftjax.methods.data_reuse import DataReuse
   from ftjax.methods.finetune import CrossEntropy
   from ftjax.train import step as step_lib
-  from ftjax.train.loop import mixed_batch
+  from ftjax.methods.data_reuse import mixed_batch
   from ftjax.train.state import TrainState
 
   model, variables = _tiny_model_and_variables()
   reuse = DataReuse(weight=weight, mode=mode, num_pool_classes=num_pool_classes, seed=1)
-  model, variables = reuse.wrap_model(model=model, variables=variables, config=None, rng=None)
+  model, variables = reuse.wrap_model(model=model, variables=variables, rng=None)
   components = [CrossEntropy(), reuse] if with_reuse else [CrossEntropy()]
   optimizer = optax.sgd(0.1)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
@@ -314,12 +314,12 @@ def _mixed_step_setup(weight, mode="labelled", with_reuse=True, n=4, num_pool_cl
   if mode == "pseudo_label":
     pool["image_key"] = rng.uniform(0, 255, (n, 32, 32, 3)).astype(np.float32)
   batch = mixed_batch(target, pool)
-  step = jax.jit(step_lib.make_train_step(model=model, optimizer=optimizer, components=components))
+  step = jax.jit(step_lib.make_train_step(model=model, optimizer=optimizer, methods=components))
   return model, state, batch, step
 
 
 def test_mixed_batch_layout():
-  from ftjax.train.loop import mixed_batch
+  from ftjax.methods.data_reuse import mixed_batch
   target = {"image": np.zeros((3, 32, 32, 3), np.float32), "label": np.array([0, 1, 2], np.int32)}
   pool = {"image": np.ones((3, 32, 32, 3), np.float32), "label": np.array([4, 3, 2], np.int32),
           "image_key": np.full((3, 32, 32, 3), 2, np.float32)}
@@ -388,15 +388,15 @@ def test_pseudo_label_reuse_step_matches_eq7_rederived():
 
 
 def test_data_reuse_component_errors():
-  from ftjax.methods import build_components
+  from ftjax.methods import build_methods
   with pytest.raises(ValueError, match="mode must be one of"):
-    build_components({"data_reuse": {"mode": "soft"}})
+    build_methods({"data_reuse": {"mode": "soft"}})
   with pytest.raises(ValueError, match="weight must be >= 0"):
-    build_components({"data_reuse": {"weight": -1.0}})
-  (reuse,) = build_components({"data_reuse": {"weight": 0.1}})
+    build_methods({"data_reuse": {"weight": -1.0}})
+  (reuse,) = build_methods({"data_reuse": {"weight": 0.1}})
   model, variables = _tiny_model_and_variables()
   with pytest.raises(ValueError, match="num_pool_classes >= 1"):
-    reuse.wrap_model(model=model, variables=variables, config=None, rng=None)
+    reuse.wrap_model(model=model, variables=variables, rng=None)
   with pytest.raises(ValueError, match="pool_head"):
     reuse.init_state(variables=variables, rng=None)
 
@@ -437,7 +437,8 @@ def test_reuse_training_end_to_end(tmp_path, fashion_mnist_ready):
 
 
 def test_init_from_round_trip_and_errors(tmp_path):
-  from ftjax.train.loop import ConfigError, load_backbone_variables, save_backbone_variables
+  from ftjax.core.errors import ConfigError
+  from ftjax.train.setup import load_backbone_variables, save_backbone_variables
   _, variables = _tiny_model_and_variables()
   trained = jax.tree.map(lambda x: np.asarray(x) + 1.0, variables)
   path = save_backbone_variables(trained, str(tmp_path / "backbone.npz"))

@@ -7,13 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax import models, patches
+from ftjax import models
+from ftjax.core import paths
+from ftjax.methods import patches
 from ftjax.methods.finetune import CrossEntropy
-from ftjax.train import optim
 from ftjax.train import sharding as shd
-from ftjax.train import step as step_lib
 from ftjax.train.config import default_config
-from ftjax.train.loop import ConfigError, resolve_rules
+from ftjax.core.errors import ConfigError
+from ftjax.train import setup
+from ftjax.train.setup import resolve_rules
 from ftjax.train.state import TrainState
 
 NUM_CLASSES = 5
@@ -36,7 +38,7 @@ def effnet():
 
 
 def _leaves(tree):
-  return {patches.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {paths.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 # ----------------------------------------------------------------------------- selections
@@ -89,7 +91,7 @@ def test_patch_rules_cover_every_parameter_exactly_once(effnet, selection, train
   _, v, _ = effnet
   rules = patches.patch_rules(v["params"], batch_stats=v["batch_stats"], selection=selection,
                               train_head=train_head)
-  labels = _leaves(patches.path_labels(v["params"], rules))  # raises on a gap or an overlap
+  labels = _leaves(paths.path_labels(v["params"], rules))  # raises on a gap or an overlap
   body = set()
   for part in patches.parse_selection(selection):
     if part != "head":
@@ -108,20 +110,15 @@ def test_patch_rules_cover_every_parameter_exactly_once(effnet, selection, train
 
 def _train_patch(model, variables, batch, config, steps=3):
   rules, groups, bn_mode = resolve_rules(config, variables)
-  labels = patches.path_labels(variables["params"], rules)
-  tx = optim.make_optimizer(labels=labels, groups=groups, schedule=lambda s: 0.05, momentum=0.9,
-                            weight_decay=0.1)  # large decay: it must not reach frozen weights
-  frozen = {n for n, g in groups.items() if g.frozen}
-  mask = jax.tree.map(lambda label: label in frozen, labels)
-  mesh = shd.make_data_mesh()
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                     batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-                     method_state={"ce": ()}, rng=jax.random.PRNGKey(1))
-  fn = step_lib.jit_train_step(
-      step_lib.make_train_step(model=model, optimizer=tx, components=[CrossEntropy()],
-                               train_bn=bn_mode == "train", frozen_mask=mask), mesh=mesh, state=state)
+  training = setup.init_training(model=model, variables=variables, methods=[CrossEntropy()], rules=rules,
+                                 groups=groups, bn_mode=bn_mode,
+                                 num_classes=int(variables["params"]["head"]["bias"].shape[0]),
+                                 schedule=lambda s: 0.05, momentum=0.9,
+                                 weight_decay=0.1,  # large decay: it must not reach frozen weights
+                                 method_rng=jax.random.PRNGKey(0), state_rng=jax.random.PRNGKey(1))
+  state, labels = training.state, training.labels
   for _ in range(steps):
-    state, _ = fn(state, shd.global_batch(batch, mesh))
+    state, _ = training.train_step(state, shd.global_batch(batch, training.mesh), training.source)
   return jax.device_get(state), labels, bn_mode
 
 
@@ -196,9 +193,10 @@ PATCH_RUN = r"""
 import sys, json
 import jax, numpy as np
 from experiments.configs import tiny
-from ftjax import patches
+from ftjax.core import paths
+from ftjax.methods import patches
 from ftjax.data import load_dataset
-from ftjax.train import loop
+from ftjax.train import loop, setup
 c = tiny.get_config()
 c.baseline = "patch"
 c.num_steps, c.eval_every_steps = 4, 4
@@ -206,7 +204,7 @@ results = loop.train_and_evaluate(c, sys.argv[1])
 # Rebuild the same base (same seed) and apply the saved patch: its val accuracy must equal
 # the one the run recorded for the chosen checkpoint.
 init_rng = jax.random.split(jax.random.PRNGKey(c.seed), 3)[0]
-model, base = loop.build_model(c, num_classes=10, keep_source_head=False, rng=init_rng)
+model, base = setup.build_model(c, num_classes=10, keep_source_head=False, rng=init_rng)
 patched = patches.apply_patch(base, patches.load_patch(sys.argv[1] + "/patch.npz"))
 ds = load_dataset("fashion_mnist", sampling_rate=c.dataset.sampling_rate, seed=c.seed,
                   val_fraction=c.dataset.val_fraction, image_size=c.dataset.image_size)
@@ -232,7 +230,7 @@ def test_patch_run_writes_a_patch_that_reproduces_the_chosen_checkpoint(tmp_path
 
 def test_multitask_step_sums_task_gradients_on_the_shared_weights(effnet):
   import optax
-  from ftjax.train import multitask
+  from ftjax.methods import multitask
   model, v, batch = effnet
   privates = multitask.private_paths(v, selection="scale_bias", share_head=False)
   shared, private = multitask.split_params(v["params"], privates)
@@ -274,8 +272,9 @@ MULTITASK_RUN = r"""
 import sys, json
 import jax, numpy as np
 from experiments.configs import tiny
-from ftjax import patches
-from ftjax.train import multitask
+from ftjax.core import paths
+from ftjax.methods import patches
+from ftjax.methods import multitask
 c = tiny.get_config()
 c.baseline = "patch"
 c.num_steps, c.eval_every_steps = 4, 4
@@ -289,7 +288,6 @@ print(json.dumps({k: v for k, v in results.items() if k != "table"}))
 @pytest.mark.slow
 def test_multitask_run_saves_patches_that_rebuild_each_task(tmp_path, fashion_mnist_ready):
   from conftest import run_python
-  from ftjax.train import multitask
   out = json.loads(run_python(["-c", MULTITASK_RUN, str(tmp_path)]).stdout.strip().splitlines()[-1])
   assert set(out["tasks"]) == {"px32", "px40"}
   shared = patches.load_patch(tmp_path / "shared.npz").params
@@ -341,9 +339,9 @@ def test_model_patches_configs_and_lr_sweep_plot(tmp_path):
 def test_flatten_and_unflatten_paths_round_trip():
   tree = {"backbone": {"block0": {"conv": {"kernel": np.ones((1, 2))}, "bn": {"scale": np.zeros(3)}}},
           "head": {"bias": np.arange(4.0)}}
-  flat = patches.flatten_paths(tree)
+  flat = paths.flatten_paths(tree)
   assert sorted(flat) == ["backbone/block0/bn/scale", "backbone/block0/conv/kernel", "head/bias"]
-  back = patches.unflatten_paths(flat)
+  back = paths.unflatten_paths(flat)
   assert jax.tree.structure(back) == jax.tree.structure(tree)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
     np.testing.assert_array_equal(a, b)

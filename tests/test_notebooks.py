@@ -46,6 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(ROOT, "notebooks")
 KERNEL_NAME = "ftjax-test-python"
 NOTEBOOKS = ("compose_losses", "model_patches", "spottune_policy", "uot_selection")
+TRAINING_NOTEBOOKS = ("compose_losses", "model_patches", "spottune_policy")
 PAIRING = "ipynb,py:percent"  # notebook metadata jupytext.formats: <name>.ipynb <-> <name>.py
 # Rewrites each .ipynb's cells from its .py, keeping the ids of unchanged cells (and any outputs).
 SYNC_COMMAND = ".venv/bin/python -m jupytext --to ipynb --update notebooks/*.py"
@@ -198,6 +199,21 @@ def test_notebook_script_compiles_and_lints(name):
   assert lint.returncode == 0, f"ruff (pyflakes rules) on {relative}:\n{lint.stdout}{lint.stderr}"
 
 
+def test_training_notebooks_build_their_runs_through_the_shared_setup():
+  """No trainer copy in a notebook: the state, optimizer and step come from ftjax.train.setup."""
+  import re
+  by_hand = re.compile(r"\b(?:TrainState|make_train_step|jit_train_step|make_optimizer|path_labels)\b"
+                       r"|\bftjax\.patches\b|from ftjax import [^\n]*\bpatches\b")
+  for name in NOTEBOOKS:
+    with open(_path(name, "py"), encoding="utf-8") as f:
+      source = f.read()
+    found = sorted({m.group(0) for m in by_hand.finditer(source)})
+    assert not found, f"{name}.py builds its run by hand ({', '.join(found)}): use ftjax.train.setup"
+    if name in TRAINING_NOTEBOOKS:
+      assert re.search(r"\bsetup\.(?:init_training|setup_run)\(", source), (
+          f"{name}.py does not build its run with setup.init_training or setup.setup_run")
+
+
 # ----------------------------------------------------------------------------- executions
 
 
@@ -259,7 +275,9 @@ def test_uot_selection_notebook(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_model_patches_notebook(tmp_path, monkeypatch):
-  from ftjax import models, patches
+  from ftjax import models
+  from ftjax.core import paths
+  from ftjax.methods import patches
   results = execute_notebook("model_patches.ipynb", tmp_path, monkeypatch)
   assert results["patch_logit_diff"] <= 1e-5
   # Rebuild the base here, apply the saved patch file, compare with the trained model's logits.
@@ -273,7 +291,7 @@ def test_model_patches_notebook(tmp_path, monkeypatch):
   np.testing.assert_allclose(np.asarray(logits), check["logits"], atol=1e-5)
   # The patch is BatchNorm scale/bias plus the head, counted from the structure here.
   params = base["params"]
-  flat = dict(zip(patches.param_paths(params), jax.tree.leaves(params)))
+  flat = dict(zip(paths.param_paths(params), jax.tree.leaves(params)))
   expected = patches.structural_paths(params, batch_stats=base["batch_stats"], selection="scale_bias")
   expected += [p for p in flat if p.startswith("head/")]
   assert sorted(patch.params) == sorted(expected)
@@ -287,7 +305,7 @@ def test_model_patches_notebook(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_spottune_policy_notebook(tmp_path, monkeypatch):
   from ftjax import models
-  from ftjax.models import spottune as st
+  from ftjax.methods import spottune as st
   results = execute_notebook("spottune_policy.ipynb", tmp_path, monkeypatch)
   saved = np.load(results["decisions_path"])
   routed = results["routed_blocks"]

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from ftjax import patches
+from ftjax.core import paths
 from ftjax.train import optim
 
 
@@ -22,7 +22,7 @@ def _params():
 
 
 def test_labels_follow_rules():
-  labels = patches.path_labels(_params(), [("head/.*", "head"), ("backbone/bn/.*", "sb"),
+  labels = paths.path_labels(_params(), [("head/.*", "head"), ("backbone/bn/.*", "sb"),
                                            ("backbone/conv/.*", "frozen")])
   assert labels["head"]["kernel"] == "head"
   assert labels["backbone"]["bn"]["scale"] == "sb"
@@ -30,17 +30,17 @@ def test_labels_follow_rules():
 
 
 def test_uncovered_and_double_cover_name_the_paths():
-  with pytest.raises(patches.RuleError, match=re.escape("backbone/conv/kernel")) as e:
-    patches.path_labels(_params(), [("head/.*", "head"), ("backbone/bn/.*", "sb")])
+  with pytest.raises(paths.RuleError, match=re.escape("backbone/conv/kernel")) as e:
+    paths.path_labels(_params(), [("head/.*", "head"), ("backbone/bn/.*", "sb")])
   assert "match no rule" in str(e.value)
-  with pytest.raises(patches.RuleError, match="head/kernel.*several rules|several rules.*head/kernel"):
-    patches.path_labels(_params(), [("head/.*", "head"), (".*kernel", "k"), ("backbone/bn/.*", "sb")])
+  with pytest.raises(paths.RuleError, match="head/kernel.*several rules|several rules.*head/kernel"):
+    paths.path_labels(_params(), [("head/.*", "head"), (".*kernel", "k"), ("backbone/bn/.*", "sb")])
 
 
 def test_missing_group_config_is_an_error():
-  labels = patches.path_labels(_params(), [(".*", "all")])
-  with pytest.raises(patches.RuleError, match="all"):
-    patches.check_groups(labels, {"head": optim.GroupConfig()})
+  labels = paths.path_labels(_params(), [(".*", "all")])
+  with pytest.raises(paths.RuleError, match="all"):
+    paths.check_groups(labels, {"head": optim.GroupConfig()})
 
 
 def _numpy_sgdw(params, grads_seq, *, lr, momentum, nesterov, wd):
@@ -57,7 +57,7 @@ def _numpy_sgdw(params, grads_seq, *, lr, momentum, nesterov, wd):
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_partitioned_sgdw_matches_numpy_and_freezes(nesterov):
   params = _params()
-  labels = patches.path_labels(params, [("head/.*", "head"), ("backbone/bn/.*", "sb"),
+  labels = paths.path_labels(params, [("head/.*", "head"), ("backbone/bn/.*", "sb"),
                                         ("backbone/conv/.*", "frozen")])
   groups = {"head": optim.GroupConfig(lr_mult=10.0), "sb": optim.GroupConfig(weight_decay=0.0),
             "frozen": optim.GroupConfig(frozen=True)}

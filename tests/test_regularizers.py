@@ -11,19 +11,18 @@ import numpy as np
 import pytest
 import scipy.special
 
-from ftjax import models, patches
+from ftjax import models
 from ftjax.losses import (batch_spectral_shrinkage, delta, delta_channel_weights,
                           filter_ablation_loss_increase, l2_sp, lwf)
-from ftjax.methods import build_components
+from ftjax.methods import build_methods
 from ftjax.methods import regularizers as mr
 from ftjax.methods.co_tuning import CoTuning
 from ftjax.methods.finetune import CrossEntropy
-from ftjax.train import optim
 from ftjax.train import sharding as shd
-from ftjax.train import step as step_lib
 from ftjax.train.config import default_config
-from ftjax.train.loop import resolve_rules
-from ftjax.train.state import TrainState
+from ftjax.methods import RunContext
+from ftjax.train import setup
+from ftjax.train.setup import resolve_rules
 
 NUM_TARGET, NUM_SOURCE = 4, 7
 
@@ -277,30 +276,25 @@ def test_lwf_matches_numpy_and_gradient():
 
 
 def _train_state(model, variables, components, lr=0.05):
+  """``(state, step, mesh, source)`` of the run's setup; ``step(state, batch)`` reads the source."""
   config = default_config()
-  rules, groups, _ = resolve_rules(config)
-  labels = patches.path_labels(variables["params"], rules)
-  tx = optim.make_optimizer(labels=labels, groups=groups, schedule=lambda s: lr, momentum=0.9,
-                            weight_decay=0.0)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                     batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-                     method_state={c.name: c.init_state(variables=variables, rng=None) for c in components},
-                     rng=jax.random.PRNGKey(1))
-  mesh = shd.make_data_mesh()
-  state = jax.device_put(state, shd.state_sharding(mesh, state))
-  step = step_lib.jit_train_step(step_lib.make_train_step(model=model, optimizer=tx, components=components),
-                                 mesh=mesh, state=state)
-  return state, step, mesh
+  rules, groups, _ = resolve_rules(config, methods=components)
+  training = setup.init_training(model=model, variables=variables, methods=components, rules=rules,
+                                 groups=groups, num_classes=NUM_TARGET, schedule=lambda s: lr,
+                                 momentum=0.9, method_rng=jax.random.PRNGKey(0),
+                                 state_rng=jax.random.PRNGKey(1))
+  step = lambda state, batch: training.train_step(state, batch, training.source)
+  return training.state, step, training.mesh, training.source
 
 
 def test_registry_defaults_are_the_literature_coefficients():
-  l2, de, bss, lw = build_components({"l2_sp": {}, "delta": {}, "bss": {}, "lwf": {}})
+  l2, de, bss, lw = build_methods({"l2_sp": {}, "delta": {}, "bss": {}, "lwf": {}})
   assert (l2.alpha, l2.beta, l2.weight) == (0.01, 0.01, 1.0)
   assert de.weight == 0.01 and de.outputs == ("feature_maps",)
   assert (bss.weight, bss.k, bss.outputs) == (0.001, 1, ("features",))
   assert (lw.weight, lw.temperature, lw.outputs) == (1.0, 3.0, ("source_logits",))
   with pytest.raises(ValueError, match="bad options"):
-    build_components({"bss": {"rank": 2}})
+    build_methods({"bss": {"rank": 2}})
 
 
 def test_composed_co_tuning_bss_l2_sp_step_reports_each_term():
@@ -309,10 +303,10 @@ def test_composed_co_tuning_bss_l2_sp_step_reports_each_term():
   variables = _init(model)
   batch = _images(n=8, seed=2)
   rel = np.random.default_rng(7).dirichlet(np.ones(NUM_SOURCE), size=NUM_TARGET).astype(np.float32)
-  components = build_components({"ce": {"weight": 1.0}, "co_tuning": {"weight": 2.3, "relationship": rel},
+  components = build_methods({"ce": {"weight": 1.0}, "co_tuning": {"weight": 2.3, "relationship": rel},
                                  "bss": {"weight": 0.001, "k": 1}, "l2_sp": {"alpha": 0.01, "beta": 0.02}})
   assert [type(c) for c in components] == [CrossEntropy, CoTuning, mr.BatchSpectralShrinkage, mr.L2SP]
-  state, step, mesh = _train_state(model, variables, components)
+  state, step, mesh, source = _train_state(model, variables, components)
   state, metrics = step(state, shd.global_batch(batch, mesh))
 
   out, _ = model.apply(variables, batch["image"], train=True,
@@ -336,7 +330,8 @@ def test_composed_co_tuning_bss_l2_sp_step_reports_each_term():
   state, metrics = step(state, shd.global_batch(batch, mesh))
   params = jax.device_get(state.params)  # after step 2; metrics are of the params before it
   assert float(metrics["l2_sp/distance_sq"]) > 0.0
-  anchor = jax.device_get(state.method_state["l2_sp"]["anchor"])
+  assert state.method_state["l2_sp"] == ()  # the anchor is the run's one frozen source
+  anchor = jax.device_get(source["params"])
   assert "head" not in anchor and "source_head" in anchor
   for a, v in zip(jax.tree.leaves(anchor), jax.tree.leaves({k: variables["params"][k] for k in anchor})):
     np.testing.assert_array_equal(a, v)
@@ -364,8 +359,9 @@ def test_delta_prepare_ranks_channels_on_a_fitted_head():
   variables = _init(model, seed=3)
   config = default_config()
   config.batch_size, config.eval_batch_size = 8, 8
-  (delta_c,) = build_components({"delta": {"attention_batches": 2}})
-  delta_c = delta_c.prepare(dataset=_RandomDataset(), model=model, variables=variables, config=config)
+  (delta_c,) = build_methods({"delta": {"attention_batches": 2}})
+  delta_c = delta_c.prepare(RunContext(dataset=_RandomDataset(), model=model, variables=variables,
+                                       batch_size=config.batch_size, eval_batch_size=config.eval_batch_size))
   assert delta_c.model is model and delta_c.layers == ("stage1_block0", "stage2_block0")
   for layer, channels in (("stage1_block0", 8), ("stage2_block0", 16)):
     w = delta_c.channel_weights[layer]
@@ -383,12 +379,11 @@ def test_delta_and_lwf_train_while_the_source_model_stays_bitwise_frozen():
   rng = np.random.default_rng(8)
   weights = {"stage1_block0": rng.dirichlet(np.ones(8)).astype(np.float32),
              "stage2_block0": rng.dirichlet(np.ones(16)).astype(np.float32)}
-  components = [CrossEntropy()] + build_components({"delta": {"channel_weights": weights}, "lwf": {}})
-  components = [c.prepare(dataset=None, model=model, variables=variables, config=None)
-                if hasattr(c, "prepare") else c for c in components]
+  components = [CrossEntropy()] + build_methods({"delta": {"channel_weights": weights}, "lwf": {}})
+  components = [c.prepare(RunContext(model=model, variables=variables)) for c in components]
   delta_c = components[1]
   assert delta_c.layers == ("stage1_block0", "stage2_block0")
-  state, step, mesh = _train_state(model, variables, components)
+  state, step, mesh, source = _train_state(model, variables, components)
   batch = _images(n=8, seed=4)
   state, metrics = step(state, shd.global_batch(batch, mesh))
 
@@ -411,11 +406,12 @@ def test_delta_and_lwf_train_while_the_source_model_stays_bitwise_frozen():
   # The frozen source model: bitwise the initial variables (without the new head), in both terms.
   expected = {"params": {k: v for k, v in variables["params"].items() if k != "head"},
               "batch_stats": variables["batch_stats"]}
-  for name in ("delta", "lwf"):
-    held = final.method_state[name]["source_variables"]
-    assert jax.tree.structure(held) == jax.tree.structure(expected)
-    for a, b in zip(jax.tree.leaves(held), jax.tree.leaves(expected)):
-      assert a.dtype == b.dtype and np.array_equal(a, b)
+  # One copy, outside the train state: no method state holds a model.
+  assert final.method_state["lwf"] == () and set(final.method_state["delta"]) == {"channel_weights"}
+  held = jax.device_get(source)
+  assert jax.tree.structure(held) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(held), jax.tree.leaves(expected)):
+    assert a.dtype == b.dtype and np.array_equal(a, b)
   # ... while the trained model moved: backbone, source head (LwF's term reaches it) and BN stats.
   for path in (("backbone", "stem_conv", "kernel"), ("source_head", "kernel"), ("head", "kernel")):
     before, after = variables["params"], final.params
@@ -435,16 +431,15 @@ def test_components_need_prepare_and_a_source_head():
   with pytest.raises(ValueError, match="call its prepare"):
     mr.LwF().init_state(variables=variables, rng=None)
   with pytest.raises(ValueError, match="keep_source_head=True"):
-    mr.LwF().prepare(dataset=None, model=model, variables=variables, config=None)
+    mr.LwF().prepare(RunContext(model=model, variables=variables))
   with pytest.raises(ValueError, match="call its prepare"):
     mr.Delta().init_state(variables=variables, rng=None)
   with pytest.raises(ValueError, match="has no channel weights"):
     dataclasses.replace(mr.Delta(), model=model).init_state(variables=variables, rng=None)
   with pytest.raises(ValueError, match="unknown feature maps \\['stage9_block0'\\]"):
-    mr.Delta(layers=("stage9_block0",), attention=False).prepare(
-        dataset=None, model=model, variables=variables, config=None)
-  state = mr.Delta(attention=False).prepare(dataset=None, model=model, variables=variables,
-                                             config=None).init_state(variables=variables, rng=None)
+    mr.Delta(layers=("stage9_block0",), attention=False).prepare(RunContext(model=model, variables=variables))
+  state = mr.Delta(attention=False).prepare(RunContext(model=model, variables=variables)).init_state(
+      variables=variables, rng=None)
   assert "channel_weights" not in state
   with pytest.raises(ValueError, match="k >= 1"):
     mr.BatchSpectralShrinkage(k=0)
@@ -458,7 +453,8 @@ def test_trainer_with_every_regularizer_checkpoints_a_frozen_source_model(tmp_pa
   # step, Orbax checkpoints of method_state; ~70 s on 2 shared cores.
   from experiments.configs import tiny
   from ftjax.train.checkpoint import load_checkpoint_arrays
-  from ftjax.train.loop import build_model, train_and_evaluate
+  from ftjax.train.loop import train_and_evaluate
+  from ftjax.train.setup import build_model
 
   config = tiny.get_config()
   config.num_steps, config.eval_every_steps = 8, 8
@@ -470,12 +466,10 @@ def test_trainer_with_every_regularizer_checkpoints_a_frozen_source_model(tmp_pa
   init_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)[0]
   _, initial = build_model(config, num_classes=10, keep_source_head=True, rng=init_rng)
   source = {k: v for k, v in initial["params"].items() if k != "head"}
-  for held in (state["method_state"]["delta"]["source_variables"]["params"],
-               state["method_state"]["lwf"]["source_variables"]["params"],
-               state["method_state"]["l2_sp"]["anchor"]):
-    assert jax.tree.structure(held) == jax.tree.structure(source)
-    for a, b in zip(jax.tree.leaves(held), jax.tree.leaves(source)):
-      assert np.array_equal(np.asarray(a), np.asarray(b))
+  # The frozen source is never checkpointed: the method states hold no model.
+  assert jax.tree.leaves(state["method_state"].get("lwf", ())) == []
+  assert jax.tree.leaves(state["method_state"].get("l2_sp", ())) == []
+  assert set(state["method_state"]["delta"]) == {"channel_weights"}
   assert not np.allclose(state["params"]["backbone"]["stem_conv"]["kernel"],
                          source["backbone"]["stem_conv"]["kernel"])
   with open(tmp_path / "metrics.jsonl") as f:

@@ -15,7 +15,7 @@ import pytest
 import scipy.optimize
 import scipy.special
 
-from ftjax import relationship as R
+from ftjax.methods.co_tuning import relationship as R
 from ftjax.data import stratified_split
 
 

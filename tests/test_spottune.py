@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax import patches
+from ftjax.core import paths
 from ftjax.losses.spottune import block_usage, global_k_loss, gumbel_softmax, policy_entropy_loss
-from ftjax.methods import build_components
+from ftjax.methods import build_methods
 from ftjax.methods.finetune import CrossEntropy
 from ftjax.methods.spottune import SpotTune
 from ftjax.models import create_model
-from ftjax.models import spottune as st
+from ftjax.methods import spottune as st
 
 from conftest import train_spottune_steps
 
@@ -185,7 +185,7 @@ def test_layout_and_copies(base):
   assert set(params) == {"backbone", "frozen_backbone", "policy", "head"}
   assert sorted(params["frozen_backbone"]) == sorted(model.routed_blocks)
   # Trainable backbone = the plain backbone (same names and values), frozen copies equal too.
-  assert patches.param_paths(params["backbone"]) == patches.param_paths(plain_vars["params"]["backbone"])
+  assert paths.param_paths(params["backbone"]) == paths.param_paths(plain_vars["params"]["backbone"])
   for collection in ("params", "batch_stats"):
     for name in model.routed_blocks:
       jax.tree.map(np.testing.assert_array_equal, variables[collection]["frozen_backbone"][name],
@@ -299,7 +299,7 @@ def test_component_matches_numpy_and_is_zero_without_lambdas():
   np.testing.assert_allclose(float(term.metrics["finetuned_blocks"]), decisions.sum(1).mean(), rtol=1e-6)
   for j in range(5):
     np.testing.assert_allclose(float(term.metrics[f"usage/{j}"]), decisions[:, j].mean(), rtol=1e-6)
-  global_k = build_components({"spottune": {"lambda1": 2.0, "lambda2": 0.3, "k": 2}})[0]
+  global_k = build_methods({"spottune": {"lambda1": 2.0, "lambda2": 0.3, "k": 2}})[0]
   term = global_k(outputs=outputs, batch={}, state=(), params=None, rng=None)
   np.testing.assert_allclose(float(term.loss), 2.0 * np_global_k(decisions, 2) + 0.3 * np_entropy(decisions),
                              rtol=1e-5)
@@ -314,7 +314,7 @@ def test_component_matches_numpy_and_is_zero_without_lambdas():
 def test_wrap_model_builds_spottune_from_plain():
   _, plain, _, plain_vars = _models("resnet_tiny")
   component = SpotTune(policy_depth=1, policy_width=8, policy_image_size=SIZE)
-  model, variables = component.wrap_model(model=plain, variables=plain_vars, config=None, rng=jax.random.key(2))
+  model, variables = component.wrap_model(model=plain, variables=plain_vars, rng=jax.random.key(2))
   assert isinstance(model, st.SpotTuneClassifier) and model.num_classes == 5
   jax.tree.map(np.testing.assert_array_equal, variables["params"]["backbone"], plain_vars["params"]["backbone"])
   out = model.apply(variables, _images(), train=False, outputs=("logits",), routing="all_frozen")

@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax import patches
+from ftjax.core import paths
 from ftjax.methods.finetune import CrossEntropy
 from ftjax.methods.spottune import SpotTune
 from ftjax.models import create_model
-from ftjax.models import spottune as st
+from ftjax.methods import spottune as st
 from ftjax.train.metrics import (DECATHLON_BASELINE_ACCURACY, DECATHLON_DOMAINS, decathlon_domain_scores,
                                  decathlon_score)
 
@@ -158,7 +158,7 @@ def test_frozen_prefix_layout_and_forward():
     for part in variables[collection]["frozen_backbone"]:
       jax.tree.map(np.testing.assert_array_equal, variables[collection]["frozen_backbone"][part],
                    plain_vars[collection]["backbone"][part])
-  labels = patches.path_labels(params, st.spottune_rules())
+  labels = paths.path_labels(params, st.spottune_rules())
   for part in ("stem_conv", "stem_bn", "stage1_block0"):
     assert set(jax.tree.leaves(labels["frozen_backbone"][part])) == {"frozen"}
   # All frozen = the plain (pretrained) model exactly; all fine-tuned = the plain model with
@@ -223,7 +223,8 @@ def test_training_keeps_the_frozen_prefix_bitwise_unchanged():
 def test_decathlon_config_builds_and_validates(tmp_path):
   from experiments.configs import spottune_decathlon
   from ftjax import methods
-  from ftjax.train.loop import resolve_rules, train_and_evaluate, validate_config
+  from ftjax.train.loop import train_and_evaluate
+  from ftjax.train.setup import resolve_rules, validate_config
   from ftjax.train.report import variant_configs
 
   config = spottune_decathlon.get_config("visual_domain_decathlon/aircraft")
@@ -235,22 +236,22 @@ def test_decathlon_config_builds_and_validates(tmp_path):
   assert set(variants) == {"finetune", "feature_extractor", "spottune", "global_k"}
   for name, cfg in variants.items():
     validate_config(cfg)
-    components = methods.build_components(cfg.losses)
+    components = methods.build_methods(cfg.losses)
     rules, groups, bn_mode = resolve_rules(cfg)
     assert bn_mode == ("eval" if name == "feature_extractor" else "train")
     spot = [c for c in components if isinstance(c, SpotTune)]
     assert bool(spot) == (name in ("spottune", "global_k"))
     if not spot:
       continue
-    model = st.create_spottune_model(cfg.model, num_classes=100, **spot[0].model_options())
+    model = st.create_spottune_model(cfg.model, num_classes=100, **spot[0].routing_options())
     # The first macro block (4 residual blocks) is not routed; the 8 later ones are.
     assert model.frozen_prefix == tuple(f"stage1_block{i}" for i in range(4))
     assert model.routed_blocks == tuple(f"stage{s}_block{i}" for s in (2, 3) for i in range(4))
     shapes = jax.eval_shape(lambda key: model.init(key, jnp.zeros((1, 64, 64, 3)), train=False,
                                                    outputs=model.all_outputs, routing="argmax"),
                             jax.random.key(0))
-    labels = patches.path_labels(shapes["params"], rules)
-    patches.check_groups(labels, groups)
+    labels = paths.path_labels(shapes["params"], rules)
+    paths.check_groups(labels, groups)
     assert groups["frozen"].frozen
     frozen_parts = {p for p, leaf in labels["frozen_backbone"].items() if set(jax.tree.leaves(leaf)) == {"frozen"}}
     assert {"stem_conv", "stem_bn", "stage1_block0", "stage1_block3", "stage3_block3"} <= frozen_parts

@@ -127,6 +127,23 @@ def test_bad_config_gives_one_line_error(tmp_path, override, message, fashion_mn
   assert "Traceback" not in proc.stderr
 
 
+def test_checkpoint_of_an_older_state_layout_is_refused_in_one_line(tmp_path, fashion_mnist_ready):
+  """A checkpoint written before the frozen source left the method state (its record has no
+  layout, as every record then) is refused before Orbax reads the state."""
+  cmd = _train_cmd(tmp_path / "w", "--config.num_steps=4", "--config.eval_every_steps=4")
+  run_python(cmd)
+  record = tmp_path / "w" / "seed0" / "checkpoints" / "4" / "record" / "metadata"
+  stored = json.loads(record.read_text())
+  assert stored["layout"] == 2
+  del stored["layout"]
+  record.write_text(json.dumps(stored))
+  proc = run_python(cmd, check=False)
+  assert proc.returncode == 2, proc.stderr
+  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  assert "checkpoint in state layout 1" in lines[-1] and "use a new --workdir" in lines[-1], proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
 def test_missing_weights_package_is_a_one_line_error(tmp_path):
   # A sitecustomize that hides the weights package, as on a machine without it.
   hide = tmp_path / "hide"
@@ -149,7 +166,8 @@ def test_missing_weights_package_is_a_one_line_error(tmp_path):
 
 def test_checkpoint_config_check_tolerates_only_new_keys_at_their_default():
   from ftjax.train.config import default_config
-  from ftjax.train.loop import _same_config, _semantic_config
+  from ftjax.train.loop import _same_config
+  from ftjax.train.setup import semantic_config as _semantic_config
   default = _semantic_config(default_config())
   current = _semantic_config(default_config())
   assert _same_config(current, current, default)

@@ -6,14 +6,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ftjax import models, patches
+from ftjax import models
+from ftjax.core import paths
 from ftjax.methods.finetune import CrossEntropy
-from ftjax.train import optim
 from ftjax.train import sharding as shd
-from ftjax.train import step as step_lib
 from ftjax.train.config import default_config
-from ftjax.train.loop import ConfigError, resolve_rules
-from ftjax.train.state import TrainState
+from ftjax.core.errors import ConfigError
+from ftjax.train import setup
+from ftjax.train.setup import resolve_rules
 
 NUM_CLASSES = 5
 
@@ -40,28 +40,20 @@ def tiny():
 
 def _train(model, variables, batch, config, steps=3):
   rules, groups, bn_mode = resolve_rules(config)
-  labels = patches.path_labels(variables["params"], rules)
-  tx = optim.make_optimizer(labels=labels, groups=groups, schedule=lambda s: 0.05,
-                            momentum=0.9, weight_decay=1e-2)
-  frozen = {n for n, g in groups.items() if g.frozen}
-  frozen_mask = jax.tree.map(lambda label: label in frozen, labels) if frozen else None
-  mesh = shd.make_data_mesh()
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                     batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-                     method_state={"ce": ()}, rng=jax.random.PRNGKey(1))
-  fn = step_lib.jit_train_step(
-      step_lib.make_train_step(model=model, optimizer=tx, components=[CrossEntropy()],
-                               train_bn=bn_mode == "train", frozen_mask=frozen_mask),
-      mesh=mesh, state=state)
+  training = setup.init_training(model=model, variables=variables, methods=[CrossEntropy()], rules=rules,
+                                 groups=groups, bn_mode=bn_mode, num_classes=NUM_CLASSES,
+                                 schedule=lambda s: 0.05, momentum=0.9, weight_decay=1e-2,
+                                 method_rng=jax.random.PRNGKey(0), state_rng=jax.random.PRNGKey(1))
+  state, labels = training.state, training.labels
   losses = []
   for _ in range(steps):
-    state, metrics = fn(state, shd.global_batch(batch, mesh))
+    state, metrics = training.train_step(state, shd.global_batch(batch, training.mesh), training.source)
     losses.append(float(metrics["loss"]))
   return jax.device_get(state), labels, losses
 
 
 def _flat(tree):
-  return dict(zip(patches.param_paths(tree), jax.tree.leaves(tree)))
+  return dict(zip(paths.param_paths(tree), jax.tree.leaves(tree)))
 
 
 def test_first_loss_is_cross_entropy_of_the_forward(tiny):
@@ -107,7 +99,7 @@ def test_explicit_rules_and_groups_override_the_baseline(tiny):
   config.param_rules = (("head/.*", "head"), (r".*_bn/(scale|bias)", "bn"), (r"(?!head/|.*_bn/).*", "frozen"))
   config.groups = ml_collections.ConfigDict({"bn": {"lr_mult": 2.0}, "frozen": {"frozen": True}})
   rules, groups, _ = resolve_rules(config)
-  labels = _flat(patches.path_labels(variables["params"], rules))
+  labels = _flat(paths.path_labels(variables["params"], rules))
   assert labels["backbone/stem_bn/scale"] == "bn"
   assert labels["backbone/stem_conv/kernel"] == "frozen"
   assert groups["bn"].lr_mult == 2.0 and groups["frozen"].frozen

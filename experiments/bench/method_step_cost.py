@@ -1,18 +1,22 @@
 """Training-step cost of a method relative to vanilla fine-tuning.
 
-Both steps come from the library's own step factory
-(:func:`ftjax.train.step.make_train_step`, jitted with the state donated), on the
-same model, batch and image size, with random weights and random images: the
-cost of a step does not depend on the values. The method's loss components are
-built from the same ``losses`` dictionaries the configs use; components that
-normally prepare themselves from data (Co-Tuning's relationship) get a random
-stand-in of the right shape (DELTA's channel weights: uniform). DELTA and LwF
-run the frozen source model inside the step, so their cost includes its
-forward pass; Bi-Tuning's includes the momentum key encoder's forward pass on
-a second view and the queue updates, and the run prints its queue memory (and
-that of K = 32 keys per class for 200 classes at 1280 dimensions). Timings: median of ``--steps`` steps after
-``--warmup`` untimed ones, the methods interleaved round-robin so that load
-changes on a shared machine hit them alike.
+Both steps are the trainer's own, built by the run setup
+(:func:`ftjax.train.setup.init_training`: the config baseline's parameter
+groups, the partitioned SGD-momentum optimizer, the jitted step with the state
+donated and the frozen source model as its third argument), on the same model,
+batch and image size, with random weights and random images: the cost of a
+step does not depend on the values. The methods are built from the same
+``losses`` dictionaries the configs use and prepared with
+:meth:`ftjax.methods.Method.prepare` on an in-memory
+:class:`~ftjax.methods.RunContext`; what ``prepare`` would compute from data
+is given up front as a stand-in of the right shape (Co-Tuning's relationship:
+random; DELTA's channel weights: uniform). DELTA and LwF run the frozen source
+model inside the step, so their cost includes its forward pass; Bi-Tuning's
+includes the momentum key encoder's forward pass on a second view and the
+queue updates, and the run prints its queue memory (and that of K = 32 keys
+per class for 200 classes at 1280 dimensions). Timings: median of ``--steps``
+steps after ``--warmup`` untimed ones, the methods interleaved round-robin so
+that load changes on a shared machine hit them alike.
 
 Usage::
 
@@ -38,11 +42,14 @@ import numpy as np
 import optax
 
 from ftjax import methods
+from ftjax.methods import RunContext
 from ftjax.methods import bi_tuning as bi_methods
 from ftjax.methods import regularizers as reg_methods
 from ftjax.models import create_model
+from ftjax.train import setup
+from ftjax.train import sharding as shd
 from ftjax.train import step as step_lib
-from ftjax.train.state import TrainState
+from ftjax.train.config import default_config
 
 NUM_SOURCE = 1000
 
@@ -78,52 +85,50 @@ def method_losses(name: str, num_classes: int) -> dict[str, dict[str, Any]]:
   return losses[name]
 
 
-def _bind(component: Any, model: Any) -> Any:
-  """The component with what its ``prepare`` would set from data (model, stand-in weights)."""
-  if isinstance(component, reg_methods.Delta):
-    layers = component.resolved_layers(model)
+def _stand_in(method: Any, model: Any) -> Any:
+  """The method with what its ``prepare`` would compute from data given up front (DELTA's
+  channel weights: uniform); ``prepare`` then only binds the model."""
+  if isinstance(method, reg_methods.Delta) and method.attention and method.channel_weights is None:
     shapes = dict(reg_methods.feature_map_order(model))
-    weights = {k: np.full(shapes[k][-1], 1.0 / shapes[k][-1], np.float32) for k in layers}
-    return dataclasses.replace(component, model=model, layers=layers, channel_weights=weights)
-  if isinstance(component, reg_methods.LwF):
-    return dataclasses.replace(component, model=model)
-  if isinstance(component, bi_methods.BiTuning):
-    return dataclasses.replace(component, model=model, key_bn_mode="train")
-  return component
+    weights = {k: np.full(shapes[k][-1], 1.0 / shapes[k][-1], np.float32)
+               for k in method.resolved_layers(model)}
+    return dataclasses.replace(method, channel_weights=weights)
+  return method
 
 
 def build_step(name: str, *, model_name: str, batch: int, size: int, num_classes: int
                ) -> Callable[[], None]:
-  """A zero-argument callable running one jitted training step of method ``name``."""
-  components = methods.build_components(method_losses(name, num_classes))
-  needed = step_lib.required_outputs(components)
-  bi = [c for c in components if isinstance(c, bi_methods.BiTuning)]
+  """A zero-argument callable running one training step of method ``name`` (the trainer's step)."""
+  ms = methods.build_methods(method_losses(name, num_classes))
+  needed = step_lib.required_outputs(ms)
   model = create_model(model_name, num_classes=num_classes, num_source_classes=NUM_SOURCE,
-                       keep_source_head="source_logits" in needed,
-                       projection_dim=bi[0].projection_dim if bi else 0)
-  components = [_bind(c, model) for c in components]
+                       keep_source_head="source_logits" in needed, **setup.model_options(ms))
   rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.uniform(0, 255, (batch, size, size, 3)), jnp.float32)
-  labels = jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32)
+  images = rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+  labels = rng.integers(0, num_classes, batch).astype(np.int32)
   variables = jax.jit(lambda k, x: model.init(k, x, train=False, outputs=model.all_outputs))(
-      jax.random.key(0, impl="rbg"), images[:1])
+      jax.random.key(0, impl="rbg"), jnp.asarray(images[:1]))
   variables = dict(variables)
-  optimizer = optax.sgd(0.01, momentum=0.9)
-  state = TrainState(
-      step=jnp.zeros((), jnp.int32), params=variables["params"],
-      batch_stats=variables.get("batch_stats", {}), opt_state=optimizer.init(variables["params"]),
-      method_state={c.name: c.init_state(variables=variables, rng=jax.random.PRNGKey(i))
-                    for i, c in enumerate(components)},
-      rng=jax.random.PRNGKey(0))
-  step_fn = jax.jit(step_lib.make_train_step(model=model, optimizer=optimizer, components=components),
-                    donate_argnums=0)
-  batch_arrays = {"image": images, "label": labels}
-  if bi:  # the key encoder's view
-    batch_arrays["image_key"] = jnp.asarray(rng.uniform(0, 255, images.shape), jnp.float32)
-  holder = [state]
+
+  config = default_config()
+  config.model, config.pretrained = model_name, ""
+  rules, groups, bn_mode = setup.resolve_rules(config, variables, methods=ms)
+  views = max(m.views for m in ms)
+  context = RunContext(model=model, variables=variables, bn_mode=bn_mode, views=views,
+                       batch_size=batch, model_name=model_name, image_size=size)
+  ms = [_stand_in(m, model).prepare(context) for m in ms]
+  training = setup.init_training(
+      model=model, variables=variables, methods=ms, rules=rules, groups=groups, bn_mode=bn_mode,
+      num_classes=num_classes, schedule=optax.constant_schedule(0.01), momentum=0.9,
+      method_rng=jax.random.PRNGKey(0), state_rng=jax.random.PRNGKey(0))
+  host_batch = {"image": images, "label": labels}
+  if views > 1:  # Bi-Tuning's key encoder's view
+    host_batch["image_key"] = rng.uniform(0, 255, images.shape).astype(np.float32)
+  device_batch = shd.global_batch(host_batch, training.mesh)
+  holder = [training.state]
 
   def run() -> None:
-    holder[0], metrics = step_fn(holder[0], batch_arrays)
+    holder[0], metrics = training.train_step(holder[0], device_batch, training.source)
     metrics["loss"].block_until_ready()
 
   return run

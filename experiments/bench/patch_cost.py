@@ -1,9 +1,10 @@
 """Training-step time and optimizer-state memory of model patches vs full fine-tuning.
 
-Each row builds the library's train step (:func:`ftjax.train.step.make_train_step`,
-jitted, state donated) with the parameter rules of ``config.baseline = "patch"``
-(or ``finetune``), the partitioned SGD-momentum optimizer of
-:func:`ftjax.train.optim.make_optimizer`, random weights and random images.
+Each row builds the trainer's own step through the run setup
+(:func:`ftjax.train.setup.init_training`: jitted, state donated, frozen groups
+masked out of the backward pass) with the methods and parameter rules of
+``config.baseline = "patch"`` (or ``finetune``; :func:`ftjax.train.setup.resolve_rules`),
+the partitioned SGD-momentum optimizer, random weights and random images.
 Optimizer-state memory = bytes of every array in ``opt_state`` (frozen groups
 hold none). Timings: median of ``--steps`` steps, rows interleaved round-robin.
 
@@ -24,14 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import patches
-from ftjax.methods.finetune import CrossEntropy
+from ftjax import methods
+from ftjax.methods import RunContext
 from ftjax.models import create_model
-from ftjax.train import optim
-from ftjax.train import step as step_lib
+from ftjax.train import setup
+from ftjax.train import sharding as shd
 from ftjax.train.config import default_config
-from ftjax.train.loop import resolve_rules
-from ftjax.train.state import TrainState
 
 ROWS = {
     "finetune (all)": {"baseline": "finetune"},
@@ -46,29 +45,28 @@ def build(row: dict, *, model_name: str, batch: int, size: int, num_classes: int
   config.model, config.baseline = model_name, row["baseline"]
   if "selection" in row:
     config.patch.selection = row["selection"]
+  ms = methods.build_methods(methods.config_losses(config))   # ce (+ patch)
   model = create_model(model_name, num_classes=num_classes)
   rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.uniform(0, 255, (batch, size, size, 3)), jnp.float32)
-  labels = jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32)
-  variables = dict(jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(0, impl="rbg"), images[:1]))
-  rules, groups, bn_mode = resolve_rules(config, variables)
-  label_tree = patches.path_labels(variables["params"], rules)
-  tx = optim.make_optimizer(labels=label_tree, groups=groups, schedule=lambda s: 0.01, momentum=0.9,
-                            weight_decay=5e-4)
-  frozen = {n for n, g in groups.items() if g.frozen}
-  mask = jax.tree.map(lambda l: l in frozen, label_tree) if frozen else None
-  opt_state = tx.init(variables["params"])
-  opt_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(opt_state) if hasattr(x, "nbytes"))
-  trainable = sum(n for g, n in patches.group_sizes(variables["params"], label_tree).items() if g not in frozen)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                     batch_stats=variables["batch_stats"], opt_state=opt_state, method_state={"ce": ()},
-                     rng=jax.random.PRNGKey(0))
-  fn = jax.jit(step_lib.make_train_step(model=model, optimizer=tx, components=[CrossEntropy()],
-                                        train_bn=bn_mode == "train", frozen_mask=mask), donate_argnums=0)
-  holder = [state]
+  images = rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+  labels = rng.integers(0, num_classes, batch).astype(np.int32)
+  variables = dict(jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(0, impl="rbg"),
+                                                                       jnp.asarray(images[:1])))
+  rules, groups, bn_mode = setup.resolve_rules(config, variables, methods=ms)
+  context = RunContext(model=model, variables=variables, bn_mode=bn_mode, batch_size=batch,
+                       model_name=model_name, image_size=size)
+  ms = [m.prepare(context) for m in ms]
+  training = setup.init_training(
+      model=model, variables=variables, methods=ms, rules=rules, groups=groups, bn_mode=bn_mode,
+      num_classes=num_classes, schedule=lambda s: 0.01, momentum=0.9, weight_decay=5e-4,
+      method_rng=jax.random.PRNGKey(0), state_rng=jax.random.PRNGKey(0))
+  opt_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(training.state.opt_state) if hasattr(x, "nbytes"))
+  trainable = sum(n for g, n in training.sizes.items() if g not in training.frozen)
+  device_batch = shd.global_batch({"image": images, "label": labels}, training.mesh)
+  holder = [training.state]
 
   def run():
-    holder[0], metrics = fn(holder[0], {"image": images, "label": labels})
+    holder[0], metrics = training.train_step(holder[0], device_batch, training.source)
     metrics["loss"].block_until_ready()
 
   return run, opt_bytes, trainable

@@ -38,7 +38,7 @@ stochastic 83.15, random_policy 82.11 (``experiments/results/spottune_5/``).
 """
 
 from experiments.configs import default
-from ftjax.models import spottune as st
+from ftjax.methods import spottune as st
 
 POLICY = {"policy_depth": 3, "policy_width": 64, "policy_image_size": 64, "temperature": 5.0}
 
@@ -52,13 +52,12 @@ def get_config(arg: str = ""):
     if not c.pretrained.startswith(c.model + "/"):
       c.pretrained = ""
   num_routed = len(st.routed_block_names(c.model))
-  rules = tuple(st.spottune_rules())
-  groups = st.spottune_groups(head_lr_mult=c.head_lr_mult, policy_lr_mult=1.0)
   ce = {"weight": 1.0}
 
   def spottune(**options):
-    return {"param_rules": rules, "groups": groups,
-            "losses": {"ce": dict(ce), "spottune": dict(POLICY, **options)}}
+    # The method owns the rules of its frozen copies and policy (the policy's group:
+    # policy_lr_mult, here 1.0); the finetune baseline covers the rest.
+    return {"losses": {"ce": dict(ce), "spottune": dict(POLICY, **options)}}
 
   c.compare = {
       "finetune": {"baseline": "finetune", "losses": {"ce": dict(ce)}},

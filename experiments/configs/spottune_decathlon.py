@@ -54,7 +54,7 @@ are not directly comparable with Table 3 even with pretrained weights.
 from __future__ import annotations
 
 from experiments.configs import default
-from ftjax.models import spottune as st
+from ftjax.methods import spottune as st
 from ftjax.train.metrics import DECATHLON_DOMAINS
 
 TFDS_NAME = "visual_domain_decathlon"
@@ -114,14 +114,13 @@ def get_config(arg: str = ""):
   c.optimizer.decay_factor = 0.1
   c.head_lr_mult = 1.0
 
-  rules = tuple(st.spottune_rules())
-  groups = st.spottune_groups(head_lr_mult=c.head_lr_mult, policy_lr_mult=0.1, policy_weight_decay=1e-3)
   ce = {"weight": 1.0}
   num_routed = len(st.routed_block_names(c.model)) - FIRST_ROUTED_BLOCK
 
   def spottune(**options):
-    return {"param_rules": rules, "groups": groups,
-            "losses": {"ce": dict(ce), "spottune": dict(POLICY, **options)}}
+    # The policy's own learning rate and weight decay (its parameter group, owned by the method).
+    return {"losses": {"ce": dict(ce), "spottune": dict(POLICY, policy_lr_mult=0.1, policy_weight_decay=1e-3,
+                                                        **options)}}
 
   c.compare = {
       "finetune": {"baseline": "finetune", "losses": {"ce": dict(ce)}},

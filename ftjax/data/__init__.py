@@ -1,5 +1,9 @@
 """TFDS image-classification pipelines: sampling, splits, augmentation, offline data.
 
+TensorFlow and TFDS are imported when a pipeline name is first used (``data.load_dataset``,
+``data.prepare_offline``...), not by ``import ftjax.data``: :mod:`ftjax.data.sampling`
+(NumPy index selection) works without them.
+
 Example:
   >>> from ftjax import data
   >>> data.prepare_offline("fashion_mnist", data_dir="/tmp/tfds")
@@ -8,16 +12,27 @@ Example:
   >>> batch = next(ds.train_batches(batch_size=64))
 """
 
-from ftjax.data.augment import default_resize_size
-from ftjax.data.augment import eval_transform
-from ftjax.data.augment import train_transform
-from ftjax.data.offline import offline_names
-from ftjax.data.offline import prepare_offline
-from ftjax.data.pipeline import ImageDataset
-from ftjax.data.pipeline import SPLIT_SEED
-from ftjax.data.pipeline import load_dataset
-from ftjax.data.pipeline import stratified_sample
-from ftjax.data.pipeline import stratified_split
+import importlib
+
+from ftjax.data.sampling import SPLIT_SEED, stratified_sample, stratified_split
+
+# name -> module that defines it (imported on first use: these modules import TensorFlow).
+_LAZY = {
+    "default_resize_size": "ftjax.data.augment",
+    "eval_transform": "ftjax.data.augment",
+    "train_transform": "ftjax.data.augment",
+    "offline_names": "ftjax.data.offline",
+    "prepare_offline": "ftjax.data.offline",
+    "ImageDataset": "ftjax.data.pipeline",
+    "load_dataset": "ftjax.data.pipeline",
+}
+
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'ftjax.data' has no attribute {name!r}")
+
 
 __all__ = [
     "ImageDataset",

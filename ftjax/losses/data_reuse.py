@@ -9,6 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax.core.errors import is_concrete
+from ftjax.losses.classification import softmax_cross_entropy
+
 
 class ReuseLoss(NamedTuple):
   """The Eq. 6 objective and its two terms."""
@@ -25,7 +28,7 @@ def _check_logits_labels(logits: jax.Array, labels: jax.Array, what: str) -> Non
                      f"{tuple(labels.shape)}")
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(f"{what}_labels must be integers, got dtype {labels.dtype}")
-  if isinstance(labels, jax.core.Tracer):
+  if not is_concrete(labels):
     return  # values unknown under jit: only shapes can be checked
   values = np.asarray(labels)
   if values.size and (values.min() < 0 or values.max() >= logits.shape[1]):
@@ -34,8 +37,7 @@ def _check_logits_labels(logits: jax.Array, labels: jax.Array, what: str) -> Non
 
 
 def _mean_ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1))
+  return softmax_cross_entropy(logits=logits, labels=labels)
 
 
 def reuse_loss(*, target_logits: jax.Array, target_labels: jax.Array, pool_logits: jax.Array,

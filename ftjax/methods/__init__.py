@@ -1,6 +1,7 @@
-"""Methods: the forward outputs they need, their loss terms, their state."""
+"""Methods: the contract (:mod:`ftjax.methods.base`), one module per method, the registry."""
 
-from ftjax.methods.base import LossComponent, TermOutput
-from ftjax.methods.registry import build_components, known_components
+from ftjax.methods.base import Method, RunContext, TermOutput
+from ftjax.methods.registry import build_methods, config_losses, known_methods, register_method
 
-__all__ = ["LossComponent", "TermOutput", "build_components", "known_components"]
+__all__ = ["Method", "RunContext", "TermOutput", "build_methods", "config_losses", "known_methods",
+           "register_method"]

@@ -24,10 +24,11 @@ What happens in one (jitted) step, inside the differentiated loss function:
    scatter; slot = class pointer + rank of the example among its class in the
    batch, mod K), and the per-class pointers and counts advance.
 
-The component needs the model to run the key encoder, which ``init_state`` cannot
+The method needs the model to run the key encoder, which ``init_state`` cannot
 see: the trainer calls :meth:`BiTuning.prepare` once before ``init_state``. It
-also declares ``views = 2`` so the trainer asks the data pipeline for two views
-and ``projection_dim`` so it builds the model with a projector.
+also declares ``views = 2`` so the trainer asks the data pipeline for two views,
+``projection_dim`` (:meth:`BiTuning.model_options`) so it builds the model with a
+projector, and the projector as a new head (trained in the target head's group).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import numpy as np
 
 from ftjax.losses.bi_tuning import (categorical_contrastive_loss, contrastive_cross_entropy,
                                     features_with_bias)
-from ftjax.methods.base import TermOutput
+from ftjax.methods.base import Method, RunContext, TermOutput
 
 # Parameter collections of the key encoder: everything the keys depend on.
 KEY_ENCODER_MODULES = ("backbone", "projector")
@@ -130,7 +131,7 @@ def queue_nbytes(*, num_classes: int, keys_per_class: int, feature_dim: int, pro
 
 
 @dataclasses.dataclass(frozen=True)
-class BiTuning:
+class BiTuning(Method):
   """Bi-Tuning's CCE + CCL terms with a momentum key encoder and per-class queues.
 
   Attributes:
@@ -149,10 +150,9 @@ class BiTuning:
     model: the run's model (set by :meth:`prepare`).
 
   Example:
-    >>> bt = BiTuning(keys_per_class=8).prepare(dataset=ds, model=model, variables=variables,
-    ...                                         config=config)
+    >>> bt = BiTuning(keys_per_class=8).prepare(RunContext(model=model, variables=variables))
     >>> state = bt.init_state(variables=variables, rng=jax.random.key(0))
-    >>> term = bt(outputs=outputs, batch=batch, state=state, params=params, rng=None)
+    >>> term = bt(outputs=outputs, batch=batch, state=state, params=params, rng=None, source=None)
     >>> term.metrics["cce"], term.metrics["ccl"]
   """
   weight: float = 1.0
@@ -168,6 +168,7 @@ class BiTuning:
   name: str = "bi_tuning"
   outputs: tuple[str, ...] = ("features", "projection")
   views: int = 2
+  new_heads: tuple[str, ...] = ("projector",)
 
   def __post_init__(self):
     for field in ("weight", "cce_weight", "ccl_weight"):
@@ -187,23 +188,18 @@ class BiTuning:
     if self.views != 2:
       raise ValueError(f"bi_tuning needs two views of each image, got views={self.views}")
 
-  def prepare(self, *, dataset: Any, model: Any, variables: Any, config: Any) -> "BiTuning":
-    """A copy holding the model (for the key encoder) and the run's BatchNorm mode.
+  def model_options(self) -> dict[str, Any]:
+    return {"projection_dim": int(self.projection_dim)}
 
-    Args:
-      dataset: the run's dataset (unused; part of the trainer's prepare protocol).
-      model: the run's model, built with ``projection_dim``.
-      variables: the initial variables (checked for a ``projector``).
-      config: the run config (its ``bn_mode``/``baseline`` give the key encoder's
-        BatchNorm mode when ``key_bn_mode`` is ``""``).
+  def prepare(self, context: RunContext) -> "BiTuning":
+    """A copy holding the model (for the key encoder) and the key encoder's BatchNorm mode.
+
+    Reads the context's ``model`` (built with ``projection_dim``), ``variables``
+    (checked for a ``projector``) and ``bn_mode`` (the key encoder's mode when
+    ``key_bn_mode`` is ``""``).
     """
-    del dataset
-    self._check_variables(variables)
-    key_bn_mode = self.key_bn_mode
-    if not key_bn_mode:
-      from ftjax.train.loop import resolve_rules  # local: the trainer imports this package
-      key_bn_mode = resolve_rules(config, variables)[2]
-    return dataclasses.replace(self, model=model, key_bn_mode=key_bn_mode)
+    self._check_variables(context.variables)
+    return dataclasses.replace(self, model=context.model, key_bn_mode=self.key_bn_mode or context.bn_mode)
 
   def _check_variables(self, variables: Any) -> None:
     params = variables["params"]
@@ -237,8 +233,8 @@ class BiTuning:
   def keys(self, *, state: dict[str, Any], images: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
     """The key encoder's ``(normalise([h_k, 1]), z_k, new batch_stats)`` of ``images`` (no gradient)."""
     if self.model is None:
-      raise ValueError("bi_tuning has no model: call its prepare(dataset=..., model=..., "
-                       "variables=..., config=...) first")
+      raise ValueError("bi_tuning has no model: call its prepare(RunContext(model=..., "
+                       "variables=...)) first")
     variables = {"params": state["key_params"]}
     batch_stats = state["key_batch_stats"]
     if batch_stats:
@@ -253,8 +249,8 @@ class BiTuning:
     z_k = jax.lax.stop_gradient(out["projection"].astype(jnp.float32))
     return h_k, z_k, jax.lax.stop_gradient(batch_stats)
 
-  def __call__(self, *, outputs, batch, state, params, rng) -> TermOutput:
-    del rng
+  def __call__(self, *, outputs, batch, state, params, rng, source=None) -> TermOutput:
+    del rng, source
     if "image_key" not in batch:
       raise ValueError("bi_tuning needs a second view batch['image_key']: build the train batches "
                        "with views=2")

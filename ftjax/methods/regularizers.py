@@ -6,15 +6,16 @@ with every other component, e.g. Co-Tuning + BSS + L2-SP:
   losses = {"ce": {"weight": 1.0}, "co_tuning": {"weight": 2.3},
             "bss": {"weight": 0.001, "k": 1}, "l2_sp": {"alpha": 0.01, "beta": 0.01}}
 
-The frozen source model. DELTA and LwF compare the model being trained with
-the pretrained one on the same images inside the same jitted step. Its
-variables (the initial ``variables`` minus the new ``head``) are a copy held in
-the component's state: ``method_state`` is checkpointed with the run and is
-never given to the optimizer, so the source model has no optimizer state and
-no gradient (it is also applied under ``stop_gradient``, in eval mode, so its
-BatchNorm statistics never move). The component needs the model object to run
-it; the trainer hands it over in :meth:`prepare` (``prepare`` is called before
-``init_state``, as for Co-Tuning).
+The frozen source model. L2-SP pulls the weights towards the pretrained ones;
+DELTA and LwF compare the model being trained with the pretrained one on the
+same images inside the same jitted step. They declare ``needs_source``: the
+trainer holds one copy of the pretrained variables (the initial ``variables``
+minus the new ``head``, :func:`source_variables`) outside the train state, so it
+has no optimizer state, no gradient and is never checkpointed (it is rebuilt
+from the pretrained weights on resume), and hands it to every method's loss as
+``source=``. DELTA and LwF apply it under ``stop_gradient``, in eval mode, so its
+BatchNorm statistics never move; they need the model object to run it, which
+the trainer hands over in :meth:`prepare` (called before ``init_state``).
 """
 
 from __future__ import annotations
@@ -29,30 +30,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax.core.batches import collect
+from ftjax.core.io import save_npz
 from ftjax.losses import regularizers as reg
-from ftjax.methods.base import TermOutput
-
-# Parameters without a pretrained value: the new target head.
-NEW_PARAMS = ("head",)
-
-
-def source_variables(variables: Any) -> dict[str, Any]:
-  """A fresh copy of the pretrained variables without the new target head.
-
-  The copy has its own buffers, so donating the train state (which also holds
-  ``params``) never donates one buffer twice.
-  """
-  params = {k: v for k, v in variables["params"].items() if k not in NEW_PARAMS}
-  out = {"params": params}
-  if variables.get("batch_stats"):
-    out["batch_stats"] = variables["batch_stats"]
-  return jax.tree.map(lambda x: jnp.array(x, copy=True), out)
-
+from ftjax.losses import softmax_cross_entropy
+from ftjax.methods.base import Method, RunContext, TermOutput, source_variables  # noqa: F401  (doc examples)
 
 def _require_model(component: Any) -> Any:
   if component.model is None:
     raise ValueError(f"{component.name} needs the model to run the frozen source model: call its "
-                     "prepare(dataset=..., model=..., variables=..., config=...) first "
+                     "prepare(RunContext(model=..., variables=...)) first "
                      "(or dataclasses.replace(component, model=model))")
   return component.model
 
@@ -61,39 +48,36 @@ def _require_model(component: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class L2SP:
+class L2SP(Method):
   """``alpha/2 ||w_S - w_S^0||^2 + beta/2 ||w_head||^2`` towards the pretrained values.
 
   ``w_S`` is every parameter except the new ``head`` (the backbone, and the
   kept ``source_head`` when the model has one); ``w_S^0`` their initial
-  values, held as a constant in the state. The literature coefficients are
+  values, the frozen source's parameters. The literature coefficients are
   ``alpha`` and ``beta`` (both 0.01); ``weight`` scales the whole term and
   stays 1, so ``loss/l2_sp`` is exactly what is added to the loss. L2-SP
   replaces weight decay: set ``optimizer.weight_decay = 0`` with it.
 
   Example:
     >>> l2sp = L2SP()
-    >>> state = l2sp.init_state(variables=variables, rng=None)
-    >>> term = l2sp(outputs={}, batch=batch, state=state, params=variables["params"], rng=None)
+    >>> term = l2sp(outputs={}, batch=batch, state=(), params=variables["params"], rng=None,
+    ...             source=source_variables(variables))
   """
   weight: float = 1.0
   alpha: float = reg.L2_SP_ALPHA
   beta: float = reg.L2_SP_BETA
   name: str = "l2_sp"
   outputs: tuple[str, ...] = ()
+  needs_source: bool = True
 
   def __post_init__(self):
     if min(self.weight, self.alpha, self.beta) < 0:
       raise ValueError(f"l2_sp weight, alpha and beta must be >= 0; got {self.weight}, {self.alpha}, "
                        f"{self.beta}")
 
-  def init_state(self, *, variables: Any, rng: jax.Array) -> dict[str, Any]:
-    del rng
-    return {"anchor": source_variables(variables)["params"]}
-
-  def __call__(self, *, outputs, batch, state, params, rng) -> TermOutput:
+  def __call__(self, *, outputs, batch, state, params, rng, source) -> TermOutput:
     del outputs, batch, rng
-    anchor = state["anchor"]
+    anchor = source["params"]
     missing = sorted(set(anchor) - set(params))
     if missing:
       raise ValueError(f"l2_sp: the anchor has parameters {missing} that the model does not")
@@ -172,8 +156,7 @@ def layer_loss_increase(model: Any, variables: Any, batch: dict[str, Any], *, la
 
   def loss_fn(channel_mask):
     logits = apply_with_channel_mask(model, variables, images, layer=layer, channel_mask=channel_mask)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    nll = softmax_cross_entropy(logits=logits, labels=labels, reduction="none")
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
   return reg.filter_ablation_loss_increase(loss_fn=loss_fn, num_channels=num_channels,
@@ -182,7 +165,7 @@ def layer_loss_increase(model: Any, variables: Any, batch: dict[str, Any], *, la
 
 def _fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, l2: float) -> dict[str, Any]:
   """Softmax regression with bias on the source features (the head DELTA's attention needs)."""
-  from ftjax.relationship import fit_softmax_regression
+  from ftjax.methods.co_tuning.relationship import fit_softmax_regression
 
   with_bias = np.concatenate([features, np.ones((len(features), 1), np.float32)], axis=1)
   fit = fit_softmax_regression(features=with_bias, labels=labels, num_classes=num_classes, l2=l2)
@@ -191,7 +174,7 @@ def _fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, l2: fl
 
 
 @dataclasses.dataclass(frozen=True)
-class Delta:
+class Delta(Method):
   """DELTA: attention-weighted distance of feature maps to the frozen source model's.
 
   Attributes:
@@ -209,7 +192,7 @@ class Delta:
     channel_weights: ``{layer: [C]}`` (set by :meth:`prepare`, or pass them).
 
   Example:
-    >>> d = Delta().prepare(dataset=dataset, model=model, variables=variables, config=config)
+    >>> d = Delta().prepare(RunContext(dataset=dataset, model=model, variables=variables))
     >>> state = d.init_state(variables=variables, rng=None)
   """
   weight: float = reg.DELTA_WEIGHT
@@ -223,6 +206,7 @@ class Delta:
   channel_weights: Any = dataclasses.field(default=None, compare=False, repr=False)
   name: str = "delta"
   outputs: tuple[str, ...] = ("feature_maps",)
+  needs_source: bool = True
 
   def __post_init__(self):
     object.__setattr__(self, "layers", tuple(self.layers))
@@ -242,42 +226,40 @@ class Delta:
       raise ValueError(f"delta: unknown feature maps {unknown}; the model has {available}")
     return layers
 
-  def prepare(self, *, dataset: Any, model: Any, variables: Any, config: Any) -> "Delta":
+  def prepare(self, context: RunContext) -> "Delta":
     """A copy holding the model, its layers and (with ``attention``) the channel weights.
 
     Fits a softmax-regression head on the source model's pooled features of the
     train split (eval transform), then averages each channel's loss increase
-    over ``attention_batches`` training batches of ``config.batch_size`` and
+    over ``attention_batches`` training batches of the run's ``batch_size`` and
     turns it into weights with :func:`~ftjax.losses.regularizers.delta_channel_weights`.
     """
+    model = context.model
     layers = self.resolved_layers(model)
     prepared = dataclasses.replace(self, model=model, layers=layers)
     if not self.attention or self.channel_weights is not None:
       return prepared
     weights = compute_channel_weights(
-        model=model, variables=variables, dataset=dataset, layers=layers,
-        batch_size=int(config.batch_size), eval_batch_size=int(config.eval_batch_size),
+        model=model, variables=context.variables, dataset=context.dataset, layers=layers,
+        batch_size=int(context.batch_size), eval_batch_size=int(context.eval_batch_size),
         num_batches=self.attention_batches, temperature=self.attention_temperature,
         chunk_size=self.attention_chunk, head_l2=self.head_l2)
     return dataclasses.replace(prepared, channel_weights=weights)
 
-  def write_artifacts(self, *, workdir: str, dataset: Any, config: Any) -> list[str]:
+  def write_artifacts(self, context: RunContext) -> list[str]:
     """Saves the channel weights used by the run (``delta_channel_weights.npz``)."""
-    del dataset, config
+    workdir = context.workdir
     if self.channel_weights is None:
       return []
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "delta_channel_weights.npz")
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **{k: np.asarray(v) for k, v in self.channel_weights.items()})
-    os.replace(tmp, path)
+    path = save_npz(os.path.join(workdir, "delta_channel_weights.npz"),
+                    **{k: np.asarray(v) for k, v in self.channel_weights.items()})
     return [path]
 
   def init_state(self, *, variables: Any, rng: jax.Array) -> dict[str, Any]:
     del rng
     model = _require_model(self)
     layers = self.layers or default_delta_layers(model)
-    state = {"source_variables": source_variables(variables)}
+    state = {}
     if self.attention:
       if self.channel_weights is None:
         raise ValueError("delta with attention=True has no channel weights: call its prepare(...) "
@@ -288,11 +270,11 @@ class Delta:
       state["channel_weights"] = {k: jnp.asarray(self.channel_weights[k], jnp.float32) for k in layers}
     return state
 
-  def __call__(self, *, outputs, batch, state, params, rng) -> TermOutput:
+  def __call__(self, *, outputs, batch, state, params, rng, source) -> TermOutput:
     del params, rng
     model = _require_model(self)
     layers = self.layers or default_delta_layers(model)
-    source = jax.lax.stop_gradient(state["source_variables"])
+    source = jax.lax.stop_gradient(source)
     source_maps = model.apply(source, batch["image"], train=False, outputs=("feature_maps",))
     source_maps = jax.lax.stop_gradient(source_maps["feature_maps"])
     loss = reg.delta(feature_maps={k: outputs["feature_maps"][k] for k in layers},
@@ -319,12 +301,9 @@ def compute_channel_weights(*, model: Any, variables: Any, dataset: Any, layers:
   if jax.process_count() > 1:
     raise NotImplementedError("delta channel attention runs in one process; pass channel_weights")
   features_fn = jax.jit(lambda v, x: model.apply(v, x, train=False, outputs=("features",))["features"])
-  features, labels = [], []
-  for b in dataset.eval_batches("train", batch_size=eval_batch_size):
-    keep = b["mask"] > 0
-    features.append(np.asarray(features_fn(variables, b["image"]))[keep])
-    labels.append(b["label"][keep])
-  features, labels = np.concatenate(features), np.concatenate(labels).astype(np.int32)
+  out, labels = collect(lambda b, i: {"features": features_fn(variables, b["image"])},
+                        dataset.eval_batches("train", batch_size=eval_batch_size))
+  features, labels = out["features"], labels.astype(np.int32)
   head = _fit_head(features, labels, dataset.num_classes, head_l2)
   probe = {**variables, "params": {**variables["params"], "head": head}}
   logging.info("delta: fitted a head on %d source features for channel attention", len(features))
@@ -362,12 +341,13 @@ def compute_channel_weights(*, model: Any, variables: Any, dataset: Any, layers:
 
 
 @dataclasses.dataclass(frozen=True)
-class BatchSpectralShrinkage:
+class BatchSpectralShrinkage(Method):
   """BSS on the pooled ``features``: the ``k`` smallest squared singular values.
 
   Example:
     >>> bss = BatchSpectralShrinkage()
-    >>> term = bss(outputs={"features": features}, batch=batch, state=(), params=None, rng=None)
+    >>> term = bss(outputs={"features": features}, batch=batch, state=(), params=None, rng=None,
+    ...            source=None)
   """
   weight: float = reg.BSS_WEIGHT
   k: int = 1
@@ -378,12 +358,8 @@ class BatchSpectralShrinkage:
     if self.weight < 0 or self.k < 1:
       raise ValueError(f"bss weight must be >= 0 and k >= 1; got {self.weight}, {self.k}")
 
-  def init_state(self, *, variables: Any, rng: jax.Array) -> tuple:
-    del variables, rng
-    return ()
-
-  def __call__(self, *, outputs, batch, state, params, rng) -> TermOutput:
-    del batch, params, rng
+  def __call__(self, *, outputs, batch, state, params, rng, source=None) -> TermOutput:
+    del batch, params, rng, source
     loss = reg.batch_spectral_shrinkage(features=outputs["features"], k=self.k)
     return TermOutput(loss=loss, state=state)
 
@@ -392,7 +368,7 @@ class BatchSpectralShrinkage:
 
 
 @dataclasses.dataclass(frozen=True)
-class LwF:
+class LwF(Method):
   """Learning without Forgetting: the old head's outputs distilled from the frozen source model.
 
   The model's ``source_logits`` (the kept pretrained head, trained on with the
@@ -400,8 +376,9 @@ class LwF:
   softened by ``temperature``. LwF's λ_o = 1 is the weight.
 
   Example:
-    >>> lwf = LwF().prepare(dataset=None, model=model, variables=variables, config=None)
-    >>> state = lwf.init_state(variables=variables, rng=None)
+    >>> lwf = LwF().prepare(RunContext(model=model, variables=variables))
+    >>> term = lwf(outputs=outputs, batch=batch, state=(), params=None, rng=None,
+    ...            source=source_variables(variables))
   """
   weight: float = 1.0
   temperature: float = reg.LWF_TEMPERATURE
@@ -409,30 +386,30 @@ class LwF:
   model: Any = dataclasses.field(default=None, compare=False, repr=False)
   name: str = "lwf"
   outputs: tuple[str, ...] = ("source_logits",)
+  needs_source: bool = True
 
   def __post_init__(self):
     if self.weight < 0 or not self.temperature > 0:
       raise ValueError(f"lwf weight must be >= 0 and temperature > 0; got {self.weight}, "
                        f"{self.temperature}")
 
-  def prepare(self, *, dataset: Any, model: Any, variables: Any, config: Any) -> "LwF":
-    del dataset, variables, config
-    if not getattr(model, "keep_source_head", False):
+  def prepare(self, context: RunContext) -> "LwF":
+    if not getattr(context.model, "keep_source_head", False):
       raise ValueError("lwf needs a model built with keep_source_head=True (the old task's head)")
-    return dataclasses.replace(self, model=model)
+    return dataclasses.replace(self, model=context.model)
 
-  def init_state(self, *, variables: Any, rng: jax.Array) -> dict[str, Any]:
+  def init_state(self, *, variables: Any, rng: jax.Array) -> tuple:
     del rng
     _require_model(self)
     if "source_head" not in variables["params"]:
       raise ValueError("lwf needs a model built with keep_source_head=True "
                        "(no 'source_head' parameters found)")
-    return {"source_variables": source_variables(variables)}
+    return ()
 
-  def __call__(self, *, outputs, batch, state, params, rng) -> TermOutput:
+  def __call__(self, *, outputs, batch, state, params, rng, source) -> TermOutput:
     del params, rng
     model = _require_model(self)
-    source = jax.lax.stop_gradient(state["source_variables"])
+    source = jax.lax.stop_gradient(source)
     teacher = model.apply(source, batch["image"], train=False, outputs=("source_logits",))
     loss = reg.lwf(logits=outputs["source_logits"], teacher_logits=teacher["source_logits"],
                    temperature=self.temperature,

@@ -17,9 +17,8 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from ftjax.models.layers import Conv, batch_norm
+from ftjax.models.layers import BlockwiseBackbone, Conv, batch_norm, bn_layer
 
 LITE_MEAN = (127.0, 127.0, 127.0)
 LITE_STD = (128.0, 128.0, 128.0)
@@ -108,25 +107,31 @@ class MBConv(nn.Module):
     return y
 
 
-class EfficientNetBackbone(nn.Module):
+class EfficientNetBackbone(BlockwiseBackbone, nn.Module):
   """EfficientNet-Lite up to the globally average-pooled features.
 
   Returns ``(features [B, head_channels], feature_maps)`` where ``feature_maps``
-  maps ``blocks_i`` and ``head_conv`` to their NHWC outputs.
+  maps ``blocks_i`` and ``head_conv`` to their NHWC outputs. Its parts
+  (:meth:`stem`, :meth:`block`, :meth:`head`) are callable one by one (SpotTune
+  wraps them); only the parts that are called get parameters.
   """
 
   spec: EfficientNetSpec
+  head_map = "head_conv"
 
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def setup(self):
     spec, eps = self.spec, self.spec.bn_epsilon
-    x = Conv(spec.stem_channels, (3, 3), (2, 2), "SAME", name="stem_conv")(x)
-    x = nn.relu6(batch_norm("stem_bn", train=train, epsilon=eps)(x))
-    feature_maps = {}
-    for i, block in enumerate(spec.blocks):
-      x = MBConv(block, eps, name=f"blocks_{i}")(x, train=train)
-      feature_maps[f"blocks_{i}"] = x
-    x = Conv(spec.head_channels, (1, 1), padding="VALID", name="head_conv")(x)
-    x = nn.relu6(batch_norm("head_bn", train=train, epsilon=eps)(x))
-    feature_maps["head_conv"] = x
-    return jnp.mean(x, axis=(1, 2)), feature_maps
+    self.stem_conv = Conv(spec.stem_channels, (3, 3), (2, 2), "SAME")
+    self.stem_bn = bn_layer(eps)
+    self.blocks = {f"blocks_{i}": MBConv(block, eps, name=f"blocks_{i}") for i, block in enumerate(spec.blocks)}
+    self.head_conv = Conv(spec.head_channels, (1, 1), padding="VALID")
+    self.head_bn = bn_layer(eps)
+
+  def stem(self, x: jax.Array, *, train: bool) -> jax.Array:
+    return nn.relu6(self.stem_bn(self.stem_conv(x), use_running_average=not train))
+
+  def block(self, name: str, x: jax.Array, *, train: bool) -> jax.Array:
+    return self.blocks[name](x, train=train)
+
+  def head(self, x: jax.Array, *, train: bool) -> jax.Array:
+    return nn.relu6(self.head_bn(self.head_conv(x), use_running_average=not train))

@@ -135,6 +135,12 @@ def batch_norm(name: str, *, train: bool, epsilon: float) -> BatchNorm:
   return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon, name=name)
 
 
+def bn_layer(epsilon: float) -> BatchNorm:
+  """BatchNorm as :func:`batch_norm` for a module's ``setup`` (named by its attribute; the mode is
+  given per call: ``use_running_average=not train``)."""
+  return BatchNorm(use_running_average=None, momentum=0.9, epsilon=epsilon)
+
+
 def symmetric_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
   """torch ``padding=k // 2`` as explicit pairs (NOT "SAME": equal on both sides at stride 2)."""
   p = kernel_size // 2
@@ -225,18 +231,50 @@ class ImageClassifier(nn.Module):
     self._check_inputs(images, outputs)
     x = normalize_pixels(images, self.mean, self.std)
     features, feature_maps = self.backbone(x, train=train)
-    result = {}
-    for name in outputs:
-      if name == "features":
-        result[name] = features
-      elif name == "feature_maps":
-        result[name] = feature_maps
-      elif name == "logits":
-        result[name] = nn.Dense(self.num_classes, kernel_init=head_kernel_init, name="head")(features)
-      elif name == "source_logits":
-        result[name] = nn.Dense(
-            self.num_source_classes, kernel_init=head_kernel_init, name="source_head")(features)
-      elif name == "projection":
-        z = nn.Dense(self.projection_dim, kernel_init=head_kernel_init, name="projector")(features)
-        result[name] = z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), 1e-24))
-    return result
+    return classifier_outputs(outputs, features=features, feature_maps=feature_maps,
+                              num_classes=self.num_classes, num_source_classes=self.num_source_classes,
+                              projection_dim=self.projection_dim)
+
+
+def classifier_outputs(outputs: Sequence[str], *, features: jax.Array, feature_maps: dict[str, jax.Array],
+                       num_classes: int, num_source_classes: int, projection_dim: int = 0,
+                       extra: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+  """The named outputs of a classifier on pooled ``features`` (called inside a compact ``__call__``:
+  the heads ``head``, ``source_head`` and ``projector`` become the caller's submodules).
+
+  ``extra`` holds further outputs the caller computed (SpotTune's ``policy``).
+  """
+  result = {}
+  for name in outputs:
+    if name == "features":
+      result[name] = features
+    elif name == "feature_maps":
+      result[name] = feature_maps
+    elif name == "logits":
+      result[name] = nn.Dense(num_classes, kernel_init=head_kernel_init, name="head")(features)
+    elif name == "source_logits":
+      result[name] = nn.Dense(num_source_classes, kernel_init=head_kernel_init, name="source_head")(features)
+    elif name == "projection" and projection_dim:
+      z = nn.Dense(projection_dim, kernel_init=head_kernel_init, name="projector")(features)
+      result[name] = z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), 1e-24))
+    elif extra is not None and name in extra:
+      result[name] = extra[name]
+  return result
+
+
+class BlockwiseBackbone:
+  """``__call__`` of a backbone made of ``stem``, named blocks and ``head`` (mixed into the Linen
+  backbones): ``(pooled features, {block name: output, head_map: head output})``."""
+
+  head_map = ""  # the feature-map name of the head's output ("": the head adds no map)
+
+  def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+    x = self.stem(x, train=train)
+    feature_maps = {}
+    for name in self.spec.block_names():
+      x = self.block(name, x, train=train)
+      feature_maps[name] = x
+    x = self.head(x, train=train)
+    if self.head_map:
+      feature_maps[self.head_map] = x
+    return jnp.mean(x, axis=(1, 2)), feature_maps

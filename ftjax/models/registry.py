@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import importlib.util
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import patches
+from ftjax.core import paths
+from ftjax.core.io import save_npz
+from ftjax.models.factory import create_model
 from ftjax.models.layers import head_kernel_init
 
 
@@ -115,38 +116,15 @@ def _convert_checkpoint(source: _Source) -> dict:
       {k: v.numpy() for k, v in state_dict.items()})
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-  flat = {}
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else key
-    if isinstance(value, dict):
-      flat.update(_flatten(value, path))
-    else:
-      flat[path] = np.asarray(value)
-  return flat
-
-
-def _save_npz_atomic(path: Path, flat: dict[str, np.ndarray]) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **flat)
-    os.replace(tmp, path)  # readers never see a half-written cache file
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
 
 def _load_variables(name: str, source: _Source, cache_dir: Path) -> dict:
   # The digest is in the file name so a different checkpoint never reuses a stale cache.
   cache_file = cache_dir / f"{name.replace('/', '_')}_{source.sha256[:16]}.npz"
   if cache_file.exists():
     with np.load(cache_file) as data:
-      return patches.unflatten_paths({k: data[k] for k in data.files})
+      return paths.unflatten_paths({k: data[k] for k in data.files})
   variables = _convert_checkpoint(source)
-  _save_npz_atomic(cache_file, _flatten(variables))
+  save_npz(cache_file, **{k: np.asarray(v) for k, v in paths.flatten_paths(variables).items()})  # readers never see a half-written cache file
   return variables
 
 
@@ -205,7 +183,6 @@ def pretrained(
   source_head = params.pop("source_head")
   num_source = int(source_head["bias"].shape[0])
 
-  from ftjax.models import create_model  # local: ftjax.models imports this module
 
   if num_classes is None:
     model = create_model(source.model_name, num_classes=num_source, projection_dim=projection_dim)

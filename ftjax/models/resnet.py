@@ -16,9 +16,8 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from ftjax.models.layers import Conv, batch_norm, symmetric_padding
+from ftjax.models.layers import BlockwiseBackbone, Conv, batch_norm, bn_layer, symmetric_padding
 from ftjax.ops.pool import max_pool
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -103,35 +102,46 @@ class ResidualBlock(nn.Module):
     return nn.relu(y + shortcut)
 
 
-class ResNetBackbone(nn.Module):
+class ResNetBackbone(BlockwiseBackbone, nn.Module):
   """ResNet up to the globally average-pooled features.
 
   Returns ``(features [B, num_features], feature_maps)`` where ``feature_maps``
-  maps every block name (``stage1_block0``, ...) to its NHWC output.
+  maps every block name (``stage1_block0``, ...) to its NHWC output. Its parts
+  (:meth:`stem`, :meth:`block`, :meth:`head`) are callable one by one, so a
+  model that routes between blocks (SpotTune) wraps this backbone instead of
+  re-implementing it; only the parts that are called get parameters.
   """
 
   spec: ResNetSpec
 
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def setup(self):
     spec = self.spec
     if spec.stem == "imagenet":
-      x = Conv(spec.stem_width, (7, 7), (2, 2), symmetric_padding(7), name="stem_conv")(x)
-      x = batch_norm("stem_bn", train=train, epsilon=spec.bn_epsilon)(x)
+      self.stem_conv = Conv(spec.stem_width, (7, 7), (2, 2), symmetric_padding(7))
+    else:
+      self.stem_conv = Conv(spec.stem_width, (3, 3), padding=symmetric_padding(3))
+    self.stem_bn = bn_layer(spec.bn_epsilon)
+    blocks = {}
+    for s, (n, width, stride) in enumerate(zip(spec.stage_sizes, spec.widths, spec.strides)):
+      for b in range(n):
+        name = f"stage{s + 1}_block{b}"
+        blocks[name] = ResidualBlock(width, stride if b == 0 else 1, spec.block == "bottleneck",
+                                     spec.bn_epsilon, name=name)
+    self.blocks = blocks
+
+  def stem(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = self.stem_bn(self.stem_conv(x), use_running_average=not train)
+    if self.spec.stem == "imagenet":
       # torch MaxPool2d(3, 2, padding=1) pads with -inf, as max_pool does (fast kernels on
       # CPU). ReLU and max commute, so pooling first gives the same outputs and gradients
       # (a window's first maximum is the same unless all its inputs are <= 0, where the
       # ReLU's gradient is 0) and the ReLU and its gradient run on a 4x smaller map.
-      x = nn.relu(max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1))))
-    else:
-      x = Conv(spec.stem_width, (3, 3), padding=symmetric_padding(3), name="stem_conv")(x)
-      x = nn.relu(batch_norm("stem_bn", train=train, epsilon=spec.bn_epsilon)(x))
-    feature_maps = {}
-    for s, (n, width, stride) in enumerate(zip(spec.stage_sizes, spec.widths, spec.strides)):
-      for b in range(n):
-        name = f"stage{s + 1}_block{b}"
-        x = ResidualBlock(
-            width, stride if b == 0 else 1, spec.block == "bottleneck", spec.bn_epsilon, name=name
-        )(x, train=train)
-        feature_maps[name] = x
-    return jnp.mean(x, axis=(1, 2)), feature_maps
+      return nn.relu(max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1))))
+    return nn.relu(x)
+
+  def block(self, name: str, x: jax.Array, *, train: bool) -> jax.Array:
+    return self.blocks[name](x, train=train)
+
+  def head(self, x: jax.Array, *, train: bool) -> jax.Array:
+    del train
+    return x

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.models.efficientnet_lite import EFFICIENTNET_SPECS
+from ftjax.models.factory import create_model
 from ftjax.models.resnet import RESNET_SPECS
 
 _BN_FIELDS = {
@@ -114,7 +114,6 @@ def _assemble(
 
 def _expected_shapes(model_name: str, num_source_classes: int) -> dict:
   """Shapes of the backbone + source_head variables of ``model_name``."""
-  from ftjax.models import create_model  # local: ftjax.models imports this module's users
 
   model = create_model(model_name, num_classes=1, keep_source_head=True,
                        num_source_classes=num_source_classes)

@@ -16,12 +16,14 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable
 from typing import Any
 
 import jax
 import numpy as np
+
+from ftjax.core.batches import collect
+from ftjax.core.io import save_npz
 
 _CACHE_FORMAT = 1
 
@@ -47,18 +49,8 @@ def load_cached_features(cache_path: str, cache_key: str) -> tuple[np.ndarray, n
 
 
 def _save_atomic(cache_path: str, *, features: np.ndarray, labels: np.ndarray, cache_key: str) -> None:
-  directory = os.path.dirname(os.path.abspath(cache_path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(cache_path), suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, features=features, labels=labels, cache_key=np.array(cache_key),
-               format=np.array(_CACHE_FORMAT))
-    os.replace(tmp, cache_path)  # readers never see half a file
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  save_npz(cache_path, features=features, labels=labels, cache_key=np.array(cache_key),
+           format=np.array(_CACHE_FORMAT))  # readers never see half a file
 
 
 def extract_features(*, model: Any, variables: Any, batches: Iterable[dict[str, np.ndarray]],
@@ -97,28 +89,14 @@ def extract_features(*, model: Any, variables: Any, batches: Iterable[dict[str, 
     if cached is not None:
       return cached
   forward = _forward_features(model)
-  chunks, label_chunks = [], []
-  iterator = batches
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
-    iterator = bar = tqdm(batches, total=total, desc=description, unit="batch", dynamic_ncols=True)
   try:
-    for batch in iterator:
-      feats = np.asarray(forward(variables, batch["image"]), np.float32)
-      labels = np.asarray(batch["label"], np.int64)
-      if "mask" in batch:
-        keep = np.asarray(batch["mask"]) > 0
-        feats, labels = feats[keep], labels[keep]
-      chunks.append(feats)
-      label_chunks.append(labels)
-  finally:
-    if bar is not None:
-      bar.close()
-  if not chunks or sum(len(c) for c in chunks) == 0:
+    out, labels = collect(lambda batch, i: {"features": np.asarray(forward(variables, batch["image"]), np.float32)},
+                          batches, total=total, progress=progress, description=description)
+  except ValueError:
+    out, labels = {}, np.zeros((0,), np.int64)
+  if len(labels) == 0:
     raise ValueError("extract_features: the batches hold no examples")
-  features = np.concatenate(chunks)
-  labels = np.concatenate(label_chunks)
+  features, labels = out["features"], labels.astype(np.int64)
   finite = np.isfinite(features).all(axis=1)
   if not finite.all():
     bad = np.flatnonzero(~finite)

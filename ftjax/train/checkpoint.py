@@ -41,6 +41,11 @@ class Checkpointer:
         force=True,
     )
 
+  def read_record(self, step: int) -> dict[str, Any]:
+    """The JSON record of checkpoint ``step`` alone (checked before the state is restored)."""
+    restored = self._manager.restore(int(step), args=ocp.args.Composite(record=ocp.args.JsonRestore()))
+    return dict(restored.record)
+
   def restore(self, step: int, *, state: Any, best: Any) -> tuple[Any, Any, dict[str, Any]]:
     """Restores into the structure, shapes and shardings of the given templates."""
     abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax.core.errors import is_concrete
+from ftjax.core.io import atomic_write_text
+
 
 def _to_float(value: Any) -> float:
   return float(np.asarray(value))
@@ -41,10 +44,7 @@ class MetricWriter:
       return
     with open(self.path) as f:
       kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
+    atomic_write_text(self.path, "".join(kept))
 
   def write(self, step: int, split: str, values: dict[str, Any]) -> None:
     if not self.enabled:
@@ -95,10 +95,6 @@ DECATHLON_BASELINE_ACCURACY = {
 }
 
 
-def _is_concrete(x: Any) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
 def decathlon_domain_scores(*, errors: Any, baseline_errors: Any, max_error_factor: float = 2.0
                             ) -> jax.Array:
   """Per-domain terms of the Visual Decathlon score (see :func:`decathlon_score`).
@@ -125,12 +121,12 @@ def decathlon_domain_scores(*, errors: Any, baseline_errors: Any, max_error_fact
     factor_ok = False
   if not factor_ok:
     raise ValueError(f"decathlon score: max_error_factor must be a number > 0, got {max_error_factor!r}")
-  if _is_concrete(errors):
+  if is_concrete(errors):
     values = np.asarray(errors, np.float64)
     if not np.all((values >= 0) & (values <= 1)):
       raise ValueError("decathlon score: errors must be fractions in [0, 1] (not percentages), got "
                        f"min {np.nanmin(values):g}, max {np.nanmax(values):g}")
-  if _is_concrete(baseline_errors):
+  if is_concrete(baseline_errors):
     values = np.asarray(baseline_errors, np.float64)
     if not np.all((values > 0) & (values <= 1)):
       raise ValueError("decathlon score: baseline_errors must be fractions in (0, 1] (not percentages; "

@@ -1,6 +1,6 @@
 """Optimizers over parameter groups: SGD (momentum / Nesterov) with decoupled weight decay.
 
-Each group named by :func:`ftjax.patches.path_labels` gets its own transform inside
+Each group named by :func:`ftjax.core.paths.path_labels` gets its own transform inside
 :func:`optax.partition`: frozen groups get :func:`optax.set_to_zero` (never
 ``optax.masked`` alone, which would pass raw gradients through) and no weight
 decay; trainable groups get momentum, decoupled weight decay and the shared

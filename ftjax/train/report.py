@@ -12,7 +12,9 @@ import ml_collections
 from absl import logging
 import numpy as np
 
-from ftjax.train.loop import ConfigError, train_and_evaluate
+from ftjax.core.errors import ConfigError
+from ftjax.core.io import atomic_write_text
+from ftjax.train.loop import train_and_evaluate
 
 
 def variant_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
@@ -82,10 +84,7 @@ def write_table(results: dict[str, list[dict[str, Any]]], workdir: str, *, title
   """Writes ``results_table.md`` (with the figures found under ``workdir``) and ``results.json``."""
   table = format_table(results, title=title) + _figure_list(workdir)
   for name, text in (("results_table.md", table + "\n"), ("results.json", json.dumps(results, indent=2))):
-    tmp = os.path.join(workdir, name + ".tmp")
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(workdir, name))
+    atomic_write_text(os.path.join(workdir, name), text)
   return table
 
 

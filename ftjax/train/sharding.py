@@ -34,11 +34,14 @@ def state_sharding(mesh: Mesh, state: Any) -> Any:
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Process-local numpy batch -> global arrays sharded on ``"data"``."""
+  """Process-local numpy batch -> global arrays sharded on ``"data"`` (nested dicts: per leaf)."""
   sharding = batch_sharding(mesh)
   num_devices = mesh.devices.size
   out = {}
   for name, value in local_batch.items():
+    if isinstance(value, dict):  # one batch per task (multitask)
+      out[name] = global_batch(value, mesh)
+      continue
     global_rows = value.shape[0] * jax.process_count()
     if global_rows % num_devices:
       raise ValueError(f"global batch of {global_rows} does not divide over {num_devices} devices; "

@@ -1,9 +1,11 @@
 """One training step for every method, and the evaluation step.
 
-The step sums ``weight * term`` over the method's loss components, takes one
-``jax.value_and_grad``, applies the optimizer, updates the components' states and
+The step sums ``weight * term`` over the run's methods, takes one
+``jax.value_and_grad``, applies the optimizer, updates the methods' states and
 returns ``(state, metrics)``. It is compiled once with ``jax.jit`` over the data
-mesh: batch sharded on ``"data"``, state replicated and donated.
+mesh: batch sharded on ``"data"``, state replicated and donated, the frozen
+source model (the pretrained variables, for the methods that read it) replicated
+and not donated.
 """
 
 from __future__ import annotations
@@ -20,10 +22,19 @@ from ftjax.train import sharding as shd
 from ftjax.train.state import TrainState
 
 
-def required_outputs(components: Sequence[Any]) -> tuple[str, ...]:
+def required_outputs(methods: Sequence[Any]) -> tuple[str, ...]:
+  """The forward outputs the methods read (``logits`` always: accuracy)."""
   names = ["logits"]
-  for c in components:
-    names.extend(o for o in c.outputs if o not in names)
+  for m in methods:
+    names.extend(o for o in m.outputs if o not in names)
+  return tuple(names)
+
+
+def rng_streams(methods: Sequence[Any]) -> tuple[str, ...]:
+  """The Flax rng streams the methods' models read, in first-declared order."""
+  names: list[str] = []
+  for m in methods:
+    names.extend(s for s in m.rng_streams if s not in names)
   return tuple(names)
 
 
@@ -31,25 +42,26 @@ def make_train_step(
     *,
     model: Any,
     optimizer: optax.GradientTransformation,
-    components: Sequence[Any],
+    methods: Sequence[Any],
     train_bn: bool = True,
     frozen_mask: Any = None,
-) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-  """The un-jitted step function; see :func:`jit_train_step`.
+) -> Callable[[TrainState, dict[str, jax.Array], Any], tuple[TrainState, dict[str, jax.Array]]]:
+  """The un-jitted step function ``(state, batch, source) -> (state, metrics)``; see :func:`jit_train_step`.
 
   Args:
     model: Linen module returning a dict of named outputs.
     optimizer: the partitioned optimizer (frozen groups use ``set_to_zero``).
-    components: the method's loss components.
+    methods: the run's methods (:class:`ftjax.methods.Method`).
     train_bn: run BatchNorm in training mode (batch statistics; every running
       average is re-estimated on the task). False: running statistics, unchanged.
     frozen_mask: pytree over ``params``; True marks a frozen parameter. Frozen
       parameters enter the loss through ``stop_gradient`` so no backward pass is
       spent on them (a linear probe costs a forward pass plus the head).
   """
-  outputs_needed = required_outputs(components)
+  outputs_needed = required_outputs(methods)
+  streams = rng_streams(methods)
 
-  def step(state: TrainState, batch: dict[str, jax.Array]):
+  def step(state: TrainState, batch: dict[str, jax.Array], source: Any = None):
     step_rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
@@ -58,8 +70,7 @@ def make_train_step(
       variables = {"params": params}
       if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
-      # SpotTune's routing noise; Flax ignores rng streams a model does not use.
-      rngs = {"gumbel": jax.random.fold_in(step_rng, 2**20)}
+      rngs = {name: jax.random.fold_in(step_rng, 2**20 + i) for i, name in enumerate(streams)}
       if train_bn and state.batch_stats:
         outputs, new_vars = model.apply(variables, batch["image"], train=True, outputs=outputs_needed,
                                         mutable=["batch_stats"], rngs=rngs)
@@ -67,8 +78,8 @@ def make_train_step(
       else:
         outputs = model.apply(variables, batch["image"], train=False, outputs=outputs_needed, rngs=rngs)
         new_stats = state.batch_stats
-      # Pre-training data reuse: pool rows follow the target rows ("label" covers the
-      # target rows only); components see the target rows unless they read pool rows.
+      # Extra rows (a method's mix_batch) follow the target rows ("label" covers the
+      # target rows only); methods see the target rows unless they read the extra rows.
       all_outputs = outputs
       target_rows = batch["label"].shape[0]
       if batch["image"].shape[0] != target_rows:
@@ -76,15 +87,18 @@ def make_train_step(
       total = 0.0
       metrics: dict[str, jax.Array] = {}
       new_method_state = {}
-      for i, component in enumerate(components):
-        term = component(outputs=all_outputs if getattr(component, "reads_pool_rows", False) else outputs,
-                         batch=batch, state=state.method_state[component.name],
-                         params=params, rng=jax.random.fold_in(step_rng, i))
-        total = total + component.weight * term.loss
-        metrics[f"loss/{component.name}"] = term.loss
+      for i, method in enumerate(methods):
+        term = method(outputs=all_outputs if method.reads_extra_rows else outputs,
+                      batch=batch, state=state.method_state[method.name],
+                      params=params, rng=jax.random.fold_in(step_rng, i), source=source)
+        if term is None:  # a method without a loss term (a model patch)
+          new_method_state[method.name] = state.method_state[method.name]
+          continue
+        total = total + method.weight * term.loss
+        metrics[f"loss/{method.name}"] = term.loss
         for key, value in (term.metrics or {}).items():
-          metrics[f"{component.name}/{key}"] = value
-        new_method_state[component.name] = term.state
+          metrics[f"{method.name}/{key}"] = value
+        new_method_state[method.name] = term.state
       metrics["accuracy"] = jnp.mean(jnp.argmax(outputs["logits"], -1) == batch["label"])
       return total, (new_stats, new_method_state, metrics)
 
@@ -102,29 +116,29 @@ def make_train_step(
 
 
 def jit_train_step(step_fn: Callable, *, mesh: Mesh, state: TrainState) -> Callable:
-  """Compiles the step over ``mesh``: batch on ``"data"``, state replicated and donated."""
+  """Compiles the step over ``mesh``: batch on ``"data"``, state replicated and donated,
+  the source replicated."""
   state_shardings = shd.state_sharding(mesh, state)
   return jax.jit(
       step_fn,
-      in_shardings=(state_shardings, shd.batch_sharding(mesh)),
+      in_shardings=(state_shardings, shd.batch_sharding(mesh), shd.replicated(mesh)),
       out_shardings=(state_shardings, shd.replicated(mesh)),
       donate_argnums=(0,),
   )
 
 
-def make_eval_step(*, model: Any, num_classes: int, mesh: Mesh) -> Callable:
+def make_eval_step(*, model: Any, num_classes: int, mesh: Mesh, rngs: Sequence[str] = ()) -> Callable:
   """Jitted evaluation: counts of correct predictions, overall and per class.
 
   Returns a function ``(variables, batch) -> dict`` with ``correct``, ``count``,
   ``class_correct [C]``, ``class_count [C]`` and ``loss_sum``; padded examples
-  (``mask == 0``) count nowhere.
+  (``mask == 0``) count nowhere. ``rngs`` (the methods' rng streams) get fixed
+  keys, so a sampled inference routing is the same in every evaluation.
   """
 
   def eval_step(variables, batch):
-    # A fixed "gumbel" key: only SpotTune's sampled / random inference routings read it
-    # (the default routing is deterministic); other models ignore it.
     logits = model.apply(variables, batch["image"], train=False, outputs=("logits",),
-                         rngs={"gumbel": jax.random.PRNGKey(0)})["logits"]
+                         rngs={name: jax.random.PRNGKey(i) for i, name in enumerate(rngs)})["logits"]
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * mask

@@ -40,6 +40,12 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
+from ftjax.core.batches import collect
+from ftjax.core.errors import is_concrete
+from ftjax.core.io import atomic_file, save_npy
+from ftjax.core.paths import flatten_paths
+from ftjax.data.sampling import stratified_split
+
 log = logging.getLogger(__name__)
 
 # Bump whenever the numbers compute_relationship produces for the same inputs change
@@ -51,10 +57,6 @@ DEFAULT_L2_GRID = tuple(float(f"{10.0 ** (e / 2):.3g}") for e in range(-12, -1))
 APPROACHES = ("reverse", "direct")
 
 
-def _is_concrete(x: Any) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
 def _check_probs_labels(probs: jax.Array, labels: jax.Array, name: str) -> None:
   if probs.ndim != 2:
     raise ValueError(f"{name} must be [num_examples, num_source], got shape {probs.shape}")
@@ -64,7 +66,7 @@ def _check_probs_labels(probs: jax.Array, labels: jax.Array, name: str) -> None:
 
 def _check_labels_cover(labels: Any, num_classes: int, what: str) -> None:
   """Every class in ``[0, num_classes)`` has an example (skipped under tracing)."""
-  if not _is_concrete(labels):
+  if not is_concrete(labels):
     return
   labels = np.asarray(labels)
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
@@ -321,7 +323,6 @@ def reverse_relationship(*, source_probs: jax.Array, labels: jax.Array, num_clas
   Returns:
     :class:`ReverseResult`.
   """
-  from ftjax.data import stratified_split  # local: keeps this module light to import
 
   _check_probs_labels(source_probs, labels, "source_probs")
   if not l2_grid or any(l2 < 0 for l2 in l2_grid):
@@ -388,12 +389,8 @@ def variables_fingerprint(variables: Any, *, exclude: Sequence[str] = ("params/h
   The fresh target ``head`` is excluded: it does not enter the relationship.
   """
   digest = hashlib.sha256()
-  flat, _ = jax.tree_util.tree_flatten_with_path(variables)
-  entries = []
-  for path, leaf in flat:
-    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-    if not any(name.startswith(prefix) for prefix in exclude):
-      entries.append((name, leaf))
+  entries = [(name, leaf) for name, leaf in flatten_paths(variables).items()
+             if not any(name.startswith(prefix) for prefix in exclude)]
   for name, leaf in sorted(entries, key=lambda e: e[0]):
     digest.update(name.encode())
     digest.update(_sha256_arrays(leaf).encode())
@@ -421,16 +418,11 @@ def cache_paths(cache_dir: str | os.PathLike, *, dataset_name: str, approach: st
 
 def save_cached(path: str, sidecar: str, relationship: np.ndarray, key: dict[str, Any]) -> None:
   """Writes the matrix and its sidecar atomically (temp file + ``os.replace``)."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   relationship = np.asarray(relationship, np.float32)
-  tmp = f"{path}.tmp{os.getpid()}.npy"
-  np.save(tmp, relationship)
-  os.replace(tmp, path)
+  save_npy(path, relationship)
   meta = {"key": key, "shape": list(relationship.shape), "sha256": _sha256_arrays(relationship)}
-  tmp = f"{sidecar}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
+  with atomic_file(sidecar) as f:
     json.dump(meta, f, indent=2, sort_keys=True)
-  os.replace(tmp, sidecar)
 
 
 def load_cached(path: str, sidecar: str, key: dict[str, Any]) -> np.ndarray | None:
@@ -465,26 +457,14 @@ def source_logits_over(model: Any, variables: Any, dataset: Any, *, split: str =
   """
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False, outputs=("source_logits",))
                     ["source_logits"])
-  batches = dataset.eval_batches(split, batch_size=batch_size)
-  if progress and jax.process_index() == 0:
-    from tqdm.auto import tqdm
-    batches = tqdm(batches, desc=f"source predictions ({dataset.name} {split})", unit="batch",
-                   dynamic_ncols=True)
-  logits, labels, masks = [], [], []
-  for batch in batches:
-    logits.append(np.asarray(forward(variables, batch["image"]), np.float32))
-    labels.append(batch["label"])
-    masks.append(batch["mask"])
-  if not logits:
-    raise ValueError(f"the {split} split of {dataset.name} is empty")
-  logits, labels, masks = np.concatenate(logits), np.concatenate(labels), np.concatenate(masks)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    # Every process yields the same number of (padded) batches, so shapes agree.
-    logits, labels, masks = (np.concatenate(list(multihost_utils.process_allgather(a)))
-                             for a in (logits, labels, masks))
-  keep = masks > 0
-  return logits[keep], labels[keep].astype(np.int32)
+  try:
+    out, labels = collect(lambda batch, i: {"logits": np.asarray(forward(variables, batch["image"]), np.float32)},
+                          dataset.eval_batches(split, batch_size=batch_size),
+                          progress=progress and jax.process_index() == 0,
+                          description=f"source predictions ({dataset.name} {split})", gather=True)
+  except ValueError:
+    raise ValueError(f"the {split} split of {dataset.name} is empty") from None
+  return out["logits"], labels.astype(np.int32)
 
 
 def compute_relationship(*, pretrained_name: str, dataset: Any, approach: str = "reverse",

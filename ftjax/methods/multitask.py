@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 from typing import Any
 
@@ -42,30 +41,33 @@ import ml_collections
 import numpy as np
 import optax
 
-from ftjax import data as ftdata
-from ftjax import patches
+from ftjax.core import paths
+from ftjax.core.errors import ConfigError, check_labels
+from ftjax.core.io import atomic_write_text, write_json
 from ftjax.losses import softmax_cross_entropy
+from ftjax.methods import patches as patch_lib
 from ftjax.train import optim
 from ftjax.train import sharding as shd
 from ftjax.train import step as step_lib
-from ftjax.train.checkpoint import Checkpointer
-from ftjax.train.loop import ConfigError, build_model, evaluate, _write_json
+from ftjax.train.loop import evaluate, fit
 from ftjax.train.metrics import MetricWriter
+from ftjax.train.setup import (Training, build_model, load_run_dataset, make_mesh, make_schedule,
+                               validate_config)
 from ftjax.train.state import TrainState
 
 
 def split_params(params: Any, private_paths: set[str]) -> tuple[dict, dict]:
   """``params`` -> (shared tree, private tree) by '/'-path."""
-  flat = patches.flatten_paths(params)
-  return (patches.unflatten_paths({p: v for p, v in flat.items() if p not in private_paths}),
-          patches.unflatten_paths({p: v for p, v in flat.items() if p in private_paths}))
+  flat = paths.flatten_paths(params)
+  return (paths.unflatten_paths({p: v for p, v in flat.items() if p not in private_paths}),
+          paths.unflatten_paths({p: v for p, v in flat.items() if p in private_paths}))
 
 
 def merge_params(shared: Any, private: Any) -> dict:
   """The full parameter tree of one task: shared weights with the task's patch in place."""
-  flat = patches.flatten_paths(shared)
-  flat.update(patches.flatten_paths(private))
-  return patches.unflatten_paths(flat)
+  flat = paths.flatten_paths(shared)
+  flat.update(paths.flatten_paths(private))
+  return paths.unflatten_paths(flat)
 
 
 def private_paths(variables: Any, *, selection: str, share_head: bool) -> set[str]:
@@ -73,15 +75,15 @@ def private_paths(variables: Any, *, selection: str, share_head: bool) -> set[st
   if selection == "none":  # everything shared (Table 4's "all shared" column)
     parts = []
   else:
-    parts = [p for p in patches.parse_selection(selection) if p != "all"]
-    if len(parts) != len(patches.parse_selection(selection)):
+    parts = [p for p in patch_lib.parse_selection(selection) if p != "all"]
+    if len(parts) != len(patch_lib.parse_selection(selection)):
       raise ConfigError("a multitask patch cannot be 'all': nothing would be shared")
   paths: set[str] = set()
   for part in parts:
-    paths |= set(patches.structural_paths(variables["params"], batch_stats=variables.get("batch_stats"),
+    paths |= set(patch_lib.structural_paths(variables["params"], batch_stats=variables.get("batch_stats"),
                                           selection=part))
   if not share_head:
-    paths |= set(patches.structural_paths(variables["params"], selection="head"))
+    paths |= set(patch_lib.structural_paths(variables["params"], selection="head"))
   return paths
 
 
@@ -113,7 +115,8 @@ def make_multitask_step(*, models: dict[str, Any], optimizer: optax.GradientTran
   """
   names = sorted(models)
 
-  def step(state: TrainState, batches: dict[str, dict[str, jax.Array]]):
+  def step(state: TrainState, batches: dict[str, dict[str, jax.Array]], source: Any = None):
+    del source  # the tasks share no frozen source model
     def loss_fn(params):
       if frozen_mask is not None:
         params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen_mask)
@@ -143,11 +146,14 @@ def make_multitask_step(*, models: dict[str, Any], optimizer: optax.GradientTran
 def train_multitask(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains all ``config.tasks`` together into ``workdir`` (resumable); returns the results.
 
-  Writes per-task patches (``patch_<task>.npz``: the task's private parameters and
-  BatchNorm statistics) and ``shared.npz`` (the shared weights), so any task's
-  model is ``apply_patch(shared base, patch_<task>)``.
+  The loop is the trainer's (:func:`ftjax.train.loop.fit`: sharding over
+  ``num_devices``, the config check on resume, label checks). Writes per-task
+  patches (``patch_<task>.npz``: the task's private parameters and BatchNorm
+  statistics) and ``shared.npz`` (the shared weights), so any task's model is
+  ``apply_patch(shared base, patch_<task>)``.
   """
   tasks = task_configs(config)
+  validate_config(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   rng = jax.random.PRNGKey(config.seed)
@@ -155,14 +161,7 @@ def train_multitask(config: ml_collections.ConfigDict, workdir: str) -> dict[str
 
   datasets, models, task_vars = {}, {}, {}
   for name, cfg in tasks.items():
-    d = cfg.dataset
-    ftdata.prepare_offline(d.name, data_dir=d.data_dir or None)
-    datasets[name] = ftdata.load_dataset(
-        d.name, data_dir=d.data_dir or None, sampling_rate=d.sampling_rate, seed=cfg.seed,
-        val_fraction=d.val_fraction, image_size=d.image_size, resize_size=d.resize_size or None,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        crop_scale=tuple(d.crop_scale), num_shards=d.num_shards,
-        test_split=d.get("test_split", "test"))
+    datasets[name] = load_run_dataset(cfg)
     # Same pretrained weights (or the same init key) for every task: identical
     # bases, heads sized to each task's classes.
     models[name], task_vars[name] = build_model(cfg, num_classes=datasets[name].num_classes,
@@ -187,67 +186,47 @@ def train_multitask(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   steps_per_epoch = max(ds.steps_per_epoch(config.batch_size) for ds in datasets.values())
   total_steps = config.num_steps or config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_steps or steps_per_epoch
-  schedule = optim.make_schedule(
-      name=config.optimizer.schedule, base_lr=config.optimizer.lr, total_steps=total_steps,
-      warmup_steps=config.optimizer.warmup_steps, boundaries=config.optimizer.boundaries,
-      decay_factor=config.optimizer.decay_factor)
+  schedule = make_schedule(config, total_steps)
   optimizer = optim.make_optimizer(labels=labels, groups=groups, schedule=schedule,
                                    momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
                                    weight_decay=config.optimizer.weight_decay)
 
-  mesh = shd.make_data_mesh()
+  mesh = make_mesh(config.num_devices)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                      opt_state=optimizer.init(params), method_state={}, rng=state_rng)
   state = jax.device_put(state, shd.state_sharding(mesh, state))
-  best = jax.device_put({"params": jax.tree.map(jnp.copy, state.params),
-                         "batch_stats": jax.tree.map(jnp.copy, state.batch_stats),
-                         "metric": np.float32(-1.0), "step": np.int32(0)}, shd.replicated(mesh))
-  writer = MetricWriter(workdir, tensorboard=config.tensorboard)
-  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
-  start = ckpt.latest_step()
-  if start is not None:
-    state, best, _ = ckpt.restore(start, state=state, best=best)
-    writer.truncate_after(start)
-    logging.info("resumed from step %d", start)
-  else:
-    writer.truncate_after(0)
-  step = int(state.step)
-
-  train_step = jax.jit(make_multitask_step(models=models, optimizer=optimizer),
-                       donate_argnums=(0,))
+  train_step = step_lib.jit_train_step(make_multitask_step(models=models, optimizer=optimizer),
+                                       mesh=mesh, state=state)
   eval_steps = {n: step_lib.make_eval_step(model=models[n], num_classes=datasets[n].num_classes, mesh=mesh)
                 for n in tasks}
+  sizes = paths.group_sizes(params, labels)
+  training = Training(state=state, source={}, train_step=train_step, eval_step=None, labels=labels,
+                      groups=groups, frozen=frozenset(), sizes=sizes, schedule=schedule, mesh=mesh)
 
   def task_variables(variables_params, variables_stats, name):
     return {"params": merge_params(variables_params["shared"], variables_params["tasks"][name]),
             "batch_stats": variables_stats[name]}
 
-  streams = {n: datasets[n].train_batches(batch_size=config.batch_size, start_step=step) for n in tasks}
-  try:
-    while step < total_steps:
-      batches = {n: shd.global_batch(next(streams[n]), mesh) for n in tasks}
-      state, metrics = train_step(state, batches)
-      step += 1
-      evaluate_now = step % eval_every == 0 or step == total_steps
-      if step % config.log_every_steps == 0 or evaluate_now:
-        host = jax.device_get(metrics)
-        if not math.isfinite(float(host["loss"])):
-          raise FloatingPointError(f"non-finite loss {float(host['loss'])} at step {step}")
-        writer.write(step, "train", host)
-      if evaluate_now:
-        vals = {n: evaluate(eval_steps[n], task_variables(state.params, state.batch_stats, n), datasets[n],
-                            "val", batch_size=config.eval_batch_size, mesh=mesh) for n in tasks}
-        mean_val = float(np.mean([v[config.selection_metric] for v in vals.values()]))
-        writer.write(step, "val", {"mean_" + config.selection_metric: mean_val,
-                                   **{f"{n}/{k}": v for n, r in vals.items() for k, v in r.items()}})
-        if mean_val > float(best["metric"]):
-          best = jax.device_put({"params": jax.tree.map(jnp.copy, state.params),
-                                 "batch_stats": jax.tree.map(jnp.copy, state.batch_stats),
-                                 "metric": np.float32(mean_val), "step": np.int32(step)},
-                                shd.replicated(mesh))
-        ckpt.save(step, state=state, best=best, record={"step": step})
-  finally:
-    ckpt.close()
+  def batch_stream(start_step: int):
+    streams = {n: datasets[n].train_batches(batch_size=config.batch_size, start_step=start_step)
+               for n in tasks}
+    while True:
+      batches = {n: next(streams[n]) for n in tasks}
+      for n, batch in batches.items():
+        check_labels(batch["label"], datasets[n].num_classes, what=f"task {n}")
+      yield batches
+
+  def validate(state):
+    vals = {n: evaluate(eval_steps[n], task_variables(state.params, state.batch_stats, n), datasets[n],
+                        "val", batch_size=config.eval_batch_size, mesh=mesh) for n in tasks}
+    mean_val = float(np.mean([v[config.selection_metric] for v in vals.values()]))
+    return mean_val, {"mean_" + config.selection_metric: mean_val,
+                      **{f"{n}/{k}": v for n, r in vals.items() for k, v in r.items()}}
+
+  writer = MetricWriter(workdir, tensorboard=config.tensorboard)
+  fitted = fit(config=config, workdir=workdir, training=training, total_steps=total_steps,
+               eval_every=eval_every, batch_stream=batch_stream, validate=validate, writer=writer)
+  best, step = fitted.best, fitted.step
 
   best_params = jax.device_get(best["params"])
   best_stats = jax.device_get(best["batch_stats"])
@@ -257,13 +236,12 @@ def train_multitask(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   for n in tasks:
     test = evaluate(eval_steps[n], task_variables(best_params, best_stats, n), datasets[n], "test",
                     batch_size=config.eval_batch_size, mesh=mesh)
-    patch = patches.Patch(patches.flatten_paths(best_params["tasks"][n]),
-                          patches.flatten_paths(best_stats[n]),
-                          {"task": n, "selection": config.patch.selection, "share_head": config.share_head})
-    size = patches.patch_size(patch, task_variables(best_params, best_stats, n)["params"])
+    patch = patch_lib.Patch(paths.flatten_paths(best_params["tasks"][n]), paths.flatten_paths(best_stats[n]),
+                            {"task": n, "selection": config.patch.selection, "share_head": config.share_head})
+    size = patch_lib.patch_size(patch, task_variables(best_params, best_stats, n)["params"])
     total += size.parameters
     if jax.process_index() == 0:
-      patches.save_patch(os.path.join(workdir, f"patch_{n}.npz"), patch)
+      patch_lib.save_patch(os.path.join(workdir, f"patch_{n}.npz"), patch)
     results["tasks"][n] = {"test_top1": test["top1"], "test_mean_per_class": test["mean_per_class"],
                            "image_size": tasks[n].dataset.image_size, "patch_parameters": size.parameters,
                            "patch_percent": size.percent}
@@ -273,11 +251,10 @@ def train_multitask(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   results["total_parameters"] = total
   results["table"] = format_multitask_table(results, title=_title(config))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results_table.md"), "w") as f:
-      f.write(results["table"] + "\n")
-    shared_patch = patches.Patch(patches.flatten_paths(best_params["shared"]), {}, {"shared": True})
-    patches.save_patch(os.path.join(workdir, "shared.npz"), shared_patch)
-    _write_json(os.path.join(workdir, "results.json"), results)
+    atomic_write_text(os.path.join(workdir, "results_table.md"), results["table"] + "\n")
+    shared_patch = patch_lib.Patch(paths.flatten_paths(best_params["shared"]), {}, {"shared": True})
+    patch_lib.save_patch(os.path.join(workdir, "shared.npz"), shared_patch)
+    write_json(os.path.join(workdir, "results.json"), results)
   return results
 
 

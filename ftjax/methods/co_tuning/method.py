@@ -7,10 +7,10 @@ The first term is the ``ce`` component; this module is the second. A config:
 
 How the relationship ``p(y_s | y_t)`` reaches the step: it needs the target
 data and the pretrained model, which ``init_state`` cannot see. So the trainer
-calls :meth:`CoTuning.prepare` once after building the dataset and the model and
-before ``init_state``; it returns a copy of the component holding the
+calls :meth:`CoTuning.prepare` (a hook of :class:`ftjax.methods.base.Method`) once
+after building the dataset and the model and before ``init_state``; it returns a copy of the component holding the
 ``[C_t, C_s]`` matrix (loaded from ``relationship_path`` when given, else
-computed by :func:`ftjax.relationship.compute_relationship` and cached on disk).
+computed by :func:`ftjax.methods.co_tuning.relationship.compute_relationship` and cached on disk).
 ``init_state`` then puts it in the component's state: a constant array in the
 train state (replicated, checkpointed with the run, never differentiated), so
 the jitted step does not bake a large constant into its program.
@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax.losses import co_tuning_loss
-from ftjax.methods.base import TermOutput
-from ftjax.relationship import APPROACHES, compute_relationship
+from ftjax.core.io import save_npy
+from ftjax.methods.base import Method, RunContext, TermOutput
+from ftjax.methods.co_tuning.relationship import APPROACHES, compute_relationship, plot_relationship
 
 
 def check_relationship(relationship: Any, *, num_target: int | None = None,
@@ -51,7 +52,7 @@ def check_relationship(relationship: Any, *, num_target: int | None = None,
 
 
 @dataclasses.dataclass(frozen=True)
-class CoTuning:
+class CoTuning(Method):
   """Soft cross-entropy of ``source_logits`` against ``relationship[label]``.
 
   Attributes:
@@ -70,7 +71,7 @@ class CoTuning:
   Example:
     >>> ct = CoTuning(relationship=np.full((10, 1000), 1e-3))
     >>> state = ct.init_state(variables=variables, rng=jax.random.key(0))
-    >>> term = ct(outputs=outputs, batch=batch, state=state, params=None, rng=None)
+    >>> term = ct(outputs=outputs, batch=batch, state=state, params=None, rng=None, source=None)
   """
   weight: float = 2.3
   relationship_path: str = ""
@@ -96,30 +97,29 @@ class CoTuning:
     if self.relationship is not None:
       object.__setattr__(self, "relationship", check_relationship(self.relationship))
 
-  def prepare(self, *, dataset: Any, model: Any, variables: Any, config: Any) -> "CoTuning":
-    """A copy holding the relationship for ``dataset`` (loaded, or computed and cached).
+  def prepare(self, context: RunContext) -> "CoTuning":
+    """A copy holding the relationship for the run's dataset (loaded, or computed and cached).
 
-    Args:
-      dataset: the run's :class:`ftjax.data.ImageDataset` (its train split is used).
-      model, variables: the run's model (with ``source_head``) and initial variables.
-      config: the run config; reads ``pretrained`` (or ``model``), ``seed``,
-        ``eval_batch_size`` and ``progress``.
+    Reads the context's ``dataset`` (its train split), ``model`` (with
+    ``source_head``) and initial ``variables``, ``pretrained`` (or ``model_name``),
+    ``seed``, ``eval_batch_size`` and ``progress``.
     """
+    dataset = context.dataset
     if self.relationship is not None:
       rel = self.relationship
     elif self.relationship_path:
       rel = np.load(self.relationship_path)
     else:
       rel = compute_relationship(
-          pretrained_name=config.pretrained or config.model, dataset=dataset,
+          pretrained_name=context.pretrained or context.model_name, dataset=dataset,
           approach=self.approach, calibrate=self.calibrate,
           source_temperature=self.source_temperature or None, cache_dir=self.cache_dir or None,
-          seed=config.seed, batch_size=config.eval_batch_size, model=model, variables=variables,
-          val_fraction=self.val_fraction, progress=bool(config.get("progress", True)))
+          seed=context.seed, batch_size=context.eval_batch_size, model=context.model,
+          variables=context.variables, val_fraction=self.val_fraction, progress=context.progress)
     return dataclasses.replace(self, relationship=check_relationship(
-        rel, num_target=dataset.num_classes))
+        rel, num_target=dataset.num_classes if dataset is not None else context.model.num_classes))
 
-  def write_artifacts(self, *, workdir: str, dataset: Any, config: Any) -> list[str]:
+  def write_artifacts(self, context: RunContext) -> list[str]:
     """Saves the relationship used by the run next to its results.
 
     Writes ``relationship.npy`` (``[C_t, C_s]``) and ``relationship.png``, the
@@ -131,17 +131,12 @@ class CoTuning:
       The paths written.
     """
     from ftjax.models import registry
-    from ftjax.relationship import plot_relationship
 
-    rel = self.relationship
+    rel, workdir, dataset = self.relationship, context.workdir, context.dataset
     if rel is None:
       return []
-    os.makedirs(workdir, exist_ok=True)
-    npy = os.path.join(workdir, "relationship.npy")
-    tmp = npy + ".tmp.npy"
-    np.save(tmp, rel)
-    os.replace(tmp, npy)  # atomic: a killed run never leaves half a file
-    name = config.pretrained or ""
+    npy = save_npy(os.path.join(workdir, "relationship.npy"), rel)
+    name = context.pretrained
     source_names = (registry.load_class_names(registry.source_class_names_file(name))
                     if name in registry.KNOWN_PRETRAINED else ())
     if len(source_names) != rel.shape[1]:
@@ -156,8 +151,8 @@ class CoTuning:
     if rel is None and self.relationship_path:
       rel = np.load(self.relationship_path)
     if rel is None:
-      raise ValueError("co_tuning has no relationship: call its prepare(dataset=..., model=..., "
-                       "variables=..., config=...) first, or give relationship_path")
+      raise ValueError("co_tuning has no relationship: call its prepare(RunContext(dataset=..., "
+                       "model=..., variables=...)) first, or give relationship_path")
     params = variables["params"]
     if "source_head" not in params:
       raise ValueError("co_tuning needs a model built with keep_source_head=True "
@@ -166,8 +161,8 @@ class CoTuning:
                              num_source=int(params["source_head"]["bias"].shape[0]))
     return {"relationship": jnp.asarray(rel, jnp.float32)}
 
-  def __call__(self, *, outputs, batch, state, params, rng) -> TermOutput:
-    del params, rng
+  def __call__(self, *, outputs, batch, state, params, rng, source=None) -> TermOutput:
+    del params, rng, source
     targets = jnp.take(state["relationship"], batch["label"], axis=0)
     loss = co_tuning_loss(source_logits=outputs["source_logits"], relationship_targets=targets)
     return TermOutput(loss=loss, state=state)

@@ -1,4 +1,4 @@
-"""SpotTune (Guo et al., CVPR 2019): per-image routing between frozen and fine-tuned blocks.
+"""SpotTune's model (Guo et al., CVPR 2019): per-image routing between frozen and fine-tuned blocks.
 
 Every *routed* block ``l`` exists twice: a frozen copy ``F_l`` (the pretrained
 block, BatchNorm always on its running statistics) and a trainable copy ``F̂_l``
@@ -64,7 +64,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -74,11 +73,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax.losses.spottune import gumbel_softmax
-from ftjax.models.efficientnet_lite import (EFFICIENTNET_SPECS, LITE_MEAN, LITE_STD, EfficientNetSpec,
-                                            MBConv)
-from ftjax.models.layers import BatchNorm, Conv, head_kernel_init, normalize_pixels, symmetric_padding
-from ftjax.models.resnet import IMAGENET_MEAN, IMAGENET_STD, RESNET_SPECS, ResidualBlock, ResNetSpec
-from ftjax.ops.pool import max_pool
+from ftjax.models.efficientnet_lite import (EFFICIENTNET_SPECS, LITE_MEAN, LITE_STD, EfficientNetBackbone,
+                                            EfficientNetSpec)
+from ftjax.models.layers import (BatchNorm, Conv, classifier_outputs, head_kernel_init, normalize_pixels,
+                                 symmetric_padding)
+from ftjax.models.resnet import (IMAGENET_MEAN, IMAGENET_STD, RESNET_SPECS, ResidualBlock, ResNetBackbone,
+                                 ResNetSpec)
 
 SPOTTUNE_OUTPUTS = ("features", "logits", "source_logits", "feature_maps", "policy", "policy_logits")
 ROUTING_MODES = ("gumbel", "sample", "argmax", "all_frozen", "all_finetuned", "random", "fixed")
@@ -123,54 +123,10 @@ def routed_block_names(base_name: str) -> list[str]:
   return names
 
 
-class _Backbone(nn.Module):
-  """The base model's backbone as separately callable parts (stem, each block, head conv).
-
-  Parameter names equal the plain backbone's; only the parts that are called get
-  parameters (the frozen copy calls only its routed blocks).
-  """
-
-  spec: Any
-
-  def setup(self):
-    spec = self.spec
-    eps = spec.bn_epsilon
-    bn = lambda: BatchNorm(use_running_average=None, momentum=0.9, epsilon=eps)
-    if isinstance(spec, ResNetSpec):
-      if spec.stem == "imagenet":
-        self.stem_conv = Conv(spec.stem_width, (7, 7), (2, 2), symmetric_padding(7))
-      else:
-        self.stem_conv = Conv(spec.stem_width, (3, 3), padding=symmetric_padding(3))
-      blocks = {}
-      for s, (n, width, stride) in enumerate(zip(spec.stage_sizes, spec.widths, spec.strides)):
-        for b in range(n):
-          name = f"stage{s + 1}_block{b}"
-          blocks[name] = ResidualBlock(width, stride if b == 0 else 1, spec.block == "bottleneck", eps,
-                                       name=name)
-    else:
-      self.stem_conv = Conv(spec.stem_channels, (3, 3), (2, 2), "SAME")
-      blocks = {f"blocks_{i}": MBConv(block, eps, name=f"blocks_{i}") for i, block in enumerate(spec.blocks)}
-      self.head_conv = Conv(spec.head_channels, (1, 1), padding="VALID")
-      self.head_bn = bn()
-    self.stem_bn = bn()
-    self.blocks = blocks
-
-  def stem(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = self.stem_bn(self.stem_conv(x), use_running_average=not train)
-    if isinstance(self.spec, ResNetSpec):
-      x = nn.relu(x)
-      if self.spec.stem == "imagenet":
-        x = max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-      return x
-    return nn.relu6(x)
-
-  def block(self, name: str, x: jax.Array, *, train: bool) -> jax.Array:
-    return self.blocks[name](x, train=train)
-
-  def head(self, x: jax.Array, *, train: bool) -> jax.Array:
-    if isinstance(self.spec, ResNetSpec):
-      return x
-    return nn.relu6(self.head_bn(self.head_conv(x), use_running_average=not train))
+def _backbone(spec: ResNetSpec | EfficientNetSpec, *, name: str) -> nn.Module:
+  """The base model's backbone (its stem, blocks and head conv callable one by one), named ``name``."""
+  cls = ResNetBackbone if isinstance(spec, ResNetSpec) else EfficientNetBackbone
+  return cls(spec, name=name)
 
 
 class PolicyNetwork(nn.Module):
@@ -346,8 +302,8 @@ class SpotTuneClassifier(nn.Module):
     else:
       decisions = jnp.broadcast_to(jnp.asarray(static, jnp.float32), (batch, len(routed)))
 
-    backbone = _Backbone(_spec(self.base_name), name="backbone")
-    frozen = _Backbone(_spec(self.base_name), name="frozen_backbone")
+    backbone = _backbone(_spec(self.base_name), name="backbone")
+    frozen = _backbone(_spec(self.base_name), name="frozen_backbone")
     prefix = self.frozen_prefix
     # A frozen prefix (stem and the blocks before the first routed one) runs the
     # frozen copy on its running statistics, like every frozen block.
@@ -370,26 +326,13 @@ class SpotTuneClassifier(nn.Module):
           x = choice * fine + (1.0 - choice) * kept
       feature_maps[name] = x
     x = backbone.head(x, train=train)
-    if not isinstance(_spec(self.base_name), ResNetSpec):
-      feature_maps["head_conv"] = x
+    if backbone.head_map:
+      feature_maps[backbone.head_map] = x
     features = jnp.mean(x, axis=(1, 2))
 
-    result = {}
-    for name in outputs:
-      if name == "features":
-        result[name] = features
-      elif name == "feature_maps":
-        result[name] = feature_maps
-      elif name == "logits":
-        result[name] = nn.Dense(self.num_classes, kernel_init=head_kernel_init, name="head")(features)
-      elif name == "source_logits":
-        result[name] = nn.Dense(self.num_source_classes, kernel_init=head_kernel_init,
-                                name="source_head")(features)
-      elif name == "policy":
-        result[name] = decisions
-      elif name == "policy_logits":
-        result[name] = policy_logits
-    return result
+    return classifier_outputs(outputs, features=features, feature_maps=feature_maps,
+                              num_classes=self.num_classes, num_source_classes=self.num_source_classes,
+                              extra={"policy": decisions, "policy_logits": policy_logits})
 
 
 def create_spottune_model(
@@ -560,7 +503,7 @@ def spottune_variables_from_pretrained(model: SpotTuneClassifier, pretrained_var
 
 
 def spottune_rules() -> list[tuple[str, str]]:
-  """:mod:`ftjax.patches` rules of a SpotTune model, in four groups.
+  """:mod:`ftjax.core.paths` rules of a SpotTune model, in four groups.
 
   ``head`` (the new heads), ``backbone`` (the trainable copies, the stem and the
   other unrouted layers, and a kept ``source_head``), ``frozen`` (the
@@ -642,98 +585,3 @@ def pruned_size(params: Any, decisions: Any, block_names: Sequence[str], *, thre
   policy = count(params.get("policy", {}))
   usage = tuple(float(v) for v in np.asarray(decisions, np.float64).mean(axis=0))
   return PrunedSize(tuple(unused), usage, total, pruned, pruned - policy)
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-def plot_block_usage(decisions: Any, path: str, *, block_names: Sequence[str] | None = None,
-                     title: str = "") -> str:
-  """Fig. 3: per routed block, the fraction of images routed through the fine-tuned copy.
-
-  Args:
-    decisions: ``[N, L]`` 0/1 decisions.
-    path: PNG to write (directories are created).
-    block_names: labels of the L blocks (default ``0..L-1``).
-    title: figure title.
-
-  Returns:
-    ``path``.
-  """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  decisions = np.asarray(decisions, np.float64)
-  if decisions.ndim != 2 or decisions.shape[0] == 0:
-    raise ValueError(f"decisions must be [N > 0, L], got shape {decisions.shape}")
-  usage = decisions.mean(axis=0)
-  names = list(block_names) if block_names is not None else [str(i) for i in range(len(usage))]
-  if len(names) != len(usage):
-    raise ValueError(f"{len(names)} block names for {len(usage)} blocks")
-  fig, (ax_map, ax_bar) = plt.subplots(2, 1, figsize=(max(6.0, 0.45 * len(usage)), 4.2),
-                                       gridspec_kw={"height_ratios": [1, 3]}, sharex=True)
-  image = ax_map.imshow(usage[None, :], cmap="Reds", vmin=0.0, vmax=1.0, aspect="auto")
-  ax_map.set_yticks([])
-  fig.colorbar(image, ax=[ax_map, ax_bar], label="fraction fine-tuned")
-  ax_bar.bar(np.arange(len(usage)), usage, color="tab:red")
-  ax_bar.set_ylim(0.0, 1.0)
-  ax_bar.set_ylabel("fraction of images")
-  ax_bar.set_xticks(np.arange(len(usage)))
-  ax_bar.set_xticklabels(names, rotation=90, fontsize=7)
-  ax_map.set_title(title or f"SpotTune policy: fine-tuned block usage ({decisions.shape[0]} images)")
-  return _save(fig, path)
-
-
-def plot_finetuned_histogram(decisions: Any, path: str, *, title: str = "") -> str:
-  """Fig. 4: histogram of the number of fine-tuned blocks per image.
-
-  Returns:
-    ``path``.
-  """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  decisions = np.asarray(decisions, np.float64)
-  if decisions.ndim != 2 or decisions.shape[0] == 0:
-    raise ValueError(f"decisions must be [N > 0, L], got shape {decisions.shape}")
-  num_blocks = decisions.shape[1]
-  counts = np.bincount(np.rint(decisions.sum(axis=1)).astype(np.int64), minlength=num_blocks + 1)
-  fig, ax = plt.subplots(figsize=(6.0, 3.5))
-  ax.bar(np.arange(num_blocks + 1), counts, color="tab:red")
-  ax.set_xlabel("number of fine-tuned blocks")
-  ax.set_ylabel("number of images")
-  ax.set_xticks(np.arange(num_blocks + 1))
-  ax.set_title(title or f"SpotTune: fine-tuned blocks per image ({decisions.shape[0]} images)")
-  return _save(fig, path)
-
-
-def _save(fig: Any, path: str) -> str:
-  import matplotlib.pyplot as plt
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120, bbox_inches="tight")
-  plt.close(fig)
-  os.replace(tmp, path)
-  return path
-
-
-__all__ = [
-    "PolicyNetwork",
-    "PrunedSize",
-    "ROUTING_MODES",
-    "SPOTTUNE_OUTPUTS",
-    "SpotTuneClassifier",
-    "block_names",
-    "create_spottune_model",
-    "plot_block_usage",
-    "plot_finetuned_histogram",
-    "pruned_size",
-    "random_block_mask",
-    "routed_block_names",
-    "spottune_groups",
-    "spottune_rules",
-    "spottune_variables_from_pretrained",
-    "unused_blocks",
-]

@@ -1,6 +1,6 @@
 """SpotTune (Guo et al., CVPR 2019): adaptive per-image fine-tuning, and its Global-k variant.
 
-The model does the routing (:mod:`ftjax.models.spottune`: frozen and trainable
+The model does the routing (:mod:`ftjax.methods.spottune.model`: frozen and trainable
 copies of each routed block, a policy network, straight-through Gumbel-softmax
 in training); the classification loss is the ``ce`` component. This component
 adds the Global-k terms of Eq. 7, ``λ1 · l_k + λ2 · l_e`` (Eq. 5 and 6), on the
@@ -11,15 +11,16 @@ model's ``policy`` output, and reports how the policy routes::
 
 With ``lambda1 = lambda2 = 0`` (plain SpotTune) the term is exactly 0.
 
-How the model reaches the trainer: the component also carries the SpotTune
+How the model reaches the trainer: the method also carries the SpotTune
 model options (policy depth/width/input size, temperature, routings, mask). The
 trainer calls :meth:`SpotTune.wrap_model` right after building the plain
 (pretrained) model; it returns the SpotTune model and variables built from it
-(:func:`ftjax.models.spottune.spottune_variables_from_pretrained`). The config
-must use :func:`ftjax.models.spottune.spottune_rules` as ``param_rules`` and
-:func:`~ftjax.models.spottune.spottune_groups` as ``groups`` (the policy is its
-own group with its own learning-rate multiplier), and BatchNorm mode ``train``.
-After the test evaluation :meth:`SpotTune.finalize` routes the test split,
+(:func:`ftjax.methods.spottune.model.spottune_variables_from_pretrained`). The method
+owns the rules of the parameters it adds: the frozen copies (group ``frozen``)
+and the policy network (group ``policy``, its own learning-rate multiplier
+``policy_lr_mult`` and optional weight decay); the baseline's rules cover the
+trainable copies and heads. It needs BatchNorm mode ``train`` and the
+``gumbel`` rng stream. After the test evaluation :meth:`SpotTune.finalize` routes the test split,
 records the accuracy of each inference routing, writes the decisions and the
 paper's Fig. 3 and Fig. 4, and the parameter count with the unused fine-tuned
 blocks dropped.
@@ -37,11 +38,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax.losses.spottune import block_usage, global_k_loss, policy_entropy_loss
-from ftjax.methods.base import TermOutput
+from ftjax.core.batches import collect
+from ftjax.core.io import save_npy
+from ftjax.methods.base import Method, RunContext, TermOutput
+from ftjax.methods.spottune import model as model_lib
+from ftjax.methods.spottune import plots
+from ftjax.methods.spottune.model import (SpotTuneClassifier, _static_mask, create_spottune_model,
+                                          spottune_variables_from_pretrained)
 
 
 @dataclasses.dataclass(frozen=True)
-class SpotTune:
+class SpotTune(Method):
   """Global-k terms on the ``policy`` output, routing metrics, and the SpotTune model options.
 
   Attributes:
@@ -63,10 +70,13 @@ class SpotTune:
       unused in :meth:`finalize` (0 = no image).
     first_routed_block: routing starts at this routable block; the stem and the
       blocks before it are frozen and not routed (Visual Decathlon ResNet-26: 4).
+    policy_lr_mult: learning-rate multiplier of the policy network's group.
+    policy_weight_decay: weight decay of the policy group (None: the optimizer's).
 
   Example:
     >>> st = SpotTune(lambda1=1.0, lambda2=1.0, k=3)
-    >>> term = st(outputs={"policy": decisions}, batch=batch, state=(), params=None, rng=None)
+    >>> term = st(outputs={"policy": decisions}, batch=batch, state=(), params=None, rng=None,
+    ...           source=None)
     >>> term.metrics["finetuned_blocks"]
   """
   weight: float = 1.0
@@ -83,8 +93,12 @@ class SpotTune:
   random_finetune_last: int = 0
   prune_threshold: float = 0.0
   first_routed_block: int = 0
+  policy_lr_mult: float = 1.0
+  policy_weight_decay: float | None = None
   name: str = "spottune"
   outputs: tuple[str, ...] = ("policy",)
+  bn_mode: str = "train"
+  rng_streams: tuple[str, ...] = ("gumbel",)
 
   def __post_init__(self):
     for field in ("weight", "lambda1", "lambda2", "k", "prune_threshold", "first_routed_block"):
@@ -92,13 +106,12 @@ class SpotTune:
         raise ValueError(f"spottune {field} must be >= 0, got {getattr(self, field)}")
     if not self.temperature > 0:
       raise ValueError(f"spottune temperature must be > 0, got {self.temperature}")
-    from ftjax.models.spottune import _static_mask
     for routing in (self.train_routing, self.eval_routing):
       if isinstance(routing, str) and routing != "fixed":
         _static_mask(routing, None, 1)  # raises on an unknown name
 
-  def model_options(self) -> dict[str, Any]:
-    """Keyword arguments of :func:`ftjax.models.spottune.create_spottune_model`."""
+  def routing_options(self) -> dict[str, Any]:
+    """Keyword arguments of :func:`ftjax.methods.spottune.model.create_spottune_model`."""
     return dict(policy_depth=self.policy_depth, policy_width=self.policy_width,
                 policy_image_size=self.policy_image_size, temperature=self.temperature,
                 train_routing=self.train_routing, eval_routing=self.eval_routing,
@@ -106,30 +119,39 @@ class SpotTune:
                 random_finetune_last=self.random_finetune_last,
                 first_routed_block=self.first_routed_block)
 
-  def wrap_model(self, *, model: Any, variables: Any, config: Any, rng: jax.Array) -> tuple[Any, Any]:
+  def param_rules(self, *, variables: Any) -> list[tuple[str, str]]:
+    del variables
+    return [("frozen_backbone/.*", "frozen"), ("policy/.*", "policy")]
+
+  def param_groups(self) -> dict[str, dict[str, Any]]:
+    policy: dict[str, Any] = {"lr_mult": float(self.policy_lr_mult)}
+    if self.policy_weight_decay is not None:
+      policy["weight_decay"] = float(self.policy_weight_decay)
+    return {"frozen": {"frozen": True}, "policy": policy}
+
+  def wrap_model(self, *, model: Any, variables: Any, rng: jax.Array) -> tuple[Any, Any]:
     """The SpotTune model over ``model`` and its variables (frozen + trainable copies, new policy).
 
     Args:
       model: the plain :class:`ftjax.models.ImageClassifier` (pretrained weights in
         ``variables``); a SpotTune model is returned unchanged.
       variables: its variables.
-      config: the run config (BatchNorm mode: SpotTune trains with ``train=True``;
-        with ``bn_mode="eval"`` the step would run the evaluation routing).
       rng: key of the policy initialisation.
     """
-    from ftjax.models.spottune import (SpotTuneClassifier, create_spottune_model,
-                                       spottune_variables_from_pretrained)
     if isinstance(model, SpotTuneClassifier):
       return model, variables
     if getattr(model, "projection_dim", 0):
       raise ValueError("spottune does not support a model with a projector (projection_dim > 0)")
-    if config is not None and config.get("bn_mode", "") == "eval":
-      raise ValueError("spottune needs bn_mode 'train' (or ''): the step runs the model with train=False "
-                       "in 'eval' mode, which would train with the evaluation routing")
     spot = create_spottune_model(model.model_name, num_classes=model.num_classes,
                                  keep_source_head=model.keep_source_head,
-                                 num_source_classes=model.num_source_classes, **self.model_options())
+                                 num_source_classes=model.num_source_classes, **self.routing_options())
     return spot, spottune_variables_from_pretrained(spot, variables, rng=rng)
+
+  def prepare(self, context: RunContext) -> "SpotTune":
+    if context.bn_mode != "train":
+      raise ValueError("spottune needs bn_mode 'train' (or ''): the step runs the model with train=False "
+                       "in 'eval' mode, which would train with the evaluation routing")
+    return self
 
   def init_state(self, *, variables: Any, rng: jax.Array) -> tuple:
     del rng
@@ -138,8 +160,8 @@ class SpotTune:
                        "found): build it with create_spottune_model or let the trainer call wrap_model")
     return ()
 
-  def __call__(self, *, outputs, batch, state, params, rng) -> TermOutput:
-    del batch, params, rng
+  def __call__(self, *, outputs, batch, state, params, rng, source=None) -> TermOutput:
+    del batch, params, rng, source
     decisions = outputs["policy"]
     if decisions.ndim != 2:
       raise ValueError(f"spottune needs the policy output [batch, blocks], got shape {decisions.shape}")
@@ -170,16 +192,13 @@ class SpotTune:
     """
     apply = jax.jit(lambda v, images, key: model.apply(v, images, train=False, outputs=("logits", "policy"),
                                                        routing=routing, rngs={"gumbel": key}))
-    decisions, correct, count = [], 0.0, 0.0
-    for i, batch in enumerate(dataset.eval_batches(split, batch_size=batch_size)):
-      out = apply(variables, batch["image"], jax.random.fold_in(jax.random.PRNGKey(seed), i))
-      mask = np.asarray(batch["mask"]) > 0
-      decisions.append(np.asarray(out["policy"])[mask])
-      correct += float(np.sum((np.argmax(np.asarray(out["logits"]), -1) == np.asarray(batch["label"]))[mask]))
-      count += float(mask.sum())
-    return np.concatenate(decisions, axis=0), correct / max(count, 1.0)
+    out, labels = collect(
+        lambda batch, i: apply(variables, batch["image"], jax.random.fold_in(jax.random.PRNGKey(seed), i)),
+        dataset.eval_batches(split, batch_size=batch_size))
+    correct = float(np.sum(np.argmax(out["logits"], -1) == labels))
+    return out["policy"], correct / max(float(len(labels)), 1.0)
 
-  def finalize(self, *, model: Any, variables: Any, dataset: Any, workdir: str, config: Any) -> dict[str, Any]:
+  def finalize(self, context: RunContext) -> dict[str, Any]:
     """Routes the test split; writes decisions, Fig. 3 / Fig. 4 and the pruned size; returns results.
 
     Returns:
@@ -189,14 +208,14 @@ class SpotTune:
       the per-block usage, the unused blocks and the parameter counts with them
       dropped, and the files written.
     """
-    from ftjax.models import spottune as st
     if jax.process_count() > 1:
       logging.warning("spottune: finalize runs on one process only; skipped")
       return {}
-    batch_size = int(config.eval_batch_size)
+    model, variables, dataset, workdir = context.model, context.variables, context.dataset, context.workdir
+    batch_size, seed = int(context.eval_batch_size), int(context.seed)
     eval_routing = model.eval_routing
     decisions, top1 = self.route(model=model, variables=variables, dataset=dataset, split="test",
-                                 batch_size=batch_size, routing=eval_routing, seed=int(config.seed))
+                                 batch_size=batch_size, routing=eval_routing, seed=seed)
     name = lambda r: r if isinstance(r, str) else "mask"
     results: dict[str, Any] = {"spottune_eval_routing": name(eval_routing),
                                f"spottune_test_top1/{name(eval_routing)}": top1}
@@ -204,17 +223,14 @@ class SpotTune:
       if routing != eval_routing:
         results[f"spottune_test_top1/{routing}"] = self.route(
             model=model, variables=variables, dataset=dataset, split="test", batch_size=batch_size,
-            routing=routing, seed=int(config.seed))[1]
+            routing=routing, seed=seed)[1]
     blocks = list(model.routed_blocks)
-    size = st.pruned_size(jax.device_get(variables["params"]), decisions, blocks,
+    size = model_lib.pruned_size(jax.device_get(variables["params"]), decisions, blocks,
                           threshold=self.prune_threshold)
-    os.makedirs(workdir, exist_ok=True)
-    npy = os.path.join(workdir, "spottune_decisions.npy")
-    np.save(npy + ".tmp.npy", decisions.astype(np.uint8))
-    os.replace(npy + ".tmp.npy", npy)
-    fig3 = st.plot_block_usage(decisions, os.path.join(workdir, "spottune_block_usage.png"),
+    npy = save_npy(os.path.join(workdir, "spottune_decisions.npy"), decisions.astype(np.uint8))
+    fig3 = plots.plot_block_usage(decisions, os.path.join(workdir, "spottune_block_usage.png"),
                                block_names=blocks)
-    fig4 = st.plot_finetuned_histogram(decisions, os.path.join(workdir, "spottune_finetuned_blocks.png"))
+    fig4 = plots.plot_finetuned_histogram(decisions, os.path.join(workdir, "spottune_finetuned_blocks.png"))
     results.update({
         "spottune_finetuned_blocks_mean": float(decisions.sum(axis=1).mean()),
         "spottune_block_usage": list(size.usage),

@@ -1,125 +1,31 @@
-"""Regex rules over parameter paths: which parameters train, and how.
+"""Model patches (Mudrakarta et al., 2019, "K for the price of 1"): a small set of
+parameters trained on a task while the rest of a shared base stays fixed.
 
-A *rule* is a ``(regex, group)`` pair; a parameter whose "/"-joined path
-(e.g. ``backbone/blocks_3/depthwise_bn/scale``) fully matches the regex belongs
-to ``group``. Every parameter must match exactly one rule: a parameter that no
-rule covers, or that two rules cover, is an error that names the paths, so a
-typo in a rule can never silently freeze (or train) a layer.
-
-The labels feed :func:`optax.partition` (see :mod:`ftjax.train.optim`).
-
-Example:
-  >>> rules = [("head/.*", "head"), ("backbone/.*", "backbone")]
-  >>> labels = path_labels(params, rules)   # same tree as params, str leaves
+The selections below find those parameters from the structure of the pytree (so
+they work on any model) and turn them into ordinary rules
+(:mod:`ftjax.core.paths`), so a patch is trained through the same
+``optax.partition`` and exactly-once check as everything else. The
+:class:`ModelPatch` method trains a patch (``losses = {"ce": ..., "patch":
+{"selection": "scale_bias"}}``; ``baseline = "patch"`` is a shorthand that adds
+it from ``config.patch``) and saves it on its own after training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-Rules = Sequence[tuple[str, str]]
-
-
-def path_str(path: tuple[Any, ...]) -> str:
-  """'/'-joined names of a ``jax.tree_util`` key path."""
-  parts = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      parts.append(str(key.key))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      parts.append(key.name)
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      parts.append(str(key.idx))
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
-
-
-def param_paths(tree: Any) -> list[str]:
-  """All leaf paths of ``tree`` in flattening order."""
-  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-class RuleError(ValueError):
-  """A parameter is covered by no rule or by more than one."""
-
-
-def path_labels(params: Any, rules: Rules, *, log: bool = False) -> Any:
-  """Maps each parameter to the group of the one rule that matches its path.
-
-  Args:
-    params: parameter pytree (nested dicts).
-    rules: ``(regex, group)`` pairs; regexes are matched with ``re.fullmatch``.
-    log: log one line per rule with how many parameters it matched.
-
-  Returns:
-    A pytree with the structure of ``params`` whose leaves are group names.
-
-  Raises:
-    RuleError: naming every uncovered path and every path matched twice.
-  """
-  compiled = [(re.compile(regex), group) for regex, group in rules]
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  labels, uncovered, doubly = [], [], []
-  counts = [0] * len(compiled)
-  sizes = [0] * len(compiled)
-  for path, leaf in flat:
-    name = path_str(path)
-    hits = [i for i, (rx, _) in enumerate(compiled) if rx.fullmatch(name)]
-    if not hits:
-      uncovered.append(name)
-      labels.append(None)
-      continue
-    if len(hits) > 1:
-      doubly.append(f"{name} (rules {', '.join(repr(rules[i][0]) for i in hits)})")
-    counts[hits[0]] += 1
-    sizes[hits[0]] += int(getattr(leaf, "size", 1))
-    labels.append(compiled[hits[0]][1])
-  problems = []
-  if uncovered:
-    problems.append(f"{len(uncovered)} parameter(s) match no rule: {', '.join(uncovered)}")
-  if doubly:
-    problems.append(f"{len(doubly)} parameter(s) match several rules: {'; '.join(doubly)}")
-  if problems:
-    raise RuleError("; ".join(problems))
-  if log:
-    for (regex, group), n, size in zip(rules, counts, sizes):
-      logging.info("rule %-40r -> %-10s matches %4d arrays, %10d parameters", regex, group, n, size)
-  return jax.tree_util.tree_unflatten(treedef, labels)
-
-
-def group_sizes(params: Any, labels: Any) -> dict[str, int]:
-  """Number of scalar parameters in each group."""
-  sizes: dict[str, int] = {}
-  for leaf, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels)):
-    sizes[label] = sizes.get(label, 0) + int(leaf.size)
-  return sizes
-
-
-def check_groups(labels: Any, groups: Mapping[str, Any]) -> None:
-  """Every label used by the rules must have a group configuration."""
-  missing = sorted(set(jax.tree.leaves(labels)) - set(groups))
-  if missing:
-    raise RuleError(f"rules use group(s) {missing} that have no configuration; configured: {sorted(groups)}")
-
-
-# ----------------------------------------------------------------------------- model patches
-#
-# Mudrakarta et al. (2019), "K for the price of 1": a *patch* is a small set of
-# parameters trained on a task while the rest of a shared base stays fixed. The
-# selections below find those parameters from the structure of the pytree (so
-# they work on any model) and turn them into ordinary rules above, so a patch is
-# trained through the same optax.partition and exactly-once check as everything
-# else.
+from ftjax.core.paths import flatten_paths, path_str
+from ftjax.core.errors import ConfigError
+from ftjax.core.io import save_npz
+from ftjax.methods.base import Method, RunContext
 
 SELECTIONS = ("scale_bias", "depthwise", "head", "all")
 NEW_HEADS = "(?:head|projector)/.*"   # randomly initialised layers on top of the base
@@ -127,23 +33,6 @@ NEW_HEADS = "(?:head|projector)/.*"   # randomly initialised layers on top of th
 
 def _parents(paths: Sequence[str]) -> set[str]:
   return {p.rsplit("/", 1)[0] for p in paths if "/" in p}
-
-
-def flatten_paths(tree: Any) -> dict[str, Any]:
-  """``{"a/b/c": leaf}`` of a pytree, keyed by :func:`path_str` (inverse: :func:`unflatten_paths`)."""
-  return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def unflatten_paths(flat: dict[str, Any]) -> dict[str, Any]:
-  """Nested dicts from ``{"a/b/c": leaf}`` (the inverse of flattening by :func:`path_str`)."""
-  tree: dict[str, Any] = {}
-  for path, leaf in flat.items():
-    *parents, last = path.split("/")
-    node = tree
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[last] = leaf
-  return tree
 
 
 def structural_paths(params: Any, *, batch_stats: Any = None, selection: str) -> list[str]:
@@ -236,6 +125,15 @@ def patch_rules(params: Any, *, batch_stats: Any = None, selection: str | Sequen
     >>> rules = patch_rules(v["params"], batch_stats=v["batch_stats"], selection="scale_bias")
     >>> labels = path_labels(v["params"], rules, log=True)
   """
+  claimed = _claimed_rules(params, batch_stats=batch_stats, selection=selection, train_head=train_head)
+  if claimed == [(".*", "patch")]:
+    return claimed
+  return claimed + [("".join(f"(?!(?:{regex})$)" for regex, _ in claimed) + ".*", "frozen")]
+
+
+def _claimed_rules(params: Any, *, batch_stats: Any, selection: str | Sequence[str],
+                   train_head: bool) -> list[tuple[str, str]]:
+  """The patch's rule and the head's rule (the rest is frozen by the caller)."""
   parts = parse_selection(selection)
   if "all" in parts:
     return [(".*", "patch")]
@@ -243,9 +141,9 @@ def patch_rules(params: Any, *, batch_stats: Any = None, selection: str | Sequen
   body_parts = [p for p in parts if p != "head"]
   head_rule = (NEW_HEADS, "head" if train_head else "frozen")
   if not body_parts:
-    return [head_rule, (f"(?!{NEW_HEADS}$).*", "frozen")]
+    return [head_rule]
   body = selection_regex(params, batch_stats=batch_stats, selection=body_parts)
-  return [(body, "patch"), head_rule, (f"(?!(?:{body})$)(?!{NEW_HEADS}$).*", "frozen")]
+  return [(body, "patch"), head_rule]
 
 
 class Patch(NamedTuple):
@@ -292,17 +190,7 @@ def save_patch(path: str | os.PathLike, patch: Patch) -> str:
   arrays = {f"params/{k}": v for k, v in patch.params.items()}
   arrays.update({f"batch_stats/{k}": v for k, v in patch.batch_stats.items()})
   arrays["__info__"] = np.asarray(json.dumps(patch.info, sort_keys=True))
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path), suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  return save_npz(path, **arrays)
 
 
 def load_patch(path: str | os.PathLike) -> Patch:
@@ -346,3 +234,52 @@ def apply_patch(base_variables: Mapping[str, Any], patch: Patch) -> dict[str, An
   for collection, value in base_variables.items():
     out.setdefault(collection, value)
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPatch(Method):
+  """Train only a patch (± the last layer); the rest of the pretrained model stays fixed.
+
+  The method owns the rules of the patch (group ``patch``) and of the head
+  (``head``, or ``frozen`` for the paper's "random fixed last layer"); the
+  baseline's rules cover the rest (``baseline = "patch"`` freezes it). BatchNorm
+  runs in ``train`` mode by default, so the statistics are re-estimated on the
+  task and belong to the scale-and-bias patch. After training the chosen
+  checkpoint's patch is written on its own (``patch.npz``; apply it to the base
+  with :func:`apply_patch`).
+
+  Attributes:
+    selection: ``scale_bias``, ``depthwise``, ``head``, ``all``, or a union
+      such as ``"scale_bias+depthwise"``.
+    train_head: train the new head (the paper's "+ last layer").
+  """
+  selection: str = "scale_bias"
+  train_head: bool = True
+  weight: float = 0.0
+  name: str = "patch"
+  bn_mode: str = "train"
+
+  def __post_init__(self):
+    parse_selection(self.selection)  # raises on an unknown selection
+
+  def param_rules(self, *, variables: Any) -> list[tuple[str, str]]:
+    if variables is None:
+      raise ConfigError("the patch baseline needs the model's variables to find its patch parameters")
+    return _claimed_rules(variables["params"], batch_stats=variables.get("batch_stats"),
+                          selection=self.selection, train_head=self.train_head)
+
+  def param_groups(self) -> dict[str, dict[str, Any]]:
+    return {"patch": {}, "frozen": {"frozen": True}}
+
+  def finalize(self, context: RunContext) -> dict[str, Any]:
+    """Extracts the chosen checkpoint's patch, saves ``patch.npz``, returns its size."""
+    dataset = context.dataset
+    patch = extract_patch(
+        jax.device_get(context.variables), context.labels, include_batch_stats=context.bn_mode == "train",
+        info={"model": context.model_name, "pretrained": context.pretrained, "selection": self.selection,
+              "train_head": self.train_head, "dataset": dataset.name, "num_classes": dataset.num_classes,
+              "image_size": context.image_size})
+    size = patch_size(patch, context.base_variables["params"])
+    if jax.process_index() == 0 and context.workdir:
+      save_patch(os.path.join(context.workdir, "patch.npz"), patch)
+    return {"patch_parameters": size.parameters, "patch_bytes": size.bytes, "patch_percent": size.percent}

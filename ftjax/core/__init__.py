@@ -1,0 +1,1 @@
+"""What every layer shares: errors, parameter-path trees and rules, atomic files."""
