@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax.core.errors import is_concrete
 from ftjax.selection import uot_sinkhorn
 
 COSTS = ("cosine", "sqeuclidean", "euclidean")
@@ -93,10 +94,6 @@ class UOTScores(NamedTuple):
   g: jax.Array | None = None
 
 
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
 def validate_features(name: str, x, dim: int | None = None) -> None:
   """Raises ValueError if ``x`` is not a finite 2-D array (optionally of width dim).
 
@@ -112,7 +109,7 @@ def validate_features(name: str, x, dim: int | None = None) -> None:
     raise ValueError(
         f"{name} has feature dim {shape[1]} but the other input has {dim}; "
         "they must match")
-  if _is_concrete(x):
+  if is_concrete(x):
     values = np.asarray(x)
     if not np.all(np.isfinite(values)):
       bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
@@ -381,7 +378,7 @@ def _feature_call(fn, target_means, pool_means, *, epsilon, tau_pool, tau_target
   log_domain, omega = _resolve(
       n_pool=n_pool, n_target=n_target, dtype=dtype, epsilon=epsilon, tau_pool=tau_pool,
       tau_target=tau_target, mode=mode, over_relaxation=over_relaxation)
-  concrete = _is_concrete(target_means) and _is_concrete(pool_means)
+  concrete = is_concrete(target_means) and is_concrete(pool_means)
   out = fn(jnp.asarray(target_means), jnp.asarray(pool_means),
            epsilon=float(epsilon), tau_pool=float(tau_pool), tau_target=float(tau_target),
            cost_scale=float(cost_scale), cost=cost, chunk_size=int(min(chunk_size, n_pool)),
@@ -508,7 +505,7 @@ def uot_scores_batched(*, target_means: jax.Array, pool_means: jax.Array,
   # Each task is one [n_target, d] set: same checks as uot_scores, all at once.
   validate_features("target_means (tasks stacked)",
                     np.reshape(target_means, (-1, shape[2]))
-                    if _is_concrete(target_means) else
+                    if is_concrete(target_means) else
                     jnp.reshape(target_means, (-1, shape[2])),
                     dim=np.shape(pool_means)[1])
   return _feature_call(
@@ -573,15 +570,15 @@ def solve_uot(*, cost: jax.Array, epsilon: float = 1.0, tau_pool: float = 1.0,
     if m is not None:
       if np.shape(m) != (n,):
         raise ValueError(f"{name} must have shape ({n},), got {np.shape(m)}")
-      if _is_concrete(m) and not np.all(np.isfinite(m) & (np.asarray(m) > 0)):
+      if is_concrete(m) and not np.all(np.isfinite(m) & (np.asarray(m) > 0)):
         raise ValueError(f"{name} must be positive and finite")
       m = jnp.asarray(m)
     masses.append(m)
   log_domain, omega = _resolve(
       n_pool=shape[0], n_target=shape[1], dtype=dtype, epsilon=epsilon, tau_pool=tau_pool,
       tau_target=tau_target, mode=mode, over_relaxation=over_relaxation)
-  concrete = _is_concrete(cost) and all(
-      _is_concrete(m) for m in (pool_masses, target_masses) if m is not None)
+  concrete = is_concrete(cost) and all(
+      is_concrete(m) for m in (pool_masses, target_masses) if m is not None)
   out, finite = _solve_uot(jnp.asarray(cost, dtype), masses[0], masses[1],
                            epsilon=float(epsilon), tau_pool=float(tau_pool),
                            tau_target=float(tau_target), log_domain=log_domain,
@@ -640,7 +637,7 @@ def class_means(*, features: jax.Array, labels: jax.Array,
   if np.shape(labels) != (np.shape(features)[0],):
     raise ValueError(
         f"labels must have shape ({np.shape(features)[0]},), got {np.shape(labels)}")
-  if _is_concrete(labels):
+  if is_concrete(labels):
     lab = np.asarray(labels)
     if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
       raise ValueError(
