@@ -197,6 +197,61 @@ def test_dataset_sampling_nested_stratified_and_val_fixed(data_dir):
   assert len(full.labels("test")) == 10_000
 
 
+def test_select_val_modes_disjoint_fixed_counts_stratified():
+  # Uneven classes, one of 3 examples: stratified_split clamps it to 1 val / 2 train.
+  labels = np.repeat(np.arange(6), [40, 95, 200, 13, 3, 61])
+  rng = np.random.default_rng(5)
+  labels = labels[rng.permutation(len(labels))]
+  train_pool, val_pool = data.stratified_split(labels, 0.2)
+  n_val = np.bincount(labels[val_pool], minlength=6)
+  np.testing.assert_array_equal(n_val, [8, 19, 40, 3, 1, 12])  # round(0.2 * n_c), >= 1
+  full_vals = []
+  for rate in (5, 15, 100):
+    for seed in (0, 1):
+      train = data.stratified_sample(labels, train_pool, rate, seed)
+      for source in ("sampled", "full"):
+        val = data.sampling.select_val(labels, val_pool, sampling_rate=rate, val_source=source)
+        assert not set(val) & set(train), (rate, seed, source)   # disjoint in both modes
+        assert set(val) <= set(val_pool)
+        want = n_val if source == "full" else [_expected_count(rate, n) for n in n_val]
+        np.testing.assert_array_equal(np.bincount(labels[val], minlength=6), want)  # per class
+        if source == "full":
+          full_vals.append(val)
+  for val in full_vals:  # the same val for every rate and seed: the whole held-out part
+    np.testing.assert_array_equal(val, np.sort(val_pool))
+  with pytest.raises(ValueError, match="val_source must be 'sampled'.*got 'all'"):
+    data.sampling.select_val(labels, val_pool, sampling_rate=5, val_source="all")
+
+
+def test_dataset_val_source_full_is_fixed_and_train_unchanged(data_dir):
+  make = lambda rate, seed, source: data.load_dataset(
+      "fashion_mnist", data_dir=data_dir, sampling_rate=rate, seed=seed, image_size=IMAGE_SIZE,
+      val_source=source)
+  f5, f15b, s5 = make(5, 0, "full"), make(15, 1, "full"), make(5, 0, "sampled")
+  # 'full': the fixed stratified 20% of train (1,200 per class), whatever the rate and seed.
+  np.testing.assert_array_equal(f5.example_indices("val"), f15b.example_indices("val"))
+  np.testing.assert_array_equal(np.bincount(f5.labels("val")), [1200] * 10)
+  assert f5.tfds_split("val") == "train"
+  # Train is sampled from the other 80%, as in 'sampled' mode (the same images).
+  np.testing.assert_array_equal(f5.example_indices("train"), s5.example_indices("train"))
+  np.testing.assert_array_equal(np.bincount(f5.labels("train")), [240] * 10)
+  np.testing.assert_array_equal(np.bincount(f15b.labels("train")), [720] * 10)
+  for ds in (f5, f15b, s5):
+    assert not set(ds.example_indices("val")) & set(ds.example_indices("train"))
+  # 'sampled': 5% of each class's held-out 1,200, inside the full val set.
+  np.testing.assert_array_equal(np.bincount(s5.labels("val")), [60] * 10)
+  assert set(s5.example_indices("val")) < set(f5.example_indices("val"))
+  assert f5.num_examples == {"train": 2400, "val": 12000, "test": 10000}
+  with pytest.raises(ValueError, match="val_source must be"):
+    make(5, 0, "train")
+  # The config path: the paper configs ask for 'full' and the run loads it.
+  from experiments.configs import default
+  from ftjax.train.setup import load_run_dataset
+  config = default.get_config()
+  config.dataset.data_dir, config.dataset.image_size = data_dir, IMAGE_SIZE
+  np.testing.assert_array_equal(load_run_dataset(config).example_indices("val"), f5.example_indices("val"))
+
+
 # ----------------------------------------------------------------------------
 # Train stream: determinism, resumption, shapes.
 # ----------------------------------------------------------------------------

@@ -11,9 +11,13 @@ yield per-process NumPy batches (the trainer shards them onto the mesh):
   examples (label -1) is an error.
 * Sampling: stratified per class; for class c a permutation of its train indices
   seeded by ``(seed, c)`` keeps the first ``ceil(rate / 100 * n_c)`` (at least 1),
-  so for one seed the 15% subset lies inside the 30% subset. The same rate
-  applies to 'val' (low-data runs also get low-data validation), with the fixed
-  seed ``SPLIT_SEED`` so that 'val' is the same for every run seed.
+  so for one seed the 15% subset lies inside the 30% subset.
+* Validation (``val_source``): ``"sampled"`` (the default) applies the same rate to
+  'val' (low-data runs also get low-data validation), with the fixed seed
+  ``SPLIT_SEED`` so that 'val' is the same for every run seed; ``"full"`` keeps the
+  whole held-out part (Co-Tuning / Bi-Tuning protocol: a fixed 20% of train), the
+  same for every rate and seed. Train is sampled from the rest in both modes, so
+  the two never overlap.
 * Per host: each process reads ``tfds.even_splits(split, process_count)``
   [process_index] of the TFDS split and keeps the selected examples in it.
 * Train stream: epoch e visits this process's examples in a permutation seeded by
@@ -43,8 +47,8 @@ import tensorflow_datasets as tfds
 
 from ftjax.core.io import save_npy
 from ftjax.data import augment
-from ftjax.data.sampling import (SPLIT_SEED, _class_permutation, check_sampling_rate, class_keep_count,  # noqa: F401
-                                 stratified_sample, stratified_split)
+from ftjax.data.sampling import (SPLIT_SEED, _class_permutation, check_sampling_rate, check_val_source,  # noqa: F401
+                                 class_keep_count, select_val, stratified_sample, stratified_split)
 from ftjax.data import offline
 
 # TF only feeds the host pipeline; leave accelerators to JAX.
@@ -498,7 +502,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, sampling_rate: float
                  process_count: int = 1, crop_scale: tuple[float, float] = (0.08, 1.0),
                  num_shards: int = 0, classes: Sequence[int] | None = None,
                  train_indices: Sequence[int] | None = None,
-                 test_split: str = "test") -> ImageDataset:
+                 test_split: str = "test", val_source: str = "sampled") -> ImageDataset:
   """Builds the train / val / test pipelines of a TFDS image-classification dataset.
 
   Offline-buildable datasets (``fashion_mnist``) are prepared on first use; other
@@ -507,9 +511,12 @@ def load_dataset(name: str, *, data_dir: str | None = None, sampling_rate: float
   Args:
     name: TFDS name (``"cub2011"``, ``"fashion_mnist"``, ``"cifar10:3.0.2"``, ...).
     data_dir: TFDS data directory (default: TFDS's default).
-    sampling_rate: percent of each class's train (and val) examples kept, in (0, 100].
+    sampling_rate: percent of each class's train examples kept, in (0, 100] (and of
+      val's with ``val_source="sampled"``).
     seed: run seed: train sampling, epoch shuffles, augmentation.
-    val_fraction: val part of 'train' when the dataset has no validation split.
+    val_fraction: val part of 'train' when the dataset has no validation split
+      (or ``test_split`` is that split): per class ``round(val_fraction * n_c)``,
+      fixed (seed ``SPLIT_SEED``); train is sampled from the rest.
     image_size: output side S.
     resize_size: eval shorter side before the center crop (default round(S/0.875)).
     process_index: this process (``jax.process_index()``).
@@ -532,6 +539,12 @@ def load_dataset(name: str, *, data_dir: str | None = None, sampling_rate: float
     test_split: the TFDS split evaluated as 'test' (never sampled). When it is
       the dataset's ``validation`` split (the Visual Decathlon's ``test`` split has
       no labels), 'val' is the stratified ``val_fraction`` part of ``train``.
+    val_source: ``"sampled"``: 'val' is the held-out part (the dataset's
+      validation split, else the ``val_fraction`` part of train) sampled at
+      ``sampling_rate`` (seed ``SPLIT_SEED``; the realistic low-data setting);
+      ``"full"``: the whole held-out part, the same for every rate and seed (the
+      Co-Tuning / Bi-Tuning protocol, papers/co-tuning.txt Sec. 5). See
+      :func:`ftjax.data.sampling.select_val`.
 
   Returns:
     The :class:`ImageDataset`.
@@ -539,9 +552,10 @@ def load_dataset(name: str, *, data_dir: str | None = None, sampling_rate: float
   Raises:
     ValueError: unknown dataset, bad sampling rate / sizes / process, no image or
       label feature, dataset not prepared, unknown ``test_split``, a 'test' split
-      with unlabelled examples.
+      with unlabelled examples, unknown ``val_source``.
   """
   check_sampling_rate(sampling_rate)
+  check_val_source(val_source)
   if not (len(crop_scale) == 2 and 0 < crop_scale[0] <= crop_scale[1] <= 1):
     raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {tuple(crop_scale)}")
   if image_size <= 0:
@@ -584,7 +598,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, sampling_rate: float
   if train_indices is not None:
     train_pool = _check_train_indices(train_indices, train_pool, len(train_labels))
   train_idx = stratified_sample(train_labels, train_pool, sampling_rate, seed)
-  val_idx = stratified_sample(val_labels, val_pool, sampling_rate, SPLIT_SEED)
+  val_idx = select_val(val_labels, val_pool, sampling_rate=sampling_rate, val_source=val_source)
 
   def split_labels(labels: np.ndarray) -> np.ndarray:
     return labels if relabel is None else relabel[labels].astype(labels.dtype)

@@ -7,6 +7,8 @@ Example:
   >>> train, val = stratified_split(labels, 0.25, seed=0)
   >>> len(train), len(val)
   (6, 2)
+  >>> len(select_val(labels, val, sampling_rate=50, val_source="full"))
+  2
 """
 
 from __future__ import annotations
@@ -19,6 +21,20 @@ import numpy as np
 # on the run seed, so model selection is comparable across runs.
 SPLIT_SEED = 20_240_601
 
+# Where the validation split comes from (``dataset.val_source``):
+#   "sampled": the held-out pool sampled at the training rate (the realistic low-data
+#              setting: no more labels for validation than the rate gives);
+#   "full":    the whole held-out pool, not sampled (Co-Tuning Sec. 5 / Bi-Tuning: a
+#              fixed 20% of the train split, or the dataset's validation split).
+VAL_SOURCES = ("sampled", "full")
+
+
+def check_val_source(val_source: str) -> str:
+  """``val_source`` if it is one of :data:`VAL_SOURCES`, else a one-line ValueError."""
+  if val_source not in VAL_SOURCES:
+    raise ValueError(f"val_source must be 'sampled' (val sampled at the training rate) or 'full' "
+                     f"(the whole held-out split), got {val_source!r}")
+  return val_source
 
 
 
@@ -99,3 +115,37 @@ def stratified_split(labels: np.ndarray, val_fraction: float,
     val.append(members[:n_val])
     train.append(members[n_val:])
   return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def select_val(labels: np.ndarray, pool: np.ndarray, *, sampling_rate: float,
+               val_source: str) -> np.ndarray:
+  """The validation examples taken from the held-out ``pool`` (indices into ``labels``).
+
+  ``pool`` is held out from training: the dataset's validation split, or the
+  ``val`` part of :func:`stratified_split` of the train split (seed ``SPLIT_SEED``).
+  Training is sampled from the rest, so train and val never overlap in either mode.
+
+  * ``"sampled"``: ``stratified_sample(labels, pool, sampling_rate, SPLIT_SEED)``,
+    per class ``ceil(rate / 100 * n_c)`` of the pool, the same for every run seed
+    and nested across rates.
+  * ``"full"``: the whole pool, the same for every rate and run seed. With the
+    pool of ``stratified_split(labels, val_fraction)`` this is the protocol of
+    Co-Tuning (papers/co-tuning.txt, Sec. 5: "20% training data are used for
+    validation (split once and then the validation set is fixed) and the rest
+    80% training data are used for training. Sampling rate further determines
+    the actually used training data").
+
+  Args:
+    labels: int labels of the split ``pool`` indexes.
+    pool: held-out example indices.
+    sampling_rate: the run's rate in percent, ``(0, 100]`` (unused by ``"full"``).
+    val_source: ``"sampled"`` or ``"full"``.
+
+  Returns:
+    Sorted selected indices.
+  """
+  check_val_source(val_source)
+  check_sampling_rate(sampling_rate)
+  if val_source == "full":
+    return np.sort(np.asarray(pool, np.int64))
+  return stratified_sample(labels, pool, sampling_rate, SPLIT_SEED)

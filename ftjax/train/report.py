@@ -124,9 +124,14 @@ def _figure_list(workdir: str) -> str:
 
 def _title(config) -> str:
   d = config.dataset
+  if d.get("val_source", "sampled") == "full":
+    val = (f"val the full held-out split (a fixed {100 * d.val_fraction:g}% of train, or the dataset's "
+           f"validation split), not sampled")
+  else:
+    val = f"val sampled at {d.sampling_rate:g}% like train (low-data setting)"
   return (f"{d.name} at {d.sampling_rate:g}% of train, {d.image_size}px, {config.model}"
           f"{' (' + config.pretrained + ')' if config.pretrained else ''}; "
-          f"checkpoint chosen on val ({config.selection_metric}), test evaluated once")
+          f"checkpoint chosen on val ({config.selection_metric}), {val}; test evaluated once")
 
 
 def _mean_std(values: list[float]) -> str:

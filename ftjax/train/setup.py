@@ -144,6 +144,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"set either pretrained={config.pretrained!r} or init_from={config.init_from!r}, not both")
   if config.get("on_divergence", "raise") not in ("raise", "record"):
     raise ConfigError(f"on_divergence must be 'raise' or 'record', got {config.on_divergence!r}")
+  optim.check_weight_decay_mode(config.optimizer.get("weight_decay_mode", "decoupled"))
+  check_dataset_config(config)
 
 
 def semantic_config(config) -> dict[str, Any]:
@@ -158,18 +160,36 @@ def semantic_config(config) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- data and model
 
 
-def dataset_loader(config: ml_collections.ConfigDict) -> Callable[..., Any]:
-  """``load(name="", **options)``: a dataset with the run's image settings (``""``: the run's dataset).
+def check_dataset_config(config: ml_collections.ConfigDict) -> None:
+  """One-line ConfigErrors for the held-out split settings (``dataset.val_source``, ``val_fraction``)."""
+  from ftjax.data.sampling import VAL_SOURCES
+  val_source = config.dataset.get("val_source", "sampled")
+  if val_source not in VAL_SOURCES:
+    raise ConfigError(f"dataset.val_source must be 'sampled' (val sampled at the training rate) or 'full' "
+                      f"(the whole held-out val_fraction of train, fixed), got {val_source!r}")
+  fraction = config.dataset.val_fraction
+  if not 0 < fraction < 1:
+    raise ConfigError(f"dataset.val_fraction must be in (0, 1), got {fraction}")
 
-  The TFDS pipeline is imported here, on first use, so the rest of ftjax runs
-  without TensorFlow.
+
+def dataset_loader(config: ml_collections.ConfigDict) -> Callable[..., Any]:
+  """``load(name="", **options)``: a dataset with the run's image and split settings (``""``: the run's dataset).
+
+  The split settings are ``dataset.val_fraction`` and ``dataset.val_source``
+  (:func:`ftjax.data.sampling.select_val`). The TFDS pipeline is imported here,
+  on first use, so the rest of ftjax runs without TensorFlow.
+
+  Raises:
+    ConfigError: a bad ``dataset.val_source`` or ``dataset.val_fraction``.
   """
+  check_dataset_config(config)
 
   def load(name: str = "", **options):
     from ftjax import data as ftdata
     name = name or config.dataset.name
     data_dir = config.dataset.data_dir or None
     ftdata.prepare_offline(name, data_dir=data_dir)
+    options.setdefault("val_source", config.dataset.get("val_source", "sampled"))
     return ftdata.load_dataset(
         name, data_dir=data_dir, seed=config.seed, val_fraction=config.dataset.val_fraction,
         image_size=config.dataset.image_size, resize_size=config.dataset.resize_size or None,
@@ -296,13 +316,14 @@ class Training(NamedTuple):
 def init_training(*, model: Any, variables: Any, methods: Sequence[Any], rules: Sequence[tuple[str, str]],
                   groups: Mapping[str, optim.GroupConfig], bn_mode: str = "train", num_classes: int,
                   schedule: Callable, momentum: float = 0.9, nesterov: bool = False,
-                  weight_decay: float = 0.0, method_rng: jax.Array, state_rng: jax.Array,
+                  weight_decay: float = 0.0, weight_decay_mode: str = "decoupled",
+                  method_rng: jax.Array, state_rng: jax.Array,
                   mesh: Any = None, log_rules: bool = False) -> Training:
   """The train state, frozen source and jitted steps of ``model`` trained by ``methods``.
 
   In-memory: no dataset, no TensorFlow. ``methods`` must already be prepared
   (:meth:`ftjax.methods.Method.prepare`); their states are initialised here with
-  ``fold_in(method_rng, i)``.
+  ``fold_in(method_rng, i)``. ``weight_decay_mode``: see :func:`ftjax.train.optim.sgd`.
   """
   mesh = mesh if mesh is not None else shd.make_data_mesh()
   params = variables["params"]
@@ -313,7 +334,8 @@ def init_training(*, model: Any, variables: Any, methods: Sequence[Any], rules: 
   if log_rules:
     logging.info("parameter groups: %s", sizes)
   optimizer = optim.make_optimizer(labels=labels, groups=groups, schedule=schedule, momentum=momentum,
-                                   nesterov=nesterov, weight_decay=weight_decay)
+                                   nesterov=nesterov, weight_decay=weight_decay,
+                                   weight_decay_mode=weight_decay_mode)
   frozen = frozenset(name for name, g in groups.items() if g.frozen)
   method_state = {m.name: m.init_state(variables=variables, rng=jax.random.fold_in(method_rng, i))
                   for i, m in enumerate(methods)}
@@ -403,7 +425,9 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, *, dataset: Any =
       model=model, variables=variables, methods=methods, rules=rules, groups=groups, bn_mode=bn_mode,
       num_classes=dataset.num_classes, schedule=make_schedule(config, total_steps),
       momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
-      weight_decay=config.optimizer.weight_decay, method_rng=method_rng, state_rng=state_rng,
+      weight_decay=config.optimizer.weight_decay,
+      weight_decay_mode=config.optimizer.get("weight_decay_mode", "decoupled"),
+      method_rng=method_rng, state_rng=state_rng,
       mesh=make_mesh(config.num_devices), log_rules=True)
   return Run(config=config, workdir=workdir, dataset=dataset, methods=methods, model=model,
              variables=variables, bn_mode=bn_mode, context=context, training=training,
