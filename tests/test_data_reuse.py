@@ -289,23 +289,19 @@ def test_class_subset_errors(fashion_mnist_ready):
 
 
 def _mixed_step_setup(weight, mode="labelled", with_reuse=True, n=4, num_pool_classes=5):
-  import optax
-
-  from ftjax.methods.data_reuse import DataReuse
+  """A mixed batch and the run setup's jitted step (plain SGD at lr 0.1, every parameter trained)."""
+  from ftjax.methods.data_reuse import DataReuse, mixed_batch
   from ftjax.methods.finetune import CrossEntropy
-  from ftjax.train import step as step_lib
-  from ftjax.methods.data_reuse import mixed_batch
-  from ftjax.train.state import TrainState
+  from ftjax.train import setup
+  from ftjax.train.optim import GroupConfig
 
   model, variables = _tiny_model_and_variables()
   reuse = DataReuse(weight=weight, mode=mode, num_pool_classes=num_pool_classes, seed=1)
   model, variables = reuse.wrap_model(model=model, variables=variables, rng=None)
   components = [CrossEntropy(), reuse] if with_reuse else [CrossEntropy()]
-  optimizer = optax.sgd(0.1)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                     batch_stats=variables["batch_stats"], opt_state=optimizer.init(variables["params"]),
-                     method_state={c.name: c.init_state(variables=variables, rng=None) for c in components},
-                     rng=jax.random.PRNGKey(0))
+  training = setup.init_training(model=model, variables=variables, methods=components, rules=[(".*", "all")],
+                                 groups={"all": GroupConfig()}, num_classes=3, schedule=lambda step: 0.1,
+                                 momentum=0.0, method_rng=jax.random.PRNGKey(1), state_rng=jax.random.PRNGKey(0))
   rng = np.random.default_rng(11)
   target = {"image": rng.uniform(0, 255, (n, 32, 32, 3)).astype(np.float32),
             "label": rng.integers(0, 3, n).astype(np.int32)}
@@ -314,8 +310,8 @@ def _mixed_step_setup(weight, mode="labelled", with_reuse=True, n=4, num_pool_cl
   if mode == "pseudo_label":
     pool["image_key"] = rng.uniform(0, 255, (n, 32, 32, 3)).astype(np.float32)
   batch = mixed_batch(target, pool)
-  step = jax.jit(step_lib.make_train_step(model=model, optimizer=optimizer, methods=components))
-  return model, state, batch, step
+  step = lambda state, batch: training.train_step(state, batch, training.source)  # state is donated
+  return model, jax.device_get(training.state), batch, step
 
 
 def test_mixed_batch_layout():

@@ -171,8 +171,10 @@ def pretrained(
 
   Example:
     >>> p = pretrained("efficientnet_lite0/imagenet")
-    >>> out = p.model.apply(p.variables, images, train=False)  # images: raw pixels
-    >>> p.class_names[int(out["logits"][0].argmax())]
+    >>> images = np.full((1, 224, 224, 3), 127.0, np.float32)  # raw [0, 255] pixels, NHWC
+    >>> out = p.model.apply(p.variables, images, train=False)
+    >>> out["logits"].shape, len(p.class_names), p.class_names[0]
+    ((1, 1000), 1000, 'tench, Tinca tinca')
   """
   if name not in _SOURCES:
     raise ValueError(f"unknown pretrained model {name!r}; known: {', '.join(KNOWN_PRETRAINED)}")

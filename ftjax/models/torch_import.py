@@ -10,9 +10,13 @@ Every key must be used and every backbone/source-head variable of the ftjax mode
 must be filled with the right shape, else ValueError lists the offenders.
 
 Example:
-  >>> sd = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-  >>> variables = resnet_variables_from_torch(sd, name="resnet18")
-  >>> model = create_model("resnet18", num_classes=10, keep_source_head=True)
+  >>> from ftjax.testing.torch_models import TorchResNet
+  >>> torch_model = TorchResNet("resnet_tiny", num_classes=7)
+  >>> sd = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+  >>> variables = resnet_variables_from_torch(sd, name="resnet_tiny")
+  >>> model = create_model("resnet_tiny", num_classes=10, keep_source_head=True, num_source_classes=7)
+  >>> variables["params"]["source_head"]["kernel"].shape[1]
+  7
 """
 
 from __future__ import annotations

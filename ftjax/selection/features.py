@@ -6,11 +6,17 @@ output of an :class:`ftjax.models.ImageClassifier` (the globally average-pooled
 backbone output that the heads read).
 
 Example:
-  >>> ds = ftjax.data.load_dataset("fashion_mnist", image_size=32)
+  >>> import tempfile
+  >>> from ftjax import models
+  >>> model = models.create_model("resnet_tiny", num_classes=10)
+  >>> variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
+  >>> batches = [{"image": np.zeros((4, 32, 32, 3), np.float32), "label": np.arange(4),
+  ...             "mask": np.array([1, 1, 1, 0])}]   # e.g. ds.eval_batches("train", batch_size=4)
   >>> feats, labels = extract_features(
-  ...     model=model, variables=variables, batches=ds.eval_batches("train", batch_size=256),
-  ...     cache_path="/tmp/fm_train.npz", cache_key="resnet_tiny/seed0/fashion_mnist/train/32",
-  ...     total=math.ceil(ds.num_examples["train"] / 256))
+  ...     model=model, variables=variables, batches=batches,
+  ...     cache_path=tempfile.mkdtemp() + "/train.npz", cache_key="resnet_tiny/seed0/demo/train/32")
+  >>> feats.shape, labels.tolist()   # the padding row is dropped
+  ((3, 16), [0, 1, 2])
 """
 
 from __future__ import annotations

@@ -388,9 +388,12 @@ def kmeans(features: jax.Array, *, num_clusters: int, num_iterations: int = 20,
     ValueError: bad shapes, NaN/inf or all-zero rows, or bad arguments.
 
   Example:
-    >>> result = kmeans(feats, num_clusters=2000, num_iterations=10)
-    >>> pool_means = class_means(features=feats, labels=result.assignments,
-    ...                          num_classes=2000)
+    >>> from ftjax.selection import class_means
+    >>> feats = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    >>> result = kmeans(feats, num_clusters=20, num_iterations=10)
+    >>> pool_means = class_means(features=feats, labels=result.assignments, num_classes=20)
+    >>> pool_means.shape
+    (20, 8)
   """
   shape = np.shape(features)
   if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:

@@ -20,10 +20,16 @@ Weight decay comes in two forms (``weight_decay_mode``):
   weaker than coupled decay at momentum 0.9.
 
 Example:
+  >>> params = {"head": {"kernel": jnp.ones((4, 2))}, "backbone": {"kernel": jnp.ones((3, 4))}}
+  >>> labels = {"head": {"kernel": "head"}, "backbone": {"kernel": "backbone"}}
   >>> schedule = make_schedule(name="cosine", base_lr=0.01, total_steps=1000)
   >>> tx = make_optimizer(labels=labels, groups={"head": GroupConfig(lr_mult=10.0),
   ...                     "backbone": GroupConfig()}, schedule=schedule,
   ...                     weight_decay=5e-4, weight_decay_mode="coupled")
+  >>> state = tx.init(params)
+  >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  >>> jax.tree.map(lambda u: u.shape, updates)
+  {'backbone': {'kernel': (3, 4)}, 'head': {'kernel': (4, 2)}}
 """
 
 from __future__ import annotations
