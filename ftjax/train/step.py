@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from ftjax.losses import softmax_cross_entropy
 from ftjax.train import sharding as shd
 from ftjax.train.state import TrainState
 
@@ -143,8 +144,7 @@ def make_eval_step(*, model: Any, num_classes: int, mesh: Mesh, rngs: Sequence[s
     labels = batch["label"]
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * mask
     one_hot = jax.nn.one_hot(labels, num_classes) * mask[:, None]
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-    nll = -jnp.sum(one_hot * log_probs, axis=-1)
+    nll = softmax_cross_entropy(logits=logits, labels=labels, reduction="none") * mask
     return {
         "correct": jnp.sum(correct),
         "count": jnp.sum(mask),
