@@ -137,6 +137,74 @@ def test_onednn_grouped_and_asymmetric_match_lax(k, stride, padding, hw, channel
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(jnp.abs(a).max()))
 
 
+
+# oneDNN 2.6's jit_1x1 backward-weights of a strided, unpadded 1x1 conv on NHWC input
+# with fewer input channels than its channel block (8 under AVX2) writes past its
+# per-thread workspace (uxlfoundation/oneDNN#6035): with 2 threads the kernel gradient
+# of an 8x8x4 map came out wrong in about half the runs, with one thread a 16x16x4
+# map corrupted the heap. onednn_conv.cc routes exactly that case to the stride-1
+# kernel gradient on the subsampled input (RtusOverflows there).
+FEW_CHANNEL_STRIDED_1X1 = [
+    # (batch, hw, in_channels, out_channels, stride)
+    (1, (8, 8), 4, 4, 2),     # the flaky test_auto_matches_lax[1-2-SAME-hw0-False]
+    (2, (16, 16), 7, 16, 2),
+    (2, (9, 12), 2, 8, 3),
+    (2, (16, 16), 8, 8, 2),   # a full block under AVX2: oneDNN's own path there
+]
+
+
+@pytest.mark.parametrize("batch,hw,channels,out_channels,stride", FEW_CHANNEL_STRIDED_1X1)
+def test_onednn_strided_1x1_kernel_gradient_is_right_every_time(batch, hw, channels,
+                                                                out_channels, stride):
+  # Each run must match: the old race left ~half the runs wrong, so 20 repetitions
+  # of each gradient call (kernel only, and both gradients in one call) pass by
+  # chance with probability ~1e-12.
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.normal(size=(batch, *hw, channels)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(1, 1, channels, out_channels)), jnp.float32)
+  strides, pads = (stride, stride), ((0, 0), (0, 0))
+  out_hw = tuple(-(-n // stride) for n in hw)
+  cotangent = jnp.asarray(rng.normal(size=(batch, *out_hw, out_channels)), jnp.float32)
+  want = jax.vjp(lambda a, b: _reference(a, b, strides, pads, 1), x, kernel)[1](cotangent)
+  conv = lambda a, b: conv2d(a, b, strides=strides, padding=pads, impl="onednn")
+  kernel_only = jax.jit(lambda a, b, t: jax.vjp(lambda b: conv(a, b), b)[1](t)[0])
+  both = jax.jit(lambda a, b, t: jax.vjp(conv, a, b)[1](t))
+  scale = float(jnp.abs(want[1]).max())
+  for _ in range(20):
+    dx, dkernel = both(x, kernel, cotangent)
+    np.testing.assert_allclose(kernel_only(x, kernel, cotangent), want[1], rtol=1e-4,
+                               atol=1e-4 * scale)
+    np.testing.assert_allclose(dkernel, want[1], rtol=1e-4, atol=1e-4 * scale)
+    np.testing.assert_allclose(dx, want[0], rtol=1e-4,
+                               atol=1e-4 * float(jnp.abs(want[0]).max()))
+
+
+_ONE_THREAD_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from ftjax.ops import onednn_conv
+rng = np.random.default_rng(0)
+for n, h, c, o in [(1, 16, 4, 4), (2, 16, 4, 4), (1, 8, 4, 4), (2, 16, 7, 16)]:
+  x = rng.normal(size=(n, h, h, c)).astype(np.float32)
+  ct = rng.normal(size=(n, h // 2, h // 2, o)).astype(np.float32)
+  f = jax.jit(lambda x, k, ct: jax.vjp(lambda k: onednn_conv.conv2d_onednn(
+      x, k, strides=(2, 2), pads=((0, 0), (0, 0))), k)[1](ct)[0])
+  want = np.einsum("nhwc,nhwo->co", x[:, ::2, ::2].astype(np.float64), ct)
+  for _ in range(5):
+    got = np.asarray(f(x, jnp.zeros((1, 1, c, o), jnp.float32), ct))[0, 0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+print("ok")
+"""
+
+
+def test_onednn_strided_1x1_kernel_gradient_one_thread_in_bounds(monkeypatch):
+  # With one oneDNN thread the overflow ran past the end of the scratchpad instead
+  # ("free(): invalid next size", a crash): run it in a fresh process, where
+  # OMP_NUM_THREADS=1 takes effect.
+  from conftest import run_python
+  monkeypatch.setenv("OMP_NUM_THREADS", "1")
+  result = run_python(["-c", _ONE_THREAD_SCRIPT])
+  assert result.stdout.strip().endswith("ok"), result.stdout
+
 def test_onednn_second_order_and_vmap_match_lax():
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.normal(size=(3, 2, 6, 6, 4)), jnp.float32)

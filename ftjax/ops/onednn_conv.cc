@@ -10,6 +10,7 @@
 // them ([kh, kw, in/groups, out], output channels group-major). Activations are
 // handed to oneDNN in place; kernels are reordered to and from oneDNN's preferred
 // blocked layout (small). Primitives are built once per shape and cached.
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -57,7 +58,44 @@ struct Plan {
   dnnl::reorder weights_reorder;
   memory::desc src_md, dst_md;
   size_t scratchpad_bytes = 0;
+  // Backward-weights only: the primitive is the stride-1 1x1 convolution on the
+  // input subsampled by the strides, which Run gathers first (RtusOverflows).
+  bool subsample_src = false;
 };
+
+// oneDNN 2.6's jit_1x1 backward-weights primitives (jit_avx2_1x1_convolution.cpp,
+// jit_avx512_common_1x1_convolution.cpp) run a strided 1x1 convolution without
+// padding whose map is an exact multiple of the stride by first copying the strided
+// input into a per-thread workspace in the scratchpad ("rtus", reduce to unit
+// stride). For NHWC input they place each chunk of output positions [sp, sp + os)
+// at `sp * ic_block` floats into the thread's workspace but write it with a row
+// stride of `ic` floats, in a workspace of `positions * ic` floats per thread. With
+// fewer input channels than the primitive's channel block (8 under AVX2, 16 under
+// AVX-512) the copy runs past the thread's workspace: into the next thread's
+// (which is copying its own chunk at the same time -- so the kernel gradient comes
+// out partly garbage, about half the runs of an 8x8x4 map with 2 threads) or past
+// the end of the scratchpad (heap corruption with one thread). Upstream:
+// uxlfoundation/oneDNN#6035, still open; there is no attribute or layout of ours that
+// avoids the offset short of not taking that path.
+//
+// Such a convolution reads only the input positions (i * sh, j * sw), so its kernel
+// gradient is exactly the stride-1 1x1 kernel gradient on x[:, ::sh, ::sw] (no
+// padding to account for), which never takes the rtus path. Exactly the affected
+// case -- that primitive, that geometry, in-channels below its channel block -- is
+// routed there; every other convolution keeps its primitive (and its bits).
+bool RtusOverflows(const Geometry& g, const dnnl::primitive_desc_base& pd,
+                   const memory::desc& diff_weights_md) {
+  const bool rtus = g.kh == 1 && g.kw == 1 && (g.sh != 1 || g.sw != 1) && g.pt == 0 &&
+                    g.pb == 0 && g.pl == 0 && g.pr == 0 && g.oh * g.sh == g.h &&
+                    g.ow * g.sw == g.w && g.groups == 1;
+  if (!rtus || std::string(pd.impl_info_str()).rfind("jit_1x1", 0) != 0) return false;
+  // The input-channel block of the primitive's kernel-gradient layout (ABcd8b8a: 8).
+  const auto& blocking = diff_weights_md.data.format_desc.blocking;
+  int64_t ic_block = 1;
+  for (int i = 0; i < blocking.inner_nblks; ++i)
+    if (blocking.inner_idxs[i] == 1) ic_block *= blocking.inner_blks[i];
+  return g.c < ic_block;
+}
 
 Plan BuildPlan(Kind kind, const Geometry& g) {
   auto& eng = Engine();
@@ -105,6 +143,15 @@ Plan BuildPlan(Kind kind, const Geometry& g) {
         dnnl::algorithm::convolution_direct, src_md, any_weights_md, dst_md, strides,
         pad_l, pad_r);
     auto pd = dnnl::convolution_backward_weights::primitive_desc(desc, attr, eng, fwd_pd);
+    if (RtusOverflows(g, pd, pd.diff_weights_desc())) {
+      Geometry unit = g;  // the same convolution on x[:, ::sh, ::sw]
+      unit.h = g.oh;
+      unit.w = g.ow;
+      unit.sh = unit.sw = 1;
+      Plan subsampled = BuildPlan(kind, unit);
+      subsampled.subsample_src = true;
+      return subsampled;
+    }
     plan.conv = dnnl::convolution_backward_weights(pd);
     plan.weights_md = pd.diff_weights_desc();
     plan.scratchpad_bytes = pd.scratchpad_desc().get_size();
@@ -133,6 +180,11 @@ const Plan& GetPlan(Kind kind, const Geometry& g) {
 // Per-thread scratch (XLA may run two custom calls at once on its threads).
 struct Scratch {
   std::vector<char> weights, pad;
+  std::vector<float> src;  // the subsampled input of a Plan::subsample_src call
+  float* Src(size_t count) {
+    if (src.size() < count) src.resize(count);
+    return src.data();
+  }
   void* Weights(size_t bytes) {
     if (weights.size() < bytes) weights.resize(bytes);
     return weights.data();
@@ -153,6 +205,15 @@ ffi::Error Run(Kind kind, const Geometry& g, float* src, float* weights, float* 
     auto& eng = Engine();
     thread_local dnnl::stream stream(Engine());
     Scratch& scratch = ThreadScratch();
+    if (plan.subsample_src) {  // x[:, ::sh, ::sw] for the stride-1 primitive
+      float* sub = scratch.Src(static_cast<size_t>(g.n * g.oh * g.ow * g.c));
+      for (int64_t b = 0; b < g.n; ++b)
+        for (int64_t i = 0; i < g.oh; ++i)
+          for (int64_t j = 0; j < g.ow; ++j)
+            std::copy_n(src + ((b * g.h + i * g.sh) * g.w + j * g.sw) * g.c, g.c,
+                        sub + ((b * g.oh + i) * g.ow + j) * g.c);
+      src = sub;
+    }
     memory src_mem(plan.src_md, eng, src), dst_mem(plan.dst_md, eng, dst);
     memory user_weights(plan.user_weights_md, eng, weights);
     memory weights_mem = plan.reorder_weights
