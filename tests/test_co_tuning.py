@@ -148,17 +148,90 @@ def test_prepare_loads_a_path_or_computes(tiny, tmp_path, monkeypatch):
 
   def fake_compute(**kwargs):
     calls.append(kwargs)
-    return rel
+    return rel, {"source_calibration": "value", "source_temperature": 2.0}
   monkeypatch.setattr(ct_lib, "compute_relationship", fake_compute)
-  prepared = CoTuning(approach="direct", calibrate=False, source_temperature=0.0).prepare(context)
+  prepared = CoTuning(approach="direct", calibrate_g=False, source_temperature=2.0).prepare(context)
   np.testing.assert_array_equal(prepared.relationship, rel)
   (kw,) = calls
   assert kw["pretrained_name"] == config.pretrained and kw["seed"] == 3 and kw["batch_size"] == 16
-  assert kw["approach"] == "direct" and kw["calibrate"] is False and kw["source_temperature"] is None
+  assert kw["approach"] == "direct" and kw["calibrate_g"] is False and kw["source_temperature"] == 2.0
+  assert kw["source_calibration_data"] is None and kw["return_info"] is True
   assert kw["model"] is model and kw["variables"] is variables and kw["cache_dir"] is None
+  assert prepared.finalize(context) == {"co_tuning_calibration": {"source_calibration": "value",
+                                                                  "source_temperature": 2.0}}
+  calls.clear()
+  CoTuning(source_temperature=0.0).prepare(context)   # 0 = no given temperature
+  assert calls[0]["source_temperature"] is None and calls[0]["calibrate_g"] is True
   with pytest.raises(ValueError, match=r"shape \(5, 7\) but the model needs \(4, 7\)"):
     bad = type("D", (), {"num_classes": 4})()
     CoTuning(relationship_path=str(path)).prepare(context._replace(dataset=bad))
+
+
+def test_source_calibration_split_is_loaded_and_handed_to_the_relationship(tiny, monkeypatch):
+  """A TFDS name + split of the source dataset: load_data reads that split as 'test', prepare
+  calibrates on it (Alg. 2 on the source model), separately from g's temperature."""
+  model, variables, _ = tiny
+  loads, calls = [], []
+  source_data = object()
+
+  def load_dataset(name, **options):
+    loads.append((name, options))
+    return source_data
+
+  def fake_compute(**kwargs):
+    calls.append(kwargs)
+    return _relationship(seed=5), {"source_calibration": "split"}
+  monkeypatch.setattr(ct_lib, "compute_relationship", fake_compute)
+  ct = CoTuning(source_calibration_dataset="imagenet2012", source_calibration_split="validation",
+                calibrate_g=False)
+  with pytest.raises(ValueError, match="is not loaded: call its load_data"):
+    ct.prepare(RunContext(dataset=_FakeDataset(), model=model, variables=variables))
+  loaded = ct.load_data(load_dataset=load_dataset, seed=0)
+  assert loads == [("imagenet2012", {"test_split": "validation"})]
+  assert loaded.source_calibration_data is source_data
+  loaded.prepare(RunContext(dataset=_FakeDataset(), model=model, variables=variables))
+  (kw,) = calls
+  assert kw["source_calibration_data"] is source_data and kw["source_calibration_split"] == "test"
+  assert kw["source_temperature"] is None and kw["calibrate_g"] is False
+  # Nothing to load without a source dataset, or when the relationship is given.
+  assert CoTuning().load_data(load_dataset=load_dataset, seed=0).source_calibration_data is None
+  assert len(loads) == 1
+  with pytest.raises(ValueError, match="either source_temperature .* or source_calibration_dataset"):
+    CoTuning(source_temperature=1.1, source_calibration_dataset="imagenet2012")
+  with pytest.raises(ValueError, match="held-out split"):
+    CoTuning(source_calibration_dataset="imagenet2012", source_calibration_split="train")
+  with pytest.raises(ValueError, match="bad options .*calibrate"):
+    build_methods({"co_tuning": {"calibrate": True}})   # the old option that set both at once
+
+
+def test_experiment_config_rows_are_named_by_the_calibrations_that_ran():
+  """No row claims a source calibration that cannot run offline; the x0.884 rows say whose value it is."""
+  from experiments.configs import co_tuning as ct_config
+  from experiments.configs import regularizers as reg_config
+  from ftjax.methods.co_tuning import OFFICIAL_RESNET50_TEMPERATURE
+  from ftjax.train import report
+  assert OFFICIAL_RESNET50_TEMPERATURE == pytest.approx(1 / 0.8840456604957581, rel=1e-12)
+  variants = report.variant_configs(ct_config.get_config("5"))
+  rows = {}
+  for name, cfg in variants.items():
+    methods = {m.name: m for m in build_methods(cfg.losses)}
+    co = methods.get("co_tuning")
+    rows[name] = None if co is None else (co.approach, co.source_temperature or None,
+                                          co.source_calibration_dataset, co.calibrate_g)
+  t = OFFICIAL_RESNET50_TEMPERATURE
+  assert rows == {
+      "finetune": None,
+      "co_tuning_src_uncal_g_cal": ("reverse", None, "", True),
+      "co_tuning_src_r50_x0884_g_cal": ("reverse", t, "", True),
+      "co_tuning_src_r50_x0884_g_uncal": ("reverse", t, "", False),
+      "co_tuning_no_calibration": ("reverse", None, "", False),   # neither calibration
+      "co_tuning_direct_src_uncal": ("direct", None, "", True),
+  }
+  assert not any("calibrated" in name for name in rows)
+  assert all(("r50_x0884" in name) == (row is not None and row[1] == t) for name, row in rows.items())
+  composed = report.variant_configs(reg_config.get_config("5"))["co_tuning_bss_l2sp"]
+  (co,) = [m for m in build_methods(composed.losses) if m.name == "co_tuning"]
+  assert (co.source_temperature or None, co.source_calibration_dataset, co.calibrate_g) == (None, "", True)
 
 
 def test_train_step_with_ce_plus_co_tuning(tiny):

@@ -14,6 +14,7 @@ import scipy.special
 from ftjax import models
 from ftjax.losses import (batch_spectral_shrinkage, delta, delta_channel_weights,
                           filter_ablation_loss_increase, l2_sp, lwf)
+from ftjax.losses.regularizers import delta_behavioural
 from ftjax.methods import build_methods
 from ftjax.methods import regularizers as mr
 from ftjax.methods.co_tuning import CoTuning
@@ -73,35 +74,73 @@ def _random_maps(rng, shapes, scale=1.0):
 
 
 def _numpy_delta(maps, source, weights=None):
+  """TLlib's DELTA term, re-derived in its own layout (tllib/regularization/delta.py).
+
+  ``AttentionBehavioralRegularization``: per layer, the NCHW maps reshaped to
+  ``[B, C, H*W]``, ``distance = ||fm_t - fm_s||_2`` over H*W, and
+  ``output += 0.5 * sum_{b,c}(C * a_c * distance**2 / (H*W))``.
+  ``BehavioralRegularization`` (no attention): ``output += 0.5 * ||fm_t - fm_s||^2``.
+  """
   total = 0.0
   for name in maps:
-    diff = maps[name].astype(np.float64) - source[name]
-    _, _, _, channels = diff.shape
-    for c in range(channels):
-      per_example = [np.sum(diff[b, :, :, c] ** 2) for b in range(diff.shape[0])]
-      w = 1.0 if weights is None else float(weights[name][c])
-      total += w * np.mean(per_example)
+    fm_t = np.transpose(maps[name].astype(np.float64), (0, 3, 1, 2))   # NHWC -> NCHW
+    fm_s = np.transpose(source[name].astype(np.float64), (0, 3, 1, 2))
+    b, c, h, w = fm_t.shape
+    if weights is None:
+      total += 0.5 * np.linalg.norm((fm_t - fm_s).ravel()) ** 2
+      continue
+    distance = np.linalg.norm(fm_t.reshape(b, c, h * w) - fm_s.reshape(b, c, h * w), 2, axis=2)   # [B, C]
+    attention = np.asarray(weights[name], np.float64)[None, :]
+    total += 0.5 * np.sum(c * attention * distance ** 2 / (h * w))
   return total
 
 
-def test_delta_matches_numpy_with_and_without_weights():
+def _numpy_delta_before_issue_23(maps, source, weights):
+  """The old term: sum_c a_c mean_b ||FM_bc - FM0_bc||^2 (no 1/2, no C/(HW), batch mean)."""
+  return sum(np.sum(weights[n] * np.mean(np.sum((maps[n].astype(np.float64) - source[n]) ** 2, axis=(1, 2)),
+                                         axis=0)) for n in maps)
+
+
+def test_delta_matches_tllib_reference_formula_on_several_layers():
+  """Ω' equals a NumPy re-derivation of TLlib's term on random maps of 3 layers with different
+  C/H/W and batch 3; it is not the pre-issue-23 normalisation (off by 0.5 B C / (HW) per layer)."""
   rng = np.random.default_rng(2)
-  shapes = {"early": (3, 6, 5, 4), "late": (3, 2, 2, 6)}
+  shapes = {"early": (3, 8, 6, 4), "mid": (3, 4, 4, 6), "late": (3, 2, 2, 10)}
   maps, source = _random_maps(rng, shapes), _random_maps(rng, shapes)
   weights = {name: rng.dirichlet(np.ones(s[-1])).astype(np.float32) for name, s in shapes.items()}
-  fn = jax.jit(delta)
+  head = {"kernel": rng.normal(size=(10, 4)).astype(np.float32), "bias": rng.normal(size=4).astype(np.float32)}
+  fn = jax.jit(functools.partial(delta, alpha=1.0))
+  reference = _numpy_delta(maps, source, weights)
+  assert float(fn(feature_maps=maps, source_feature_maps=source, channel_weights=weights)) == pytest.approx(
+      reference, rel=1e-5)
+  assert reference != pytest.approx(_numpy_delta_before_issue_23(maps, source, weights), rel=0.05)
+  for name in shapes:   # per layer too: the old normalisation is off by a different factor per layer
+    one = {name: maps[name]}, {name: source[name]}, {name: weights[name]}
+    assert float(delta(feature_maps=one[0], source_feature_maps=one[1], channel_weights=one[2],
+                       alpha=1.0)) == pytest.approx(_numpy_delta(*one), rel=1e-5)
+  # No attention: TLlib's BehavioralRegularization, 1/2 ||FM - FM0||^2 over everything.
   assert float(fn(feature_maps=maps, source_feature_maps=source)) == pytest.approx(
       _numpy_delta(maps, source), rel=1e-5)
-  assert float(fn(feature_maps=maps, source_feature_maps=source, channel_weights=weights)) == pytest.approx(
-      _numpy_delta(maps, source, weights), rel=1e-5)
+  # With the coefficients and the new head's L2: alpha Ω' + beta/2 ||w_head||^2.
+  alpha, beta = 0.01, 0.02
+  head_sq = sum(np.sum(v.astype(np.float64) ** 2) for v in head.values())
+  assert float(delta(feature_maps=maps, source_feature_maps=source, channel_weights=weights,
+                     head_params=head, alpha=alpha, beta=beta)) == pytest.approx(
+      alpha * reference + beta / 2 * head_sq, rel=1e-5)
+  assert float(delta_behavioural(feature_maps=maps, source_feature_maps=source,
+                                 channel_weights=weights)) == pytest.approx(reference, rel=1e-5)
 
-  # Gradient: d/dFM of sum_c w_c mean_b ||.||^2 = 2 w_c (FM - FM0) / B; none into the source maps.
-  grads = jax.grad(lambda m, s: delta(feature_maps=m, source_feature_maps=s, channel_weights=weights),
-                   argnums=(0, 1))(maps, source)
-  for name in shapes:
-    expected = 2 * weights[name] * (maps[name] - source[name]) / shapes[name][0]
-    np.testing.assert_allclose(grads[0][name], expected, rtol=1e-5, atol=1e-6)
+  # Gradient: d/dFM = alpha C / (HW) a_c (FM - FM0) (summed over the batch: no 1/B); none into
+  # the source maps; beta w into the head.
+  grads = jax.grad(lambda m, s, h: delta(feature_maps=m, source_feature_maps=s, channel_weights=weights,
+                                         head_params=h, alpha=alpha, beta=beta),
+                   argnums=(0, 1, 2))(maps, source, head)
+  for name, (_, h, w, c) in shapes.items():
+    expected = alpha * c / (h * w) * weights[name] * (maps[name] - source[name])
+    np.testing.assert_allclose(grads[0][name], expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(grads[1][name], 0.0)
+  for k in head:
+    np.testing.assert_allclose(grads[2][k], beta * head[k], rtol=1e-5, atol=1e-7)
 
 
 def test_delta_rejects_bad_inputs():
@@ -290,11 +329,23 @@ def _train_state(model, variables, components, lr=0.05):
 def test_registry_defaults_are_the_literature_coefficients():
   l2, de, bss, lw = build_methods({"l2_sp": {}, "delta": {}, "bss": {}, "lwf": {}})
   assert (l2.alpha, l2.beta, l2.weight) == (0.01, 0.01, 1.0)
-  assert de.weight == 0.01 and de.outputs == ("feature_maps",)
+  assert (de.weight, de.alpha, de.beta, de.outputs) == (1.0, 0.01, 0.01, ("feature_maps",))
   assert (bss.weight, bss.k, bss.outputs) == (0.001, 1, ("features",))
   assert (lw.weight, lw.temperature, lw.outputs) == (1.0, 3.0, ("source_logits",))
   with pytest.raises(ValueError, match="bad options"):
     build_methods({"bss": {"rank": 2}})
+
+
+def test_regularizers_config_runs_delta_with_the_reference_settings():
+  """TLlib's DELTA example: trade-offs 0.01 (behavioural) and 0.01 (new head's L2), --wd 0."""
+  from experiments.configs import regularizers as reg_config
+  from ftjax.train import report
+  variants = report.variant_configs(reg_config.get_config("5"))
+  delta_row = variants["delta"]
+  (_, de) = build_methods(delta_row.losses)
+  assert (de.weight, de.alpha, de.beta, de.attention) == (1.0, 0.01, 0.01, True)
+  assert delta_row.optimizer.weight_decay == 0.0
+  assert variants["finetune"].optimizer.weight_decay > 0   # the baseline keeps its decay
 
 
 def test_composed_co_tuning_bss_l2_sp_step_reports_each_term():
@@ -393,8 +444,13 @@ def test_delta_and_lwf_train_while_the_source_model_stays_bitwise_frozen():
   src = model.apply(variables, batch["image"], train=False, outputs=("feature_maps", "source_logits"))
   maps = {k: np.asarray(out["feature_maps"][k]) for k in delta_c.layers}
   source_maps = {k: np.asarray(src["feature_maps"][k]) for k in delta_c.layers}
-  assert float(metrics["loss/delta"]) == pytest.approx(
-      _numpy_delta(maps, source_maps, delta_c.channel_weights), rel=1e-4)
+  # DELTA: alpha Ω' + beta/2 ||w_head||^2, TLlib's term and coefficients; the new head is the
+  # only parameter without a pretrained value (the source head is anchored).
+  behavioural = _numpy_delta(maps, source_maps, delta_c.channel_weights)
+  head_sq = sum(np.sum(np.asarray(v, np.float64) ** 2) for v in variables["params"]["head"].values())
+  assert float(metrics["delta/behavioural"]) == pytest.approx(behavioural, rel=1e-4)
+  assert float(metrics["delta/head_l2"]) == pytest.approx(head_sq / 2, rel=1e-5)
+  assert float(metrics["loss/delta"]) == pytest.approx(0.01 * behavioural + 0.01 / 2 * head_sq, rel=1e-4)
   q = scipy.special.softmax(np.asarray(src["source_logits"], np.float64) / 3.0, -1)
   log_p = scipy.special.log_softmax(np.asarray(out["source_logits"], np.float64) / 3.0, -1)
   assert float(metrics["loss/lwf"]) == pytest.approx(-np.mean(np.sum(q * log_p, -1)), rel=1e-4)

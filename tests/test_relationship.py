@@ -196,11 +196,12 @@ def test_reverse_relationship_errors():
 
 BASE_KEY = dict(pretrained_name="efficientnet_lite0/imagenet", weights_sha256="ab", dataset="cub",
                 num_classes=200, image_size=224, resize_size=256, train_examples_sha256="cd",
-                process_count=1, seed=0, approach="reverse", calibrate=True, source_temperature=1.0,
-                val_fraction=0.2, l2_grid=[0.1])
+                process_count=1, seed=0, approach="reverse", source_calibration={"mode": "none"},
+                calibrate_g=True, val_fraction=0.2, l2_grid=[0.1])
 CHANGES = dict(pretrained_name="resnet50/imagenet", weights_sha256="ef", dataset="cars",
                num_classes=196, image_size=448, resize_size=512, train_examples_sha256="12",
-               process_count=2, seed=1, approach="direct", calibrate=False, source_temperature=1.3,
+               process_count=2, seed=1, approach="direct",
+               source_calibration={"mode": "value", "temperature": 1.3}, calibrate_g=False,
                val_fraction=0.3, l2_grid=[0.1, 0.01])
 
 
@@ -211,6 +212,21 @@ def test_cache_key_changes_with_every_input(monkeypatch):
     assert R.relationship_cache_key(**{**BASE_KEY, field: value})[0] != digest, field
   monkeypatch.setattr(R, "RELATIONSHIP_VERSION", R.RELATIONSHIP_VERSION + 1)
   assert R.relationship_cache_key(**BASE_KEY)[0] != digest
+
+
+def test_source_calibration_key_names_the_mode_and_its_data():
+  none = R.source_calibration_key(source_temperature=None)
+  value = R.source_calibration_key(source_temperature=R.OFFICIAL_RESNET50_TEMPERATURE)
+  assert none == {"mode": "none"} and value == {"mode": "value", "temperature": 1 / 0.8840456604957581}
+  data = _ArrayDataset("imagenet_like", np.zeros((4, 8, 8, 3), np.float32), np.array([0, 1, 2, 3]),
+                       num_classes=7, split="test", tfds_split="validation")
+  split = R.source_calibration_key(source_temperature=None, data=data)
+  assert split["mode"] == "split" and (split["dataset"], split["split"]) == ("imagenet_like", "validation")
+  other = _ArrayDataset("imagenet_like", np.zeros((4, 8, 8, 3), np.float32), np.array([0, 1, 2, 4]),
+                        num_classes=7, split="test", tfds_split="validation")
+  keys = [R.relationship_cache_key(**{**BASE_KEY, "source_calibration": k})[0]
+          for k in (none, value, split, R.source_calibration_key(source_temperature=None, data=other))]
+  assert len(set(keys)) == 4
 
 
 def test_variables_fingerprint_ignores_only_the_target_head():
@@ -262,7 +278,7 @@ def test_compute_relationship_end_to_end_and_cache(tiny_run, tmp_path, monkeypat
   dataset, model, variables = tiny_run
   kwargs = dict(pretrained_name="tiny/random", dataset=dataset, cache_dir=tmp_path, seed=0,
                 batch_size=64, model=model, variables=variables, progress=False)
-  rel = R.compute_relationship(approach="direct", calibrate=True, source_temperature=2.0, **kwargs)
+  rel = R.compute_relationship(approach="direct", source_temperature=2.0, **kwargs)
   # Reference: the same forward, softmax(logits / 2), per-class mean in NumPy.
   batches = list(dataset.eval_batches("train", batch_size=64))
   images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
@@ -280,16 +296,16 @@ def test_compute_relationship_end_to_end_and_cache(tiny_run, tmp_path, monkeypat
     raise AssertionError("the model ran although a valid cache exists")
   monkeypatch.setattr(R, "source_logits_over", no_forward)
   np.testing.assert_array_equal(
-      R.compute_relationship(approach="direct", calibrate=True, source_temperature=2.0, **kwargs), rel)
+      R.compute_relationship(approach="direct", source_temperature=2.0, **kwargs), rel)
   # Any changed input misses the cache.
   with pytest.raises(AssertionError, match="the model ran"):
-    R.compute_relationship(approach="direct", calibrate=True, source_temperature=1.0, **kwargs)
+    R.compute_relationship(approach="direct", source_temperature=1.0, **kwargs)
   with pytest.raises(AssertionError, match="the model ran"):
-    R.compute_relationship(approach="direct", calibrate=False, source_temperature=2.0, **kwargs)
+    R.compute_relationship(approach="direct", source_temperature=None, **kwargs)
   changed = jax.tree.map(lambda x: x, variables)
   changed["params"]["source_head"]["bias"] = variables["params"]["source_head"]["bias"] + 1e-3
   with pytest.raises(AssertionError, match="the model ran"):
-    R.compute_relationship(approach="direct", calibrate=True, source_temperature=2.0,
+    R.compute_relationship(approach="direct", source_temperature=2.0,
                            **{**kwargs, "variables": changed})
   assert len([f for f in os.listdir(tmp_path) if f.endswith(".npy")]) == 1
 
@@ -305,6 +321,132 @@ def test_compute_relationship_reverse_rows_sum_to_one(tiny_run, tmp_path):
   with pytest.raises(ValueError, match="unknown approach 'both'"):
     R.compute_relationship(pretrained_name="tiny/random", dataset=dataset, approach="both",
                            cache_dir=tmp_path, model=model, variables=variables)
+
+
+# ----------------------------------------------------------------------------- the two calibrations
+
+
+class _ArrayDataset:
+  """Just enough of ImageDataset for compute_relationship: in-memory images of one split."""
+  image_size, resize_size = 32, 36
+
+  def __init__(self, name, images, labels, *, num_classes, split="train", tfds_split="train"):
+    self.name, self.num_classes = name, num_classes
+    self._images, self._labels = np.asarray(images, np.float32), np.asarray(labels, np.int32)
+    self._split_name, self._tfds_split = split, tfds_split
+
+  def _check(self, split):
+    assert split == self._split_name, split
+
+  def labels(self, split):
+    self._check(split)
+    return self._labels
+
+  def example_indices(self, split):
+    self._check(split)
+    return np.arange(len(self._labels))
+
+  def tfds_split(self, split):
+    self._check(split)
+    return self._tfds_split
+
+  def eval_batches(self, split, *, batch_size):
+    self._check(split)
+    for i in range(0, len(self._labels), batch_size):
+      n = len(self._labels[i:i + batch_size])
+      yield {"image": self._images[i:i + batch_size], "label": self._labels[i:i + batch_size],
+             "mask": np.ones(n, np.float32)}
+
+
+@pytest.fixture(scope="module")
+def tiny_source():
+  """A random 7-way 'source' model (its head scaled to logits of unit spread), a 4-class target
+  train split, and a held-out source split whose labels follow the model's own logits at
+  temperature 0.5 (so Alg. 2 has an interior optimum far from t = 1)."""
+  from ftjax import models
+  model = models.create_model("resnet_tiny", num_classes=4, keep_source_head=True, num_source_classes=7)
+  init = jax.jit(functools.partial(model.init, train=False, outputs=model.all_outputs))
+  variables = jax.tree.map(np.asarray, dict(init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))))
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=False, outputs=("source_logits",))["source_logits"])
+  rng = np.random.default_rng(11)
+  images = rng.uniform(0, 255, (256, 32, 32, 3)).astype(np.float32)
+  scale = 1.0 / float(np.std(np.asarray(forward(variables, images[:64]))))
+  head = variables["params"]["source_head"]
+  variables["params"]["source_head"] = {"kernel": head["kernel"] * scale, "bias": head["bias"] * scale}
+  logits = np.asarray(forward(variables, images), np.float64)
+  source_logits, target_logits = logits[:192], logits[192:232]
+  probs = _softmax(source_logits / 0.5)
+  source_labels = (probs.cumsum(-1) > rng.uniform(size=(len(probs), 1))).argmax(-1)
+  source = _ArrayDataset("source_like", images[:192], source_labels, num_classes=7, split="test",
+                         tfds_split="validation")
+  target = _ArrayDataset("target_like", images[192:232], np.arange(40) % 4, num_classes=4)
+  return model, variables, source, source_logits, target, target_logits
+
+
+def test_source_temperature_is_calibrated_on_a_held_out_source_split(tiny_source, tmp_path, monkeypatch):
+  """Alg. 2 on the source model with source data: t* of the held-out split's logits scales the
+  source probabilities (before issue 23 the source model always ran at t = 1 without data)."""
+  model, variables, source, source_logits, target, target_logits = tiny_source
+  kwargs = dict(pretrained_name="tiny/random", dataset=target, cache_dir=tmp_path, model=model,
+                variables=variables, progress=False, approach="direct")
+  t_ref = _scipy_temperature(source_logits, source.labels("test"))
+  assert 0.05 < t_ref < 50 and abs(np.log(t_ref)) > 0.3   # interior, and far from t = 1
+  rel, info = R.compute_relationship(source_calibration_data=source, return_info=True, **kwargs)
+  assert info["source_calibration"] == "split" and info["source_calibration_data"] == "source_like:validation"
+  assert info["source_temperature"] == pytest.approx(t_ref, rel=1e-3) and info["cached"] is False
+  probs = _softmax(target_logits / t_ref)
+  expected = np.stack([probs[target.labels("train") == c].mean(0) for c in range(4)])
+  np.testing.assert_allclose(rel, expected, atol=1e-5)
+  uncalibrated = _softmax(target_logits)
+  assert np.abs(expected - np.stack([uncalibrated[target.labels("train") == c].mean(0)
+                                     for c in range(4)])).max() > 1e-3
+  assert R.calibrate_source(model=model, variables=variables, data=source,
+                            progress=False) == pytest.approx(t_ref, rel=1e-3)
+
+  # Cached with what ran; another source split is another key.
+  def no_forward(*a, **k):
+    raise AssertionError("the model ran although a valid cache exists")
+  monkeypatch.setattr(R, "source_logits_over", no_forward)
+  again, info = R.compute_relationship(source_calibration_data=source, return_info=True, **kwargs)
+  np.testing.assert_array_equal(again, rel)
+  assert info["cached"] is True and info["source_temperature"] == pytest.approx(t_ref, rel=1e-3)
+  other = _ArrayDataset("source_like", source._images[:96], source._labels[:96], num_classes=7,
+                        split="test", tfds_split="validation")
+  with pytest.raises(AssertionError, match="the model ran"):
+    R.compute_relationship(source_calibration_data=other, **kwargs)
+
+
+def test_source_calibration_errors(tiny_source, tmp_path):
+  model, variables, source, _, target, _ = tiny_source
+  kwargs = dict(pretrained_name="tiny/random", dataset=target, cache_dir=tmp_path, model=model,
+                variables=variables, progress=False, approach="direct")
+  wrong = _ArrayDataset("other_task", source._images[:8], source._labels[:8] % 5, num_classes=5,
+                        split="test")
+  with pytest.raises(ValueError, match="has 5 classes but the source head has 7"):
+    R.compute_relationship(source_calibration_data=wrong, **kwargs)
+  with pytest.raises(ValueError, match="either source_temperature or source_calibration_data"):
+    R.compute_relationship(source_calibration_data=source, source_temperature=1.1, **kwargs)
+
+
+def test_source_temperature_and_g_calibration_are_separate(tiny_source, tmp_path):
+  """A given source temperature applies with g's calibration off, and vice versa (before issue 23
+  one ``calibrate`` flag set both, and calibrate=False dropped the source temperature too)."""
+  model, variables, _, _, target, target_logits = tiny_source
+  kwargs = dict(pretrained_name="tiny/random", dataset=target, cache_dir=tmp_path, model=model,
+                variables=variables, progress=False, approach="reverse", l2_grid=(1e-2,), seed=0)
+  labels = target.labels("train")
+  for t, calibrate_g in ((R.OFFICIAL_RESNET50_TEMPERATURE, False), (None, True), (None, False)):
+    rel, info = R.compute_relationship(source_temperature=t, calibrate_g=calibrate_g, return_info=True,
+                                       **kwargs)
+    expected = R.reverse_relationship(source_probs=jnp.asarray(_softmax(target_logits / (t or 1.0)), jnp.float32),
+                                      labels=labels, num_classes=4, seed=0, l2_grid=(1e-2,),
+                                      calibrate_g=calibrate_g)
+    np.testing.assert_allclose(rel, expected.relationship, atol=1e-5)
+    assert info["source_calibration"] == ("none" if t is None else "value")
+    assert info["source_temperature"] == (t or 1.0) and info["calibrate_g"] is calibrate_g
+    assert info["temperature_g"] == pytest.approx(expected.temperature_g)
+    assert (info["temperature_g"] == 1.0) is (not calibrate_g)
+  assert len([f for f in os.listdir(tmp_path) if f.endswith(".npy")]) == 3
 
 
 # ----------------------------------------------------------------------------- Fig. 1

@@ -7,7 +7,9 @@ The papers' equations, as numbered in their arXiv versions:
   learning with convolutional networks" (ICML 2018), Eq. 3.
 * DELTA, Li et al., "DELTA: DEep Learning Transfer using feature map with
   Attention" (ICLR 2019), Sec. 3: the behavioural regulariser Ω' and its
-  attention weights W_j.
+  attention weights W_j, with the normalisation and coefficients of TLlib's
+  reference implementation (tllib/regularization/delta.py,
+  examples/task_adaptation/image_classification/delta.py).
 * BSS, Chen et al., "Catastrophic forgetting meets negative transfer: batch
   spectral shrinkage" (NeurIPS 2019), the BSS term of Sec. 4.
 * LwF, Li & Hoiem, "Learning without forgetting" (TPAMI 2018), Eq. 2.
@@ -27,7 +29,10 @@ import jax.numpy as jnp
 #: Default coefficients from the literature (the issue's protocol).
 L2_SP_ALPHA = 0.01
 L2_SP_BETA = 0.01
-DELTA_WEIGHT = 0.01
+#: DELTA's trade-offs in TLlib's example script (--trade-off-backbone, --trade-off-head;
+#: it trains with --wd 0).
+DELTA_ALPHA = 0.01
+DELTA_BETA = 0.01
 BSS_WEIGHT = 0.001
 LWF_TEMPERATURE = 3.0
 
@@ -102,30 +107,61 @@ def delta(
     feature_maps: Mapping[str, jax.Array] | list[jax.Array],
     source_feature_maps: Mapping[str, jax.Array] | list[jax.Array],
     channel_weights: Mapping[str, jax.Array] | list[jax.Array] | None = None,
+    head_params: Any = None,
+    alpha: float = DELTA_ALPHA,
+    beta: float = DELTA_BETA,
 ) -> jax.Array:
-  """DELTA's feature-map regulariser Ω' (DELTA paper, Sec. 3, Eq. of Ω').
+  """DELTA: ``alpha · Ω'(FM, FM0) + beta/2 ||w_new||^2`` (DELTA paper, Sec. 3, Ω' and Eq. 1's Ω).
 
-  ``sum_l sum_c w_{l,c} · mean_b sum_{h,w} (FM_l(x_b)[h,w,c] - FM0_l(x_b)[h,w,c])^2``:
-  for every layer ``l`` and channel (filter) ``c``, the squared L2 distance
-  between the current and the source model's feature map of that channel,
-  summed over spatial positions, averaged over the batch and weighted by the
-  channel's attention weight. ``channel_weights=None`` weighs every channel 1
-  (the "without attention" variant; it is then a sum over channels, while
-  :func:`delta_channel_weights` gives weights summing to 1 per layer, a
-  weighted mean over channels). The source maps get no gradient.
+  Ω' is the behavioural regulariser as TLlib's reference computes it
+  (``AttentionBehavioralRegularization``), summed over the batch:
+
+  ``Ω' = 1/2 Σ_l Σ_b Σ_c C_l · a_{l,c} · ||FM_l(x_b)[:, :, c] - FM0_l(x_b)[:, :, c]||² / (H_l W_l)``
+
+  for every layer ``l`` with ``C_l`` channels on an ``H_l × W_l`` grid and the
+  channel attention ``a_{l,c}`` (:func:`delta_channel_weights`: summing to 1 per
+  layer, so ``C_l a_{l,c}`` averages 1 and each layer counts as a mean over its
+  positions). ``channel_weights=None`` is TLlib's ``BehavioralRegularization``
+  (no attention): ``Ω' = 1/2 Σ_l ||FM_l - FM0_l||²`` over every element, unnormalised.
+  The reference trains with ``alpha = beta = 0.01`` and no weight decay; the
+  second term is its ``L2Regularization`` of the new head (``1/2 ||w||²`` over
+  every element, bias included), as L2-SP's ``beta`` term. The source maps get
+  no gradient.
 
   Args:
     feature_maps: layer name -> ``[B, H, W, C]`` of the model being trained
       (or a list, matched by position).
     source_feature_maps: the same layers of the frozen source model.
     channel_weights: layer name -> ``[C]`` non-negative weights, or ``None``.
+    head_params: pytree of the new parameters (the target head); ``None``: no such term.
+    alpha: coefficient of Ω' (TLlib's ``trade_off_backbone``).
+    beta: coefficient of the head's L2 (TLlib's ``trade_off_head``).
 
   Returns:
     A float32 scalar.
 
   Example:
     >>> fm = {"stage1": jnp.ones((2, 4, 4, 3))}
-    >>> delta(feature_maps=fm, source_feature_maps={"stage1": jnp.zeros((2, 4, 4, 3))})
+    >>> delta(feature_maps=fm, source_feature_maps={"stage1": jnp.zeros((2, 4, 4, 3))},
+    ...       channel_weights={"stage1": jnp.full(3, 1 / 3)}, alpha=1.0)
+    Array(3., dtype=float32)
+  """
+  return alpha * delta_behavioural(feature_maps=feature_maps, source_feature_maps=source_feature_maps,
+                                   channel_weights=channel_weights) + (
+      0.0 if head_params is None else 0.5 * beta * _squared_norm(head_params))
+
+
+def delta_behavioural(
+    *,
+    feature_maps: Mapping[str, jax.Array] | list[jax.Array],
+    source_feature_maps: Mapping[str, jax.Array] | list[jax.Array],
+    channel_weights: Mapping[str, jax.Array] | list[jax.Array] | None = None,
+) -> jax.Array:
+  """DELTA's Ω' alone, unscaled (see :func:`delta` for the formula and its reference).
+
+  Example:
+    >>> fm = {"stage1": jnp.ones((2, 4, 4, 3))}
+    >>> delta_behavioural(feature_maps=fm, source_feature_maps={"stage1": jnp.zeros((2, 4, 4, 3))})
     Array(48., dtype=float32)
   """
   maps = _as_layer_dict(feature_maps, "feature_maps")
@@ -145,17 +181,18 @@ def delta(
     if current.ndim != 4 or current.shape != reference.shape:
       raise ValueError(f"delta: layer {name!r} must be [B, H, W, C] in both models; got "
                        f"{current.shape} and {reference.shape}")
+    _, height, width, channels = current.shape
     reference = jax.lax.stop_gradient(reference)
     diff = current.astype(jnp.float32) - reference.astype(jnp.float32)
-    per_channel = jnp.mean(jnp.sum(jnp.square(diff), axis=(1, 2)), axis=0)  # [C]
+    per_channel = jnp.sum(jnp.square(diff), axis=(0, 1, 2))  # [C]: summed over batch and positions
     if weights is None:
-      total = total + jnp.sum(per_channel)
+      total = total + 0.5 * jnp.sum(per_channel)
     else:
       w = jnp.asarray(weights[name], jnp.float32)
       if w.shape != per_channel.shape:
         raise ValueError(f"delta: channel_weights[{name!r}] must have shape {per_channel.shape} "
                          f"(one per channel), got {w.shape}")
-      total = total + jnp.sum(jax.lax.stop_gradient(w) * per_channel)
+      total = total + 0.5 * channels / (height * width) * jnp.sum(jax.lax.stop_gradient(w) * per_channel)
   return total
 
 

@@ -59,9 +59,15 @@ class L2SP(Method):
   replaces weight decay: set ``optimizer.weight_decay = 0`` with it.
 
   Example:
+    >>> from ftjax import models
+    >>> model = models.create_model("resnet_tiny", num_classes=3)
+    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False,
+    ...                        outputs=model.all_outputs)
     >>> l2sp = L2SP()
-    >>> term = l2sp(outputs={}, batch=batch, state=(), params=variables["params"], rng=None,
+    >>> term = l2sp(outputs={}, batch={}, state=(), params=variables["params"], rng=None,
     ...             source=source_variables(variables))
+    >>> float(term.metrics["distance_sq"])   # at the pretrained values: only the head's L2 remains
+    0.0
   """
   weight: float = 1.0
   alpha: float = reg.L2_SP_ALPHA
@@ -177,11 +183,30 @@ def _fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, l2: fl
 class Delta(Method):
   """DELTA: attention-weighted distance of feature maps to the frozen source model's.
 
+  The term is TLlib's (the DELTA reference implementation,
+  tllib/regularization/delta.py and its example script):
+  ``alpha · 1/2 Σ_b Σ_l Σ_c C_l a_{l,c} ||ΔFM_{l,b,c}||² / (H_l W_l) + beta/2 ||w_head||²``
+  (:func:`~ftjax.losses.regularizers.delta`), summed over the batch, with
+  ``alpha = beta = 0.01`` and trained **without weight decay** (set
+  ``optimizer.weight_decay = 0``, as the regularizers config does). ``w_head``
+  is every parameter without a pretrained value (the new target head), as in
+  L2-SP. ``weight`` scales the whole term and stays 1, so ``loss/delta`` is
+  what is added to the loss; ``delta/behavioural`` and ``delta/head_l2`` are
+  the two parts before their coefficients.
+
+  Remaining differences from the reference: the regularised maps are block
+  outputs (TLlib: the last ``conv3`` of each ResNet stage, before its BatchNorm),
+  and the attention averages ``attention_batches`` batches of a head fitted on
+  frozen features (TLlib: 10 batches, after 10 epochs of training a classifier).
+
   Attributes:
-    weight: α of Ω' (DELTA paper: 0.01).
+    weight: multiplier of the whole term (1).
+    alpha: coefficient of the behavioural term (TLlib ``trade_off_backbone`` 0.01).
+    beta: coefficient of the new head's L2 (TLlib ``trade_off_head`` 0.01).
     layers: feature-map names to regularise; ``()`` = :func:`default_delta_layers`.
     attention: weigh channels by their importance to the target task
-      (:meth:`prepare` computes it); False weighs every channel 1.
+      (:meth:`prepare` computes it); False is TLlib's unweighted, unnormalised
+      ``1/2 ||ΔFM||²``.
     attention_batches: training batches (eval transform) the importance is
       averaged over (the DELTA code: 4).
     attention_temperature: softmax temperature of :func:`delta_channel_weights`.
@@ -192,10 +217,17 @@ class Delta(Method):
     channel_weights: ``{layer: [C]}`` (set by :meth:`prepare`, or pass them).
 
   Example:
-    >>> d = Delta().prepare(RunContext(dataset=dataset, model=model, variables=variables))
-    >>> state = d.init_state(variables=variables, rng=None)
+    >>> from ftjax import models
+    >>> model = models.create_model("resnet_tiny", num_classes=3)
+    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False,
+    ...                        outputs=model.all_outputs)
+    >>> d = Delta(attention=False).prepare(RunContext(model=model, variables=variables))
+    >>> d.layers, d.init_state(variables=variables, rng=None)
+    (('stage1_block0', 'stage2_block0'), {})
   """
-  weight: float = reg.DELTA_WEIGHT
+  weight: float = 1.0
+  alpha: float = reg.DELTA_ALPHA
+  beta: float = reg.DELTA_BETA
   layers: tuple[str, ...] = ()
   attention: bool = True
   attention_batches: int = 4
@@ -210,8 +242,9 @@ class Delta(Method):
 
   def __post_init__(self):
     object.__setattr__(self, "layers", tuple(self.layers))
-    if self.weight < 0:
-      raise ValueError(f"delta weight must be >= 0, got {self.weight}")
+    if min(self.weight, self.alpha, self.beta) < 0:
+      raise ValueError(f"delta weight, alpha and beta must be >= 0; got {self.weight}, {self.alpha}, "
+                       f"{self.beta}")
     if self.attention_batches < 1 or self.attention_chunk < 0:
       raise ValueError(f"delta attention_batches must be >= 1 and attention_chunk >= 0; got "
                        f"{self.attention_batches}, {self.attention_chunk}")
@@ -271,16 +304,22 @@ class Delta(Method):
     return state
 
   def __call__(self, *, outputs, batch, state, params, rng, source) -> TermOutput:
-    del params, rng
+    del rng
     model = _require_model(self)
     layers = self.layers or default_delta_layers(model)
     source = jax.lax.stop_gradient(source)
     source_maps = model.apply(source, batch["image"], train=False, outputs=("feature_maps",))
     source_maps = jax.lax.stop_gradient(source_maps["feature_maps"])
-    loss = reg.delta(feature_maps={k: outputs["feature_maps"][k] for k in layers},
-                     source_feature_maps={k: source_maps[k] for k in layers},
-                     channel_weights=state.get("channel_weights"))
-    return TermOutput(loss=loss, state=state)
+    head = {k: params[k] for k in params if k not in source["params"]}
+    maps = dict(feature_maps={k: outputs["feature_maps"][k] for k in layers},
+                source_feature_maps={k: source_maps[k] for k in layers},
+                channel_weights=state.get("channel_weights"))
+    loss = reg.delta(**maps, head_params=head or None, alpha=self.alpha, beta=self.beta)
+    # The parts before their coefficients (XLA shares the computation with the loss).
+    metrics = {"behavioural": reg.delta_behavioural(**maps),
+               "head_l2": 0.5 * sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(head)),
+                                    jnp.zeros((), jnp.float32))}
+    return TermOutput(loss=loss, state=state, metrics=metrics)
 
 
 def compute_channel_weights(*, model: Any, variables: Any, dataset: Any, layers: tuple[str, ...],
@@ -346,8 +385,10 @@ class BatchSpectralShrinkage(Method):
 
   Example:
     >>> bss = BatchSpectralShrinkage()
-    >>> term = bss(outputs={"features": features}, batch=batch, state=(), params=None, rng=None,
-    ...            source=None)
+    >>> features = jnp.diag(jnp.array([3.0, 2.0, 0.5]))   # singular values 3, 2, 0.5
+    >>> term = bss(outputs={"features": features}, batch={}, state=(), params=None, rng=None)
+    >>> round(float(term.loss), 4)
+    0.25
   """
   weight: float = reg.BSS_WEIGHT
   k: int = 1
@@ -376,9 +417,17 @@ class LwF(Method):
   softened by ``temperature``. LwF's λ_o = 1 is the weight.
 
   Example:
+    >>> from ftjax import models
+    >>> model = models.create_model("resnet_tiny", num_classes=3, keep_source_head=True, num_source_classes=5)
+    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False,
+    ...                        outputs=model.all_outputs)
     >>> lwf = LwF().prepare(RunContext(model=model, variables=variables))
+    >>> batch = {"image": jnp.zeros((2, 32, 32, 3))}
+    >>> outputs = model.apply(variables, batch["image"], train=False, outputs=("source_logits",))
     >>> term = lwf(outputs=outputs, batch=batch, state=(), params=None, rng=None,
     ...            source=source_variables(variables))
+    >>> bool(term.loss > 0)   # the soft cross-entropy of identical predictions is their entropy
+    True
   """
   weight: float = 1.0
   temperature: float = reg.LWF_TEMPERATURE

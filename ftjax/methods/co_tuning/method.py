@@ -5,6 +5,9 @@ The first term is the ``ce`` component; this module is the second. A config:
 
   losses = {"ce": {"weight": 1.0}, "co_tuning": {"weight": 2.3, "approach": "reverse"}}
 
+(source model at ``t = 1``, ``g`` calibrated; see :class:`CoTuning` for the two
+calibrations.)
+
 How the relationship ``p(y_s | y_t)`` reaches the step: it needs the target
 data and the pretrained model, which ``init_state`` cannot see. So the trainer
 calls :meth:`CoTuning.prepare` (a hook of :class:`ftjax.methods.base.Method`) once
@@ -55,32 +58,66 @@ def check_relationship(relationship: Any, *, num_target: int | None = None,
 class CoTuning(Method):
   """Soft cross-entropy of ``source_logits`` against ``relationship[label]``.
 
+  The relationship's two calibrations (Alg. 1 calls Alg. 2 twice) are separate
+  options, and a results row should be named by which of them ran:
+
+  * the **source** model's temperature ``t`` (source probabilities
+    ``softmax(logits / t)``), one of: Alg. 2 on a held-out split of the source
+    dataset (``source_calibration_dataset`` + ``source_calibration_split``, a
+    TFDS name and split, e.g. ``"imagenet2012"`` / ``"validation"``; the
+    paper's protocol); a given ``source_temperature`` (e.g.
+    :data:`~ftjax.methods.co_tuning.relationship.OFFICIAL_RESNET50_TEMPERATURE`,
+    ``1 / 0.884``: the official code's logit scale, measured on *its* ImageNet
+    ResNet-50, a borrowed value for any other model); or none (``t = 1``);
+  * **g**'s temperature on the secondary val split (``calibrate_g``).
+
+  With no ImageNet data offline, no Lite0 run here is source-calibrated: the
+  source model runs at ``t = 1`` or at the borrowed ResNet-50 value.
+
   Attributes:
     weight: λ of Eq. 2 (paper default 2.3).
     relationship_path: a ``.npy`` ``[C_t, C_s]`` matrix to use; ``""`` = compute it
       in :meth:`prepare`.
     approach: ``"reverse"`` (Alg. 1) or ``"direct"`` (Eq. 3).
-    calibrate: temperature calibration (source model and ``g``); False is the
-      paper's "w/o calibration" ablation.
-    source_temperature: temperature of the source model measured on source
-      validation data; ``0``/``None`` = not available (``t = 1``, logged).
+    source_temperature: a given source temperature ``t > 0``; ``0``/``None`` = none.
+    source_calibration_dataset: TFDS name of the source dataset to calibrate the
+      source model on (``""``: none); loaded by :meth:`load_data` with the run's
+      image settings. Its labels must be the source head's classes.
+    source_calibration_split: the held-out TFDS split of it that Alg. 2 reads
+      (not ``"train"``).
+    calibrate_g: calibrate ``g`` by temperature on the secondary val (reverse
+      approach); False with no source calibration is the paper's "w/o calibration".
     cache_dir: relationship cache (``""`` = ``$FTJAX_CACHE/relationships``).
     val_fraction: secondary-val fraction of the reverse approach.
     relationship: the matrix itself (set by :meth:`prepare`, or pass an array).
+    source_calibration_data: the loaded source dataset (set by :meth:`load_data`).
+    calibration_info: what the relationship ran with (set by :meth:`prepare`;
+      :meth:`finalize` puts it in ``results.json`` as ``co_tuning_calibration``).
 
   Example:
-    >>> ct = CoTuning(relationship=np.full((10, 1000), 1e-3))
+    >>> from ftjax import models
+    >>> model = models.create_model("resnet_tiny", num_classes=3, keep_source_head=True, num_source_classes=5)
+    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False,
+    ...                        outputs=model.all_outputs)
+    >>> ct = CoTuning(relationship=np.full((3, 5), 0.2))
     >>> state = ct.init_state(variables=variables, rng=jax.random.key(0))
-    >>> term = ct(outputs=outputs, batch=batch, state=state, params=None, rng=None, source=None)
+    >>> outputs = {"source_logits": jnp.zeros((2, 5))}
+    >>> term = ct(outputs=outputs, batch={"label": jnp.array([0, 2])}, state=state, params=None, rng=None)
+    >>> round(float(term.loss), 4)  # uniform targets, uniform predictions: log 5
+    1.6094
   """
   weight: float = 2.3
   relationship_path: str = ""
   approach: str = "reverse"
-  calibrate: bool = True
   source_temperature: float | None = None
+  source_calibration_dataset: str = ""
+  source_calibration_split: str = "validation"
+  calibrate_g: bool = True
   cache_dir: str = ""
   val_fraction: float = 0.2
   relationship: Any = dataclasses.field(default=None, compare=False, repr=False)
+  source_calibration_data: Any = dataclasses.field(default=None, compare=False, repr=False)
+  calibration_info: Any = dataclasses.field(default=None, compare=False, repr=False)
   name: str = "co_tuning"
   outputs: tuple[str, ...] = ("source_logits",)
 
@@ -90,12 +127,28 @@ class CoTuning(Method):
     if self.weight < 0:
       raise ValueError(f"co_tuning weight must be >= 0, got {self.weight}")
     if self.source_temperature is not None and self.source_temperature < 0:
-      raise ValueError(f"co_tuning source_temperature must be > 0 (or 0/None: not available), "
+      raise ValueError(f"co_tuning source_temperature must be > 0 (or 0/None: none), "
                        f"got {self.source_temperature}")
+    if self.source_temperature and self.source_calibration_dataset:
+      raise ValueError("co_tuning: give either source_temperature (a given value) or "
+                       "source_calibration_dataset (calibrate on held-out source data), not both")
+    if self.source_calibration_dataset and self.source_calibration_split in ("", "train"):
+      raise ValueError(f"co_tuning source_calibration_split must name a held-out split of "
+                       f"{self.source_calibration_dataset!r} (e.g. 'validation'), got "
+                       f"{self.source_calibration_split!r}")
     if self.relationship_path and not os.path.exists(self.relationship_path):
       raise ValueError(f"co_tuning relationship_path {self.relationship_path!r} does not exist")
     if self.relationship is not None:
       object.__setattr__(self, "relationship", check_relationship(self.relationship))
+
+  def load_data(self, *, load_dataset, seed: int) -> "CoTuning":
+    """Loads the source calibration dataset (its held-out split read as ``"test"``), if one is named."""
+    del seed
+    if (not self.source_calibration_dataset or self.source_calibration_data is not None
+        or self.relationship is not None or self.relationship_path):
+      return self
+    data = load_dataset(self.source_calibration_dataset, test_split=self.source_calibration_split)
+    return dataclasses.replace(self, source_calibration_data=data)
 
   def prepare(self, context: RunContext) -> "CoTuning":
     """A copy holding the relationship for the run's dataset (loaded, or computed and cached).
@@ -106,18 +159,29 @@ class CoTuning(Method):
     """
     dataset = context.dataset
     if self.relationship is not None:
-      rel = self.relationship
+      rel, info = self.relationship, {"relationship": "given"}
     elif self.relationship_path:
-      rel = np.load(self.relationship_path)
+      rel, info = np.load(self.relationship_path), {"relationship": self.relationship_path}
     else:
-      rel = compute_relationship(
+      if self.source_calibration_dataset and self.source_calibration_data is None:
+        raise ValueError(f"co_tuning: source_calibration_dataset={self.source_calibration_dataset!r} "
+                         "is not loaded: call its load_data(load_dataset=..., seed=...) first")
+      rel, info = compute_relationship(
           pretrained_name=context.pretrained or context.model_name, dataset=dataset,
-          approach=self.approach, calibrate=self.calibrate,
-          source_temperature=self.source_temperature or None, cache_dir=self.cache_dir or None,
+          approach=self.approach, source_temperature=self.source_temperature or None,
+          source_calibration_data=self.source_calibration_data, source_calibration_split="test",
+          calibrate_g=self.calibrate_g, cache_dir=self.cache_dir or None,
           seed=context.seed, batch_size=context.eval_batch_size, model=context.model,
-          variables=context.variables, val_fraction=self.val_fraction, progress=context.progress)
-    return dataclasses.replace(self, relationship=check_relationship(
-        rel, num_target=dataset.num_classes if dataset is not None else context.model.num_classes))
+          variables=context.variables, val_fraction=self.val_fraction, progress=context.progress,
+          return_info=True)
+    rel = check_relationship(
+        rel, num_target=dataset.num_classes if dataset is not None else context.model.num_classes)
+    return dataclasses.replace(self, relationship=rel, calibration_info=info)
+
+  def finalize(self, context: RunContext) -> dict[str, Any]:
+    """``{"co_tuning_calibration": ...}``: the calibrations the relationship ran with."""
+    del context
+    return {} if self.calibration_info is None else {"co_tuning_calibration": dict(self.calibration_info)}
 
   def write_artifacts(self, context: RunContext) -> list[str]:
     """Saves the relationship used by the run next to its results.

@@ -9,17 +9,25 @@ Pieces, from pure numerics to the cached end-to-end computation:
 * :func:`fit_softmax_regression`, :func:`bayes_relationship` and
   :func:`reverse_relationship` (Alg. 1): learn ``g: p(y_s|x) -> y_t``, calibrate
   it, then invert it with Bayes' rule.
+* :func:`calibrate_source` (Alg. 2 on the source model): the source
+  temperature from a held-out split of the *source* dataset.
 * :func:`compute_relationship`: runs a pretrained model over a target train
   split and caches the ``[num_target, num_source]`` matrix on disk under a key
   that covers every input (never a stale reuse).
+
+Two separate calibrations (Alg. 1 calls Alg. 2 twice): the *source* model's
+temperature (from held-out source data, a given value, or none: ``t = 1``) and
+``g``'s temperature (on the secondary val split; on or off).
 * :func:`plot_relationship`: the paper's Fig. 1 (top source classes per target class).
 
 Example:
-  >>> probs = jax.nn.softmax(source_logits / calibrate_temperature(logits=val_logits,
-  ...                                                               labels=val_labels))
-  >>> rel = reverse_relationship(source_probs=probs, labels=labels, num_classes=10, seed=0)
-  >>> rel.relationship.shape, rel.l2
-  ((10, 1000), 0.0001)
+  >>> rng = np.random.default_rng(0)
+  >>> labels = np.repeat(np.arange(3), 20)                       # 3 target classes
+  >>> source_logits = rng.normal(size=(60, 8)) + 3 * np.eye(8)[labels]  # 8 source classes
+  >>> probs = jax.nn.softmax(jnp.asarray(source_logits, jnp.float32))
+  >>> direct = direct_relationship(probs=probs, labels=jnp.asarray(labels), num_classes=3)
+  >>> direct.shape, np.allclose(direct.sum(1), 1.0, atol=1e-5), int(direct[2].argmax())
+  ((3, 8), True, 2)
 """
 
 from __future__ import annotations
@@ -51,6 +59,14 @@ log = logging.getLogger(__name__)
 # Bump whenever the numbers compute_relationship produces for the same inputs change
 # (it is part of the cache key, so old cache files are then ignored).
 RELATIONSHIP_VERSION = 1
+
+# The official Co-Tuning code (github.com/thuml/CoTuning, module/relationship_learning.py,
+# relationship_learning and direct_relationship_learning) turns ImageNet logits into
+# probabilities as softmax(logits * 0.8840456604957581): the calibration of *its* torchvision
+# ResNet-50 on ImageNet validation data, a logit scale of 1 / t. Borrowing it for another
+# model is a guess, not a calibration of that model.
+OFFICIAL_RESNET50_LOGIT_SCALE = 0.8840456604957581
+OFFICIAL_RESNET50_TEMPERATURE = 1.0 / OFFICIAL_RESNET50_LOGIT_SCALE
 
 # L2 strengths tried for g (objective: mean NLL + l2/2 ||W||^2), half-decades.
 DEFAULT_L2_GRID = tuple(float(f"{10.0 ** (e / 2):.3g}") for e in range(-12, -1))
@@ -122,7 +138,10 @@ def calibrate_temperature(*, logits: jax.Array, labels: jax.Array, t_min: float 
     Scalar float32 ``t > 0``; calibrated probabilities are ``softmax(logits / t)``.
 
   Example:
-    >>> t = calibrate_temperature(logits=val_logits, labels=val_labels)
+    >>> logits = jnp.array([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0], [0.0, 4.0]])
+    >>> t = calibrate_temperature(logits=logits, labels=jnp.array([0, 1, 1, 0]))
+    >>> bool(t > 1.0)   # half the confident predictions are wrong: soften them
+    True
   """
   _check_probs_labels(logits, labels, "logits")
   if not 0 < t_min < t_max:
@@ -416,11 +435,18 @@ def cache_paths(cache_dir: str | os.PathLike, *, dataset_name: str, approach: st
   return base + ".npy", base + ".json"
 
 
-def save_cached(path: str, sidecar: str, relationship: np.ndarray, key: dict[str, Any]) -> None:
-  """Writes the matrix and its sidecar atomically (temp file + ``os.replace``)."""
+def save_cached(path: str, sidecar: str, relationship: np.ndarray, key: dict[str, Any],
+                info: dict[str, Any] | None = None) -> None:
+  """Writes the matrix and its sidecar atomically (temp file + ``os.replace``).
+
+  ``info`` (what ran: the temperatures used) is stored beside the key; it is
+  not part of it.
+  """
   relationship = np.asarray(relationship, np.float32)
   save_npy(path, relationship)
   meta = {"key": key, "shape": list(relationship.shape), "sha256": _sha256_arrays(relationship)}
+  if info is not None:
+    meta["info"] = info
   with atomic_file(sidecar) as f:
     json.dump(meta, f, indent=2, sort_keys=True)
 
@@ -467,12 +493,61 @@ def source_logits_over(model: Any, variables: Any, dataset: Any, *, split: str =
   return out["logits"], labels.astype(np.int32)
 
 
+def calibrate_source(*, model: Any, variables: Any, data: Any, split: str = "test",
+                     batch_size: int = 64, progress: bool = True) -> float:
+  """The source model's temperature by Alg. 2 on a held-out split of the *source* dataset.
+
+  Runs the model's ``source_logits`` head (eval mode, eval transform) over
+  ``split`` of ``data`` (an :class:`ftjax.data.ImageDataset` of the source
+  dataset, e.g. ImageNet with its ``validation`` split read as ``"test"``) and
+  returns :func:`calibrate_temperature` of those logits and labels. The
+  source probabilities are then ``softmax(logits / t)``.
+
+  Raises:
+    ValueError: the split's label space is not the source head's.
+  """
+  def check(width):
+    if int(data.num_classes) != int(width):
+      raise ValueError(f"source calibration data {data.name!r} has {data.num_classes} classes but the "
+                       f"source head has {width}: calibrate on the source model's own dataset")
+
+  head = variables.get("params", {}).get("source_head", {}) if hasattr(variables, "get") else {}
+  if "bias" in head:
+    check(head["bias"].shape[-1])   # before running the model over the split
+  logits, labels = source_logits_over(model, variables, data, split=split, batch_size=batch_size,
+                                      progress=progress)
+  check(logits.shape[1])
+  t = float(calibrate_temperature(logits=jnp.asarray(logits), labels=jnp.asarray(labels)))
+  log.info("co-tuning source calibration: t = %.4f from %d examples of %s (%s)", t, len(labels),
+           data.name, split)
+  return t
+
+
+def source_calibration_key(*, source_temperature: float | None, data: Any = None,
+                           split: str = "test") -> dict[str, Any]:
+  """The cache-key part of the source calibration: its mode and what determines its value.
+
+  ``"none"`` (``t = 1``), ``"value"`` (a given ``t``) or ``"split"`` (Alg. 2 on
+  ``split`` of ``data``: its name, TFDS split, and a hash of its example indices
+  and labels, so another subset of the source data is another key).
+  """
+  if data is not None:
+    return {"mode": "split", "dataset": str(data.name), "split": str(data.tfds_split(split)),
+            "examples_sha256": _sha256_arrays(np.asarray(data.example_indices(split), np.int64),
+                                              np.asarray(data.labels(split), np.int32))}
+  if source_temperature is not None:
+    return {"mode": "value", "temperature": float(source_temperature)}
+  return {"mode": "none"}
+
+
 def compute_relationship(*, pretrained_name: str, dataset: Any, approach: str = "reverse",
-                         calibrate: bool = True, source_temperature: float | None = None,
+                         source_temperature: float | None = None, source_calibration_data: Any = None,
+                         source_calibration_split: str = "test", calibrate_g: bool = True,
                          cache_dir: str | os.PathLike | None = None, seed: int = 0,
                          batch_size: int = 64, model: Any = None, variables: Any = None,
                          val_fraction: float = 0.2, l2_grid: Sequence[float] = DEFAULT_L2_GRID,
-                         progress: bool = True) -> np.ndarray:
+                         progress: bool = True, return_info: bool = False
+                         ) -> np.ndarray | tuple[np.ndarray, dict[str, Any]]:
   """The Co-Tuning relationship of a pretrained model on ``dataset``'s train split, cached.
 
   Runs the pretrained model (eval mode, eval transform) over the target train
@@ -481,22 +556,29 @@ def compute_relationship(*, pretrained_name: str, dataset: Any, approach: str = 
   under a key of: pretrained name and a hash of the weights used (target head
   excluded), dataset name, class count, image size, a hash of the selected train
   example indices and labels (covers the sampling rate and sampling seed),
-  ``seed``, approach, calibrate, source temperature, the reverse options and
-  :data:`RELATIONSHIP_VERSION`. A cache file is used only if its sidecar holds
-  exactly this key and the array's hash.
+  ``seed``, approach, the source calibration (:func:`source_calibration_key`),
+  ``calibrate_g``, the reverse options and :data:`RELATIONSHIP_VERSION`. A cache
+  file is used only if its sidecar holds exactly this key and the array's hash.
 
-  Calibration (``calibrate=True``): the source model is scaled by
-  ``source_temperature`` (Alg. 2 needs *source* validation data, which is not
-  available offline; pass a temperature measured elsewhere). ``None`` means
-  ``t = 1`` and says so in the log. ``g`` is calibrated on the secondary val.
-  ``calibrate=False``: no temperature anywhere (the paper's "w/o calibration").
+  The two calibrations of Alg. 1 are separate options:
+
+  * the *source* model's temperature ``t`` (probabilities ``softmax(logits / t)``):
+    Alg. 2 on ``source_calibration_split`` of ``source_calibration_data`` (held-out
+    data of the source dataset, the paper's protocol), or a given
+    ``source_temperature`` (e.g. :data:`OFFICIAL_RESNET50_TEMPERATURE`, the official
+    code's logit scale 0.884 of *its* ResNet-50), or neither: ``t = 1`` (logged);
+  * ``g``'s temperature on the secondary val split (``calibrate_g``; reverse
+    approach only). Both off is the paper's "w/o calibration" (Table 4).
 
   Args:
     pretrained_name: registry name, e.g. ``"efficientnet_lite0/imagenet"``.
     dataset: an :class:`ftjax.data.ImageDataset`.
     approach: ``"reverse"`` (Alg. 1) or ``"direct"`` (Eq. 3).
-    calibrate: see above.
-    source_temperature: temperature of the source model, or ``None``.
+    source_temperature: a given source temperature ``t > 0``, or ``None``.
+    source_calibration_data: a dataset of the source task (its labels are the
+      source head's classes) whose ``source_calibration_split`` is held out; or ``None``.
+    source_calibration_split: the logical split of ``source_calibration_data`` read.
+    calibrate_g: calibrate ``g`` on the secondary val (reverse approach).
     cache_dir: cache directory (default ``$FTJAX_CACHE/relationships``).
     seed: seed of the secondary split (reverse approach).
     batch_size: evaluation batch size.
@@ -504,9 +586,13 @@ def compute_relationship(*, pretrained_name: str, dataset: Any, approach: str = 
       ``models.pretrained(pretrained_name, num_classes=dataset.num_classes)``).
     val_fraction, l2_grid: reverse-approach options.
     progress: tqdm bar over the evaluation batches.
+    return_info: also return what ran: ``{"source_calibration": mode,
+      "source_temperature": t, "source_calibration_data": "name:split" | None,
+      "calibrate_g": bool | None, "temperature_g": t_g | None, "cached": bool}``.
 
   Returns:
-    float32 ``[dataset.num_classes, num_source]``, rows summing to 1.
+    float32 ``[dataset.num_classes, num_source]``, rows summing to 1 (and the info
+    dict with ``return_info``).
   """
   from ftjax import models  # local: models import is heavy
 
@@ -514,6 +600,8 @@ def compute_relationship(*, pretrained_name: str, dataset: Any, approach: str = 
     raise ValueError(f"unknown approach {approach!r}; expected one of {APPROACHES}")
   if source_temperature is not None and not source_temperature > 0:
     raise ValueError(f"source_temperature must be > 0 or None, got {source_temperature}")
+  if source_temperature is not None and source_calibration_data is not None:
+    raise ValueError("give either source_temperature or source_calibration_data, not both")
   if (model is None) != (variables is None):
     raise ValueError("pass both model and variables, or neither")
   if model is None:
@@ -523,7 +611,9 @@ def compute_relationship(*, pretrained_name: str, dataset: Any, approach: str = 
   if cache_dir is None:
     cache_dir = os.path.join(models.registry.default_cache_dir(), "relationships")
 
-  temperature = float(source_temperature) if (calibrate and source_temperature is not None) else 1.0
+  source_key = source_calibration_key(source_temperature=source_temperature, data=source_calibration_data,
+                                      split=source_calibration_split)
+  reverse = approach == "reverse"
   resize_size = getattr(dataset, "resize_size", getattr(dataset, "_resize_size", None))
   digest, key = relationship_cache_key(
       pretrained_name=pretrained_name,
@@ -537,35 +627,54 @@ def compute_relationship(*, pretrained_name: str, dataset: Any, approach: str = 
       process_count=jax.process_count(),
       seed=int(seed),
       approach=approach,
-      calibrate=bool(calibrate),
-      source_temperature=temperature,
-      val_fraction=float(val_fraction) if approach == "reverse" else None,
-      l2_grid=[float(v) for v in l2_grid] if approach == "reverse" else None,
+      source_calibration=source_key,
+      calibrate_g=bool(calibrate_g) if reverse else None,
+      val_fraction=float(val_fraction) if reverse else None,
+      l2_grid=[float(v) for v in l2_grid] if reverse else None,
   )
   path, sidecar = cache_paths(cache_dir, dataset_name=dataset.name, approach=approach, digest=digest)
   cached = load_cached(path, sidecar, key)
   if cached is not None:
     log.info("co-tuning relationship: loaded %s", path)
-    return cached
+    if not return_info:
+      return cached
+    with open(sidecar) as f:
+      info = dict(json.load(f).get("info") or {})
+    return cached, dict(info, cached=True)
 
-  if calibrate and source_temperature is None:
+  if source_calibration_data is not None:
+    temperature = calibrate_source(model=model, variables=variables, data=source_calibration_data,
+                                   split=source_calibration_split, batch_size=batch_size,
+                                   progress=progress)
+  elif source_temperature is not None:
+    temperature = float(source_temperature)
+    log.info("co-tuning relationship: source model at the given t = %.4f (not calibrated on this "
+             "model's source data)", temperature)
+  else:
+    temperature = 1.0
     log.info("co-tuning relationship: no source calibration data or temperature given; "
              "the source model is used at t = 1")
   logits, labels = source_logits_over(model, variables, dataset, batch_size=batch_size,
                                       progress=progress)
   probs = jax.nn.softmax(jnp.asarray(logits) / temperature, axis=-1)
+  temperature_g = None
   if approach == "direct":
     relationship = np.asarray(direct_relationship(probs=probs, labels=labels,
                                                   num_classes=dataset.num_classes))
   else:
-    relationship = reverse_relationship(
+    result = reverse_relationship(
         source_probs=probs, labels=labels, num_classes=dataset.num_classes, seed=seed,
-        val_fraction=val_fraction, l2_grid=l2_grid, calibrate_g=calibrate).relationship
+        val_fraction=val_fraction, l2_grid=l2_grid, calibrate_g=calibrate_g)
+    relationship, temperature_g = result.relationship, float(result.temperature_g)
   relationship = np.asarray(relationship, np.float32)
+  info = {"source_calibration": source_key["mode"], "source_temperature": temperature,
+          "source_calibration_data": (f"{source_key['dataset']}:{source_key['split']}"
+                                      if source_key["mode"] == "split" else None),
+          "calibrate_g": bool(calibrate_g) if reverse else None, "temperature_g": temperature_g}
   if jax.process_index() == 0:
-    save_cached(path, sidecar, relationship, key)
+    save_cached(path, sidecar, relationship, key, info=info)
     log.info("co-tuning relationship: wrote %s", path)
-  return relationship
+  return (relationship, dict(info, cached=False)) if return_info else relationship
 
 
 # ----------------------------------------------------------------------------- Fig. 1
