@@ -280,8 +280,7 @@ def test_projector_output_and_no_change_without_it(tiny):
     plain.apply(variables, batch["image"], train=False, outputs=("projection",))
   with pytest.raises(ValueError, match="projection_dim must be >= 0"):
     models.create_model("resnet_tiny", num_classes=C, projection_dim=-1)
-  # The projector is a new head: the baselines train it with the head's group.
-  # Bi-Tuning declares it (new_heads); without the method, no rule covers it.
+  # Bi-Tuning owns the projector's rule; without the method, no rule covers it.
   from ftjax.core import paths
   from ftjax.train.setup import resolve_rules
   for baseline in ("finetune", "linear_probe", "last_k"):
@@ -289,9 +288,38 @@ def test_projector_output_and_no_change_without_it(tiny):
     config.model, config.baseline = "resnet_tiny", baseline
     with pytest.raises(paths.RuleError, match="projector/kernel"):
       paths.path_labels(variables["params"], resolve_rules(config)[0])
-    config.losses = {"ce": {"weight": 1.0}, "bi_tuning": {"projection_dim": 8}}
-    labels = paths.path_labels(variables["params"], resolve_rules(config)[0])
-    assert set(jax.tree.leaves(labels["projector"])) == {"head"}
+
+
+@pytest.mark.parametrize("baseline", ["finetune", "last_k", "scratch", "linear_probe"])
+def test_projector_trains_at_the_backbone_learning_rate(tiny, baseline):
+  """TLlib's Bi-Tuning Classifier.get_parameters: the projector's lr is the backbone's (0.1x the
+  head's when fine-tuning, 1x from scratch). Before issue 23 it was a new head in the head's
+  10x group."""
+  from ftjax.core import paths
+  from ftjax.train.setup import resolve_rules
+  _, variables, _ = tiny
+  config = default_config()
+  config.model, config.baseline, config.last_k = "resnet_tiny", baseline, 1
+  config.losses = {"ce": {"weight": 1.0}, "bi_tuning": {"projection_dim": 8}}
+  rules, groups, _ = resolve_rules(config, variables)
+  labels = paths.path_labels(variables["params"], rules)
+  (projector,) = set(jax.tree.leaves(labels["projector"]))
+  (head,) = set(jax.tree.leaves(labels["head"]))
+  backbone = set(jax.tree.leaves(labels["backbone"]))
+  assert projector == "backbone" and not groups[projector].frozen
+  assert groups[projector].lr_mult == 1.0 and groups[head].lr_mult == (1.0 if baseline == "scratch" else 10.0)
+  assert groups[projector].weight_decay is None   # the run's weight decay, as the backbone's
+  if baseline in ("finetune", "last_k"):
+    assert projector in backbone            # the very group of the (trained) backbone
+  elif baseline == "scratch":
+    assert backbone == {"all"} and groups["all"] == groups[projector]   # everything at one lr
+  else:
+    # linear_probe: the backbone is frozen; the random projector still trains, at 1x (the
+    # backbone's lr when fine-tuning), so CCL is not a constant.
+    assert backbone == {"frozen"} and groups["frozen"].frozen
+  # The run's own group settings still apply to the projector with the backbone.
+  config.groups = {"backbone": {"lr_mult": 0.5}}
+  assert resolve_rules(config, variables)[1]["backbone"].lr_mult == 0.5
 
 
 def test_pretrained_accepts_projection_dim():
