@@ -74,10 +74,20 @@ class DataReuse(Method):
     pool: the pool dataset (set by :meth:`load_data`).
 
   Example:
+    >>> from ftjax import models
+    >>> model = models.create_model("resnet_tiny", num_classes=3)
+    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False,
+    ...                        outputs=model.all_outputs)
     >>> reuse = DataReuse(weight=0.3, num_pool_classes=5)
     >>> model, variables = reuse.wrap_model(model=model, variables=variables, rng=jax.random.key(0))
-    >>> term = reuse(outputs=outputs, batch=mixed_batch, state=(), params=variables["params"], rng=None,
+    >>> target = {"image": np.zeros((2, 32, 32, 3), np.float32), "label": np.array([0, 1])}
+    >>> pool = {"image": np.ones((2, 32, 32, 3), np.float32), "label": np.array([4, 3])}
+    >>> batch = mixed_batch(target, pool)
+    >>> outputs = model.apply(variables, batch["image"], train=False, outputs=("features",))
+    >>> term = reuse(outputs=outputs, batch=batch, state=(), params=variables["params"], rng=None,
     ...              source=None)
+    >>> batch["pool_mask"].tolist(), sorted(term.metrics)
+    ([0, 0, 1, 1], ['pool_accuracy'])
   """
   weight: float = 0.3
   mode: str = "labelled"
