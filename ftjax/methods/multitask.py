@@ -25,7 +25,13 @@ Config (``ftjax.train.config.default_config`` plus a ``tasks`` dict)::
   c.share_head = True         # one last layer for all tasks (Table 4); False = one per task
 
 Example:
-  >>> results = train_multitask(config, "runs/multitask")
+  >>> from experiments.configs import tiny
+  >>> c = tiny.get_config()
+  >>> c.baseline = "patch"
+  >>> c.tasks = {"px32": {"image_size": 32}, "px40": {"image_size": 40}}
+  >>> {name: cfg.dataset.image_size for name, cfg in task_configs(c).items()}
+  {'px32': 32, 'px40': 40}
+  >>> # results = train_multitask(c, "runs/multitask")   (tests/test_model_patches.py runs it)
 """
 
 from __future__ import annotations
@@ -189,7 +195,8 @@ def train_multitask(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   schedule = make_schedule(config, total_steps)
   optimizer = optim.make_optimizer(labels=labels, groups=groups, schedule=schedule,
                                    momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
-                                   weight_decay=config.optimizer.weight_decay)
+                                   weight_decay=config.optimizer.weight_decay,
+                                   weight_decay_mode=config.optimizer.get("weight_decay_mode", "decoupled"))
 
   mesh = make_mesh(config.num_devices)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,

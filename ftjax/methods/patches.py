@@ -122,8 +122,14 @@ def patch_rules(params: Any, *, batch_stats: Any = None, selection: str | Sequen
     ``(regex, group)`` rules covering every parameter exactly once.
 
   Example:
+    >>> from ftjax import models
+    >>> from ftjax.core.paths import group_sizes, path_labels
+    >>> model = models.create_model("resnet_tiny", num_classes=3)
+    >>> v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
     >>> rules = patch_rules(v["params"], batch_stats=v["batch_stats"], selection="scale_bias")
-    >>> labels = path_labels(v["params"], rules, log=True)
+    >>> labels = path_labels(v["params"], rules)
+    >>> sorted(group_sizes(v["params"], labels))
+    ['frozen', 'head', 'patch']
   """
   claimed = _claimed_rules(params, batch_stats=batch_stats, selection=selection, train_head=train_head)
   if claimed == [(".*", "patch")]:

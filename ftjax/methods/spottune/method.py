@@ -75,9 +75,10 @@ class SpotTune(Method):
 
   Example:
     >>> st = SpotTune(lambda1=1.0, lambda2=1.0, k=3)
-    >>> term = st(outputs={"policy": decisions}, batch=batch, state=(), params=None, rng=None,
-    ...           source=None)
-    >>> term.metrics["finetuned_blocks"]
+    >>> decisions = jnp.array([[1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0]])   # [images, blocks]
+    >>> term = st(outputs={"policy": decisions}, batch={}, state=(), params=None, rng=None)
+    >>> float(term.metrics["finetuned_blocks"])
+    2.5
   """
   weight: float = 1.0
   lambda1: float = 0.0

@@ -52,6 +52,7 @@ Static masks (``all_frozen``, ``all_finetuned``, fixed) compute only the chosen
 copy of each block; the others compute both copies and mix them.
 
 Example:
+  >>> from ftjax.models import create_model
   >>> model = create_spottune_model("resnet_tiny", num_classes=10, policy_depth=1, policy_width=8)
   >>> plain = create_model("resnet_tiny", num_classes=10)
   >>> plain_vars = plain.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
@@ -514,7 +515,11 @@ def spottune_rules() -> list[tuple[str, str]]:
   :func:`spottune_groups`); momentum and the schedule's shape are shared.
 
   Example:
-    >>> labels = patches.path_labels(variables["params"], spottune_rules())
+    >>> from ftjax.core.paths import path_labels
+    >>> params = {"backbone": {"w": 1.0}, "frozen_backbone": {"w": 1.0}, "policy": {"w": 1.0},
+    ...           "head": {"w": 1.0}}
+    >>> path_labels(params, spottune_rules())
+    {'backbone': {'w': 'backbone'}, 'frozen_backbone': {'w': 'frozen'}, 'head': {'w': 'head'}, 'policy': {'w': 'policy'}}
   """
   return [("(?:head|projector)/.*", "head"),
           ("backbone/.*|source_head/.*", "backbone"),
@@ -574,8 +579,13 @@ def pruned_size(params: Any, decisions: Any, block_names: Sequence[str], *, thre
   """Parameter count without the trainable copies of the blocks no image uses (Global-k).
 
   Example:
-    >>> size = pruned_size(variables["params"], decisions, model.routed_blocks)
-    >>> size.pruned < size.total
+    >>> params = {"backbone": {"stage1_block0": {"w": np.ones(10)}, "stage2_block0": {"w": np.ones(30)}},
+    ...           "frozen_backbone": {"stage1_block0": {"w": np.ones(10)}, "stage2_block0": {"w": np.ones(30)}},
+    ...           "head": {"w": np.ones(5)}}
+    >>> decisions = np.array([[1, 0], [1, 0]])   # no image fine-tunes stage2_block0
+    >>> size = pruned_size(params, decisions, ["stage1_block0", "stage2_block0"])
+    >>> size.unused_blocks, size.total, size.pruned
+    (('stage2_block0',), 85, 55)
   """
   unused = unused_blocks(decisions, block_names, threshold=threshold)
   count = lambda tree: int(sum(np.size(a) for a in jax.tree.leaves(tree)))
