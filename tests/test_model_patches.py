@@ -129,12 +129,97 @@ def test_training_a_patch_leaves_every_other_parameter_bitwise_equal(effnet, sel
   config.model, config.baseline = "efficientnet_tiny", "patch"
   config.patch.selection, config.patch.train_head = selection, train_head
   state, labels, bn_mode = _train_patch(model, v, batch, config)
-  assert bn_mode == "train"
+  # Statistics re-estimated exactly when the patch holds them (S/B); a DW patch keeps them.
+  assert bn_mode == ("train" if selection == "scale_bias" else "eval")
   before, after, label = _leaves(v["params"]), _leaves(state.params), _leaves(labels)
   changed = {p for p in before if not np.array_equal(before[p], after[p])}
   trained = {p for p, g in label.items() if g in ("patch", "head")}
   assert changed == trained  # every patch parameter moved, nothing else did (bitwise)
   assert any(p.startswith("head/") for p in changed) == train_head
+
+
+def _row_config(arg, row):
+  """The ``row`` variant of ``model_patches.get_config(arg)`` on the tiny EfficientNet."""
+  from experiments.configs import model_patches
+  from ftjax.train.report import variant_configs
+  cfg = variant_configs(model_patches.get_config(arg))[row]
+  cfg.model, cfg.pretrained = "efficientnet_tiny", ""
+  return cfg
+
+
+def test_last_layer_row_keeps_the_pretrained_batchnorm_statistics_bitwise(effnet):
+  # Paper App. B.1: the last-layer baseline fine-tunes "with frozen statistics"; re-estimating
+  # them is the separate "+ batchnorm statistics" row (Table 5).
+  model, v, batch = effnet
+  for arg in ("table1", "fig2"):
+    names = {"table1": ("last_layer", "last_layer_bn_stats"),
+             "fig2": ("last_layer_lr0p0405", "last_layer_bn_stats_lr0p0405")}[arg]
+    state, labels, bn_mode = _train_patch(model, v, batch, _row_config(arg, names[0]))
+    assert bn_mode == "eval"
+    before, after = _leaves(v["batch_stats"]), _leaves(state.batch_stats)
+    assert all(np.array_equal(before[p], after[p]) for p in before)   # bitwise
+    assert {g for g in jax.tree.leaves(labels)} == {"head", "frozen"}
+    assert not np.array_equal(_leaves(v["params"])["head/kernel"], _leaves(state.params)["head/kernel"])
+    state, _, bn_mode = _train_patch(model, v, batch, _row_config(arg, names[1]))
+    assert bn_mode == "train"
+    after = _leaves(state.batch_stats)
+    assert all(not np.array_equal(before[p], after[p]) for p in before if p.endswith("/mean"))
+
+
+def test_rows_run_with_the_statistics_their_patch_defines():
+  from experiments.configs import model_patches
+  from ftjax.methods import build_methods, config_losses
+  from ftjax.train.report import variant_configs
+  from ftjax.train.setup import resolve_bn_mode
+  expected = {"last_layer": "eval", "last_layer_bn_stats": "train", "sb_last_layer": "train",
+              "sb_random_last_layer": "train", "dw_last_layer": "eval", "all": "train"}
+  for arg in ("table1", "fig2"):
+    for name, cfg in variant_configs(model_patches.get_config(arg)).items():
+      row = name.split("_lr")[0]
+      assert resolve_bn_mode(cfg, build_methods(config_losses(cfg))) == expected[row], name
+  # Without config.bn_mode the method picks it from the patch's definition.
+  assert patches.ModelPatch(selection="head").bn_mode == "eval"
+  assert patches.ModelPatch(selection="depthwise").bn_mode == "eval"
+  assert patches.ModelPatch(selection="scale_bias", train_head=False).bn_mode == "train"
+  assert patches.ModelPatch(selection="head", bn_statistics="task").bn_mode == "train"
+  assert patches.ModelPatch(selection="scale_bias", bn_statistics="pretrained").bn_mode == "eval"
+  with pytest.raises(ConfigError, match="bn_statistics"):
+    patches.ModelPatch(bn_statistics="sometimes")
+
+
+class _Dataset:
+  name, num_classes = "toy", NUM_CLASSES
+
+
+@pytest.mark.parametrize("selection", ["scale_bias", "head"])
+def test_patch_file_holds_the_reestimated_mean_and_variance_of_a_scale_bias_patch(effnet, tmp_path, selection):
+  from ftjax.methods.base import RunContext
+  model, v, batch = effnet
+  config = default_config()
+  config.model, config.baseline = "efficientnet_tiny", "patch"
+  config.patch.selection = selection
+  state, labels, bn_mode = _train_patch(model, v, batch, config)
+  trained = {"params": state.params, "batch_stats": state.batch_stats}
+  context = RunContext(dataset=_Dataset(), model=model, variables=trained, workdir=str(tmp_path),
+                       bn_mode=bn_mode, model_name="efficientnet_tiny", image_size=32, labels=labels,
+                       base_variables=v)
+  result = patches.ModelPatch(selection=selection).finalize(context)
+  saved = patches.load_patch(tmp_path / "patch.npz")
+  stats = _leaves(v["batch_stats"])
+  if selection == "head":   # pretrained statistics, unchanged: not part of the patch
+    assert saved.batch_stats == {} and result["patch_bn_statistics"] == "pretrained"
+    return
+  assert result["patch_bn_statistics"] == "task" and saved.info["bn_statistics"] == "task"
+  bn_layers = {p.rsplit("/", 1)[0] for p in patches.structural_paths(
+      v["params"], batch_stats=v["batch_stats"], selection="scale_bias")}
+  # Every BatchNorm layer's running mean and variance, as re-estimated on the task.
+  assert set(saved.batch_stats) == {f"{layer}/{s}" for layer in bn_layers for s in ("mean", "var")}
+  after = _leaves(state.batch_stats)
+  for path, value in saved.batch_stats.items():
+    np.testing.assert_array_equal(value, after[path])
+    assert not np.array_equal(value, stats[path]), path
+  assert set(saved.params) == set(patches.structural_paths(
+      v["params"], batch_stats=v["batch_stats"], selection="scale_bias")) | {"head/kernel", "head/bias"}
 
 
 # ----------------------------------------------------------------------------- patch files
@@ -268,6 +353,50 @@ def test_multitask_step_sums_task_gradients_on_the_shared_weights(effnet):
       patches.structural_paths(v["params"], batch_stats=v["batch_stats"], selection="scale_bias"))
 
 
+def test_all_shared_multitask_shares_the_batchnorm_statistics(effnet):
+  # Table 4's "all shared" column reports no private parameter: the statistics are shared
+  # too. Only a scale-and-bias patch ("all the γ, β, μ, σ") keeps them per task.
+  import optax
+  from experiments.configs import model_patches
+  from ftjax.methods import multitask
+  model, v, batch = effnet
+  assert model_patches.get_config("table4_shared").patch.selection == "none"
+  assert not multitask.private_statistics("none") and not multitask.private_statistics("depthwise")
+  assert multitask.private_statistics("scale_bias") and multitask.private_statistics("scale_bias+depthwise")
+  privates = multitask.private_paths(v, selection="none", share_head=True)
+  assert privates == set()
+  shared, private = multitask.split_params(v["params"], privates)
+  params = {"shared": shared, "tasks": {"a": private, "b": private}}
+  rng = np.random.default_rng(4)
+  batches = {"a": batch, "b": {"image": rng.uniform(0, 255, (8, 40, 40, 3)).astype(np.float32),
+                                "label": rng.integers(0, NUM_CLASSES, 8).astype(np.int32)}}
+  stats = multitask.initial_batch_stats(v["batch_stats"], ["a", "b"], private=False)
+  sgd = optax.sgd(0.0)   # statistics only
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                     opt_state=sgd.init(params), method_state={}, rng=jax.random.PRNGKey(0))
+  step = jax.jit(multitask.make_multitask_step(models={"a": model, "b": model}, optimizer=sgd))
+  new, _ = step(state, batches)
+  after_a = multitask.task_variables(new.params, new.batch_stats, "a")["batch_stats"]
+  after_b = multitask.task_variables(new.params, new.batch_stats, "b")["batch_stats"]
+  jax.tree.map(np.testing.assert_array_equal, after_a, after_b)   # one set, bitwise the same
+  # One network seeing task a's batch, then task b's (independent of the step's code).
+  chained = v["batch_stats"]
+  for name in ("a", "b"):
+    _, updated = model.apply({"params": v["params"], "batch_stats": chained}, batches[name]["image"],
+                             train=True, mutable=["batch_stats"])
+    chained = updated["batch_stats"]
+  for path, value in _leaves(chained).items():
+    np.testing.assert_allclose(_leaves(after_a)[path], value, rtol=1e-5, atol=1e-6)
+  # A scale-and-bias patch keeps one set per task, each from its own data only.
+  stats = multitask.initial_batch_stats(v["batch_stats"], ["a", "b"], private=True)
+  new, _ = step(state.replace(batch_stats=stats), batches)
+  assert sorted(new.batch_stats) == ["a", "b"]
+  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(new.batch_stats["a"]),
+                                                      jax.tree.leaves(new.batch_stats["b"])))
+  with pytest.raises(ConfigError, match="may not be named 'shared'"):
+    multitask.initial_batch_stats(v["batch_stats"], ["shared", "b"], private=True)
+
+
 MULTITASK_RUN = r"""
 import sys, json
 import jax, numpy as np
@@ -308,8 +437,8 @@ def test_model_patches_configs_and_lr_sweep_plot(tmp_path):
   from experiments import plot_lr_sweep
   from experiments.configs import model_patches
   t1 = model_patches.get_config("table1")
-  assert sorted(t1.compare) == sorted(["last_layer", "sb_last_layer", "sb_random_last_layer",
-                                       "dw_last_layer", "all"])
+  assert sorted(t1.compare) == sorted(["last_layer", "last_layer_bn_stats", "sb_last_layer",
+                                       "sb_random_last_layer", "dw_last_layer", "all"])
   assert t1.compare.sb_random_last_layer.patch.train_head is False
   f2 = model_patches.get_config("fig2")
   lrs = sorted({v.optimizer.lr for v in f2.compare.values()})

@@ -15,8 +15,14 @@ learning rate at every step by construction, whatever the dataset sizes (each
 task's stream simply wraps around its own data).
 
 The parameters are ``{"shared": ..., "tasks": {task: ...}}`` (nested dicts, the
-model's own paths split in two); BatchNorm statistics are per task (a patch's
-statistics are re-estimated on its own data).
+model's own paths split in two). BatchNorm statistics belong to the scale-and-bias
+patch ("the patch corresponds to all the γ, β, μ, σ", Sec. 2): with a
+``scale_bias`` patch each task keeps its own statistics, re-estimated on its own
+data (``batch_stats = {task: ...}``); with any other patch, or none (Table 4's
+"all shared" column), the statistics are shared like every other weight
+(``batch_stats = {"shared": ...}``): each step runs the tasks one after another
+in task-name order, each task's batch updating the running averages the next one
+starts from, as one network that sees the tasks' batches in turn.
 
 Config (``ftjax.train.config.default_config`` plus a ``tasks`` dict)::
 
@@ -93,6 +99,33 @@ def private_paths(variables: Any, *, selection: str, share_head: bool) -> set[st
   return paths
 
 
+def private_statistics(selection: str) -> bool:
+  """Whether each task keeps its own BatchNorm statistics: only a scale-and-bias patch holds them."""
+  return selection != "none" and patch_lib.holds_statistics(selection)
+
+
+SHARED_STATS = "shared"   # key of the one statistics tree when the tasks share it
+
+
+def initial_batch_stats(base_stats: Any, tasks, *, private: bool) -> dict[str, Any]:
+  """``{task: copy}`` of the base statistics when each task keeps its own, else ``{"shared": copy}``."""
+  if private and SHARED_STATS in tasks:
+    raise ConfigError(f"a task may not be named {SHARED_STATS!r} (the key of shared statistics)")
+  names = list(tasks) if private else [SHARED_STATS]
+  return {name: jax.tree.map(np.copy, base_stats) for name in names}
+
+
+def task_batch_stats(batch_stats: dict[str, Any], name: str) -> Any:
+  """The statistics task ``name`` runs on (its own, or the shared ones)."""
+  return batch_stats[SHARED_STATS] if SHARED_STATS in batch_stats else batch_stats[name]
+
+
+def task_variables(params: dict[str, Any], batch_stats: dict[str, Any], name: str) -> dict[str, Any]:
+  """The full variables of task ``name``: shared weights, its patch, and its (or the shared) statistics."""
+  return {"params": merge_params(params["shared"], params["tasks"][name]),
+          "batch_stats": task_batch_stats(batch_stats, name)}
+
+
 def task_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
   """One config per task: ``config`` with the task's ``dataset`` overrides applied."""
   if not config.get("tasks"):
@@ -117,24 +150,29 @@ def make_multitask_step(*, models: dict[str, Any], optimizer: optax.GradientTran
   """``(state, batches) -> (state, metrics)``; ``batches`` maps task -> ``{image, label}``.
 
   Loss: sum over tasks of the mean cross-entropy of the task's patched model on
-  its batch; one gradient for the shared weights and every patch.
+  its batch; one gradient for the shared weights and every patch. BatchNorm
+  statistics: per task (``state.batch_stats = {task: ...}``) or shared
+  (``{"shared": ...}``, see :func:`initial_batch_stats`); shared ones are updated
+  by the tasks in turn (sorted names), each from the previous task's result.
   """
   names = sorted(models)
 
   def step(state: TrainState, batches: dict[str, dict[str, jax.Array]], source: Any = None):
     del source  # the tasks share no frozen source model
+    shared = SHARED_STATS in state.batch_stats
     def loss_fn(params):
       if frozen_mask is not None:
         params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen_mask)
-      total, new_stats, metrics = 0.0, {}, {}
+      total, new_stats, metrics = 0.0, dict(state.batch_stats), {}
       for name in names:
         full = merge_params(params["shared"], params["tasks"][name])
+        key = SHARED_STATS if shared else name
         outputs, updated = models[name].apply(
-            {"params": full, "batch_stats": state.batch_stats[name]}, batches[name]["image"],
+            {"params": full, "batch_stats": new_stats[key]}, batches[name]["image"],
             train=True, outputs=("logits",), mutable=["batch_stats"])
         loss = softmax_cross_entropy(logits=outputs["logits"], labels=batches[name]["label"])
         total = total + loss
-        new_stats[name] = updated["batch_stats"]
+        new_stats[key] = updated["batch_stats"]
         metrics[f"loss/{name}"] = loss
         metrics[f"accuracy/{name}"] = jnp.mean(jnp.argmax(outputs["logits"], -1) == batches[name]["label"])
       return total, (new_stats, metrics)
@@ -180,9 +218,11 @@ def train_multitask(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   shared, _ = split_params(base["params"], privates)
   task_private = {n: split_params(v["params"], privates)[1] for n, v in task_vars.items()}
   params = {"shared": shared, "tasks": task_private}
-  batch_stats = {name: jax.tree.map(np.copy, base["batch_stats"]) for name in tasks}
-  logging.info("multitask: %d tasks %s; %d private arrays per task (%s%s)", len(tasks), sorted(tasks),
-               len(privates), config.patch.selection, "" if config.share_head else " + head")
+  private_stats = private_statistics(config.patch.selection)
+  batch_stats = initial_batch_stats(base["batch_stats"], tasks, private=private_stats)
+  logging.info("multitask: %d tasks %s; %d private arrays per task (%s%s); BatchNorm statistics %s",
+               len(tasks), sorted(tasks), len(privates), config.patch.selection,
+               "" if config.share_head else " + head", "per task" if private_stats else "shared")
 
   groups = {"shared": optim.GroupConfig(), "patch": optim.GroupConfig()}
   labels = {"shared": jax.tree.map(lambda _: "shared", shared),
@@ -210,10 +250,6 @@ def train_multitask(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   training = Training(state=state, source={}, train_step=train_step, eval_step=None, labels=labels,
                       groups=groups, frozen=frozenset(), sizes=sizes, schedule=schedule, mesh=mesh)
 
-  def task_variables(variables_params, variables_stats, name):
-    return {"params": merge_params(variables_params["shared"], variables_params["tasks"][name]),
-            "batch_stats": variables_stats[name]}
-
   def batch_stream(start_step: int):
     streams = {n: datasets[n].train_batches(batch_size=config.batch_size, start_step=start_step)
                for n in tasks}
@@ -237,13 +273,15 @@ def train_multitask(config: ml_collections.ConfigDict, workdir: str) -> dict[str
 
   best_params = jax.device_get(best["params"])
   best_stats = jax.device_get(best["batch_stats"])
-  results: dict[str, Any] = {"best_step": int(best["step"]), "steps": step, "tasks": {}}
+  results: dict[str, Any] = {"best_step": int(best["step"]), "steps": step, "tasks": {},
+                             "bn_statistics": "per task" if private_stats else "shared"}
   shared_size = sum(int(np.size(v)) for v in jax.tree.leaves(best_params["shared"]))
   total = shared_size
   for n in tasks:
     test = evaluate(eval_steps[n], task_variables(best_params, best_stats, n), datasets[n], "test",
                     batch_size=config.eval_batch_size, mesh=mesh)
-    patch = patch_lib.Patch(paths.flatten_paths(best_params["tasks"][n]), paths.flatten_paths(best_stats[n]),
+    patch = patch_lib.Patch(paths.flatten_paths(best_params["tasks"][n]),
+                            paths.flatten_paths(best_stats[n]) if private_stats else {},
                             {"task": n, "selection": config.patch.selection, "share_head": config.share_head})
     size = patch_lib.patch_size(patch, task_variables(best_params, best_stats, n)["params"])
     total += size.parameters
@@ -259,7 +297,9 @@ def train_multitask(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   results["table"] = format_multitask_table(results, title=_title(config))
   if jax.process_index() == 0:
     atomic_write_text(os.path.join(workdir, "results_table.md"), results["table"] + "\n")
-    shared_patch = patch_lib.Patch(paths.flatten_paths(best_params["shared"]), {}, {"shared": True})
+    shared_patch = patch_lib.Patch(paths.flatten_paths(best_params["shared"]),
+                                   {} if private_stats else paths.flatten_paths(best_stats[SHARED_STATS]),
+                                   {"shared": True})
     patch_lib.save_patch(os.path.join(workdir, "shared.npz"), shared_patch)
     write_json(os.path.join(workdir, "results.json"), results)
   return results

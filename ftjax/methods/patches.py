@@ -242,31 +242,65 @@ def apply_patch(base_variables: Mapping[str, Any], patch: Patch) -> dict[str, An
   return out
 
 
+def holds_statistics(selection: str | Sequence[str]) -> bool:
+  """Whether a patch of ``selection`` holds the BatchNorm statistics (re-estimated on the task).
+
+  The paper's scale-and-bias patch is "all the γ, β, μ, σ" (Sec. 2), so a selection with
+  ``scale_bias`` (or ``all``: full fine-tuning) re-estimates them; every other parameter,
+  statistics included, is "left unchanged" (Sec. 2, transfer learning): a last-layer or
+  depthwise patch runs on the pretrained statistics.
+
+  Example:
+    >>> holds_statistics("scale_bias+head"), holds_statistics("depthwise"), holds_statistics("head")
+    (True, False, False)
+  """
+  parts = parse_selection(selection)
+  return "scale_bias" in parts or "all" in parts
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelPatch(Method):
   """Train only a patch (± the last layer); the rest of the pretrained model stays fixed.
 
   The method owns the rules of the patch (group ``patch``) and of the head
   (``head``, or ``frozen`` for the paper's "random fixed last layer"); the
-  baseline's rules cover the rest (``baseline = "patch"`` freezes it). BatchNorm
-  runs in ``train`` mode by default, so the statistics are re-estimated on the
-  task and belong to the scale-and-bias patch. After training the chosen
-  checkpoint's patch is written on its own (``patch.npz``; apply it to the base
-  with :func:`apply_patch`).
+  baseline's rules cover the rest (``baseline = "patch"`` freezes it).
+
+  BatchNorm statistics follow the paper's definition of the patch
+  (:func:`holds_statistics`): a scale-and-bias patch re-estimates them on the task
+  (BatchNorm mode ``train``) and they belong to the patch; a last-layer or
+  depthwise patch keeps the pretrained ones (mode ``eval``: App. B.1 "fine-tuning
+  with frozen statistics"). ``bn_statistics="task"`` re-estimates them anyway (the
+  paper's Table 5 row "last layer + batchnorm statistics"), ``"pretrained"``
+  keeps them; ``config.bn_mode`` overrides all of this. After training the chosen
+  checkpoint's patch is written on its own (``patch.npz``: the patch, the head and,
+  when they were re-estimated, every BatchNorm mean and variance; apply it to the
+  base with :func:`apply_patch`).
 
   Attributes:
     selection: ``scale_bias``, ``depthwise``, ``head``, ``all``, or a union
       such as ``"scale_bias+depthwise"``.
     train_head: train the new head (the paper's "+ last layer").
+    bn_statistics: ``"auto"`` (as the patch's definition), ``"task"`` or ``"pretrained"``.
   """
   selection: str = "scale_bias"
   train_head: bool = True
+  bn_statistics: str = "auto"
   weight: float = 0.0
   name: str = "patch"
-  bn_mode: str = "train"
+
+  @property
+  def bn_mode(self) -> str:  # type: ignore[override]
+    if self.bn_statistics == "task":
+      return "train"
+    if self.bn_statistics == "pretrained":
+      return "eval"
+    return "train" if holds_statistics(self.selection) else "eval"
 
   def __post_init__(self):
     parse_selection(self.selection)  # raises on an unknown selection
+    if self.bn_statistics not in ("auto", "task", "pretrained"):
+      raise ConfigError(f"patch bn_statistics must be 'auto', 'task' or 'pretrained', got {self.bn_statistics!r}")
 
   def param_rules(self, *, variables: Any) -> list[tuple[str, str]]:
     if variables is None:
@@ -284,8 +318,10 @@ class ModelPatch(Method):
         jax.device_get(context.variables), context.labels, include_batch_stats=context.bn_mode == "train",
         info={"model": context.model_name, "pretrained": context.pretrained, "selection": self.selection,
               "train_head": self.train_head, "dataset": dataset.name, "num_classes": dataset.num_classes,
-              "image_size": context.image_size})
+              "image_size": context.image_size,
+              "bn_statistics": "task" if context.bn_mode == "train" else "pretrained"})
     size = patch_size(patch, context.base_variables["params"])
     if jax.process_index() == 0 and context.workdir:
       save_patch(os.path.join(context.workdir, "patch.npz"), patch)
-    return {"patch_parameters": size.parameters, "patch_bytes": size.bytes, "patch_percent": size.percent}
+    return {"patch_parameters": size.parameters, "patch_bytes": size.bytes, "patch_percent": size.percent,
+            "patch_bn_statistics": "task" if patch.batch_stats else "pretrained"}
