@@ -56,8 +56,12 @@ def train_spottune_steps(*, model, variables, components, batch, steps: int = 3,
   from ftjax.train import optim, setup
   groups = {name: optim.GroupConfig.from_mapping(g)
             for name, g in st.spottune_groups(head_lr_mult=10.0, policy_lr_mult=2.0).items()}
+  spot = next((c for c in components if isinstance(c, st.SpotTune)), st.SpotTune())
+  rules = st.spottune_rules(variables, train_frozen_bn=spot.train_frozen_bn, train_routing=spot.train_routing,
+                            routing_mask=tuple(spot.routing_mask) or None,
+                            random_finetune_last=spot.random_finetune_last)
   training = setup.init_training(
-      model=model, variables=variables, methods=components, rules=st.spottune_rules(), groups=groups,
+      model=model, variables=variables, methods=components, rules=rules, groups=groups,
       num_classes=int(variables["params"]["head"]["bias"].shape[0]),
       schedule=optax.constant_schedule(0.05), weight_decay=weight_decay,
       method_rng=jax.random.PRNGKey(1), state_rng=jax.random.PRNGKey(0))

@@ -193,8 +193,10 @@ def test_layout_and_copies(base):
   # Copies, not aliases.
   leaf = jax.tree.leaves(params["frozen_backbone"])[0]
   assert leaf is not jax.tree.leaves(params["backbone"][model.routed_blocks[0]])[0]
+  # Every block is routed, residual or not (Lite: the stride-2 and channel-changing blocks too).
+  assert model.routed_blocks == tuple(st.block_names(base))
   if base == "efficientnet_tiny":
-    assert model.routed_blocks == ("blocks_0", "blocks_2")  # residual MBConv blocks only
+    assert model.routed_blocks == ("blocks_0", "blocks_1", "blocks_2", "blocks_3")
 
 
 @pytest.mark.parametrize("base", ["resnet_tiny", "efficientnet_tiny"])
@@ -268,25 +270,141 @@ def test_model_rejects_bad_routing():
 # ----------------------------------------------------------------------------- training
 
 
-def test_training_keeps_frozen_copies_bitwise_and_trains_the_rest():
-  model, _, variables, _ = _models("resnet_tiny")
+def _official_trainable(variables):
+  """Parameters the authors' code trains (gyhui14/spottune main.py), derived independently of the rules.
+
+  "# freeze the original blocks": every nn.Conv2d outside ``parallel_blocks`` (our trainable
+  copies, ``backbone/<routed block>``) gets ``requires_grad = False`` except the first one
+  (the convolution that reads the image: 3 input channels); nothing else is frozen (BatchNorm
+  γ, β, the head; the agent, our policy, is a network of its own with its own optimizer).
+  """
+  params = variables["params"]
+  routed = set(params["frozen_backbone"]) & set(params["backbone"])
+  flat = paths.flatten_paths(params)
+  out = set()
+  for path, leaf in flat.items():
+    parts = path.split("/")
+    in_copy = parts[0] == "backbone" and parts[1] in routed
+    conv = path.endswith("/kernel") and np.ndim(leaf) == 4
+    first_conv = conv and np.shape(leaf)[2] == 3 and parts[0] == "backbone"
+    if parts[0] in ("policy", "head") or in_copy or not conv or first_conv:
+      out.add(path)
+  return out
+
+
+def _rule_labels(variables, spottune):
+  from ftjax.train.config import default_config
+  from ftjax.train.setup import resolve_rules
+  config = default_config()
+  config.baseline = "finetune"
+  rules, groups, bn_mode = resolve_rules(config, variables, methods=[CrossEntropy(), spottune])
+  labels = paths.flatten_paths(paths.path_labels(variables["params"], rules))
+  return labels, groups, bn_mode
+
+
+@pytest.mark.parametrize("base", ["efficientnet_lite0", "efficientnet_tiny", "resnet_tiny"])
+def test_every_block_routed_and_the_official_recipe_trains_outside_the_copies(base):
+  spottune = SpotTune(policy_depth=1, policy_width=8, policy_image_size=SIZE)
+  model = st.create_spottune_model(base, num_classes=5, **spottune.routing_options())
+  shapes = jax.eval_shape(lambda key: model.init(key, jnp.zeros((1, 64, 64, 3)), train=False,
+                                                 outputs=model.all_outputs, routing="argmax"), jax.random.key(0))
+  assert model.routed_blocks == tuple(st.block_names(base))
+  assert sorted(shapes["params"]["frozen_backbone"]) == sorted(model.routed_blocks)
+  if base == "efficientnet_lite0":
+    assert len(model.routed_blocks) == 16   # the 9 residual MBConv blocks and the 7 others
+  labels, groups, bn_mode = _rule_labels(shapes, spottune)
+  assert bn_mode == "train"
+  trainable = {p for p, g in labels.items() if not groups[g].frozen}
+  assert trainable == _official_trainable(shapes)
+  flat = paths.flatten_paths(shapes["params"])
+  # What that means, named: the stem conv trains, the head conv (Lite) and every frozen
+  # copy's convolution are frozen, every BatchNorm γ, β trains, the policy trains.
+  assert labels["backbone/stem_conv/kernel"] == "backbone"
+  if "head_conv" in shapes["params"]["backbone"]:
+    assert labels["backbone/head_conv/kernel"] == "frozen"
+  frozen_copies = [p for p in flat if p.startswith("frozen_backbone/")]
+  assert {labels[p] for p in frozen_copies if p.endswith("/kernel")} == {"frozen"}
+  assert {labels[p] for p in frozen_copies if p.endswith(("/scale", "/bias"))} == {"backbone"}
+  assert {labels[p] for p in flat if p.startswith("policy/")} == {"policy"}
+  # The trainable-parameter count the results report.
+  sizes = paths.group_sizes(shapes["params"], paths.unflatten_paths(labels))
+  assert sum(n for g, n in sizes.items() if not groups[g].frozen) == sum(
+      int(np.prod(np.shape(flat[p]))) for p in trainable)
+  if base == "efficientnet_lite0":
+    assert sizes["frozen"] == 2_918_528 + 409_600          # the copies' convolutions + the head conv
+    # Trainable copies 2,957,920 + stem 928 + head BN 2,560 + the frozen copies' BN 39,392.
+    assert sizes["backbone"] == 3_000_800
+
+
+def test_static_and_random_routings_freeze_what_training_never_runs():
+  _, _, variables, _ = _models("efficientnet_tiny")
+  routed = st.block_names("efficientnet_tiny")
+  # Stochastic fine-tuning (fixed mask): no policy, the unused copy of each block frozen.
+  mask = (1, 0, 0, 1)
+  labels, groups, _ = _rule_labels(variables, SpotTune(train_routing="fixed", eval_routing="fixed",
+                                                       routing_mask=mask))
+  for name, m in zip(routed, mask):
+    used, unused = ("backbone", "frozen_backbone") if m else ("frozen_backbone", "backbone")
+    assert {labels[p] for p in labels if p.startswith(f"{unused}/{name}/")} == {"frozen"}, name
+    assert any(not groups[labels[p]].frozen for p in labels if p.startswith(f"{used}/{name}/")), name
+  assert {labels[p] for p in labels if p.startswith("policy/")} == {"frozen"}
+  # Random policy: no policy; the always fine-tuned last blocks' frozen copies never run.
+  labels, _, _ = _rule_labels(variables, SpotTune(train_routing="random", eval_routing="random",
+                                                  random_finetune_last=1))
+  assert {labels[p] for p in labels if p.startswith("policy/")} == {"frozen"}
+  assert {labels[p] for p in labels if p.startswith(f"frozen_backbone/{routed[-1]}/")} == {"frozen"}
+  assert "backbone" in {labels[p] for p in labels if p.startswith(f"frozen_backbone/{routed[0]}/")}
+  # The paper's reading of a frozen block ("left unchanged"): BatchNorm frozen too.
+  labels, _, _ = _rule_labels(variables, SpotTune(train_frozen_bn=False))
+  assert {labels[p] for p in labels if p.startswith("frozen_backbone/")} == {"frozen"}
+
+
+@pytest.mark.parametrize("base", ["efficientnet_tiny", "resnet_tiny"])
+def test_training_follows_the_official_recipe(base):
+  model, _, variables, _ = _models(base)
   spottune = SpotTune(lambda1=1.0, lambda2=0.5, k=1)
   components = [CrossEntropy(), spottune]
   params, batch_stats = variables["params"], variables["batch_stats"]
   state, metrics = train_spottune_steps(model=model, variables=variables, components=components,
                                         batch={"image": _images(n=8, seed=1), "label": jnp.arange(8) % 5},
                                         weight_decay=1e-4)
-  for collection, new in (("params", state.params), ("batch_stats", state.batch_stats)):
-    jax.tree.map(np.testing.assert_array_equal, new["frozen_backbone"], variables[collection]["frozen_backbone"])
-  changed = lambda a, b: any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  before, after = paths.flatten_paths(params), paths.flatten_paths(state.params)
+  trainable = _official_trainable(variables)
+  for path in before:   # every other parameter bitwise as pretrained
+    if path not in trainable:
+      np.testing.assert_array_equal(after[path], before[path], err_msg=path)
+  changed = {p for p in before if not np.array_equal(before[p], after[p])}
+  assert "backbone/stem_conv/kernel" in changed
+  assert any(p.startswith("frozen_backbone/") and p.endswith("/scale") for p in changed)
+  assert not any(p.startswith("frozen_backbone/") and p.endswith("/kernel") for p in changed)
+  if base == "efficientnet_tiny":
+    assert "backbone/head_conv/kernel" not in changed and "backbone/head_bn/scale" in changed
   for name in ("backbone", "policy", "head"):
-    assert changed(state.params[name], params[name]), name
-  assert changed(state.batch_stats["backbone"], batch_stats["backbone"])  # trainable copies: batch stats
+    assert any(p.startswith(name + "/") for p in changed), name
+  # BatchNorm in training mode in both copies (net.train()): the frozen copies' running
+  # statistics are re-estimated as well.
+  stats_before, stats_after = paths.flatten_paths(batch_stats), paths.flatten_paths(state.batch_stats)
+  for prefix in ("frozen_backbone/", "backbone/"):
+    assert any(not np.array_equal(stats_before[p], stats_after[p]) for p in stats_before if p.startswith(prefix))
   # The policy gets gradients through the straight-through decisions.
-  assert changed(state.params["policy"]["logits"], params["policy"]["logits"])
+  assert any(p.startswith("policy/logits/") for p in changed)
   assert np.isfinite(float(metrics["loss"]))
   assert 0.0 <= float(metrics["spottune/finetuned_blocks"]) <= len(model.routed_blocks)
   assert "spottune/global_k" in metrics and "spottune/entropy" in metrics
+
+
+def test_frozen_copies_can_stay_as_pretrained():
+  # train_frozen_bn=False: the paper's "left unchanged" (BatchNorm on running statistics, frozen).
+  base = "resnet_tiny"
+  plain_vars = _models(base)[3]
+  model = st.create_spottune_model(base, num_classes=5, policy_depth=1, policy_width=8, policy_image_size=SIZE,
+                                   train_frozen_bn=False)
+  variables = st.spottune_variables_from_pretrained(model, plain_vars, rng=jax.random.key(1))
+  state, _ = train_spottune_steps(model=model, variables=variables,
+                                  components=[CrossEntropy(), SpotTune(train_frozen_bn=False)],
+                                  batch={"image": _images(n=8, seed=1), "label": jnp.arange(8) % 5})
+  for collection, new in (("params", state.params), ("batch_stats", state.batch_stats)):
+    jax.tree.map(np.testing.assert_array_equal, new["frozen_backbone"], variables[collection]["frozen_backbone"])
 
 
 def test_component_matches_numpy_and_is_zero_without_lambdas():
@@ -357,13 +475,57 @@ def test_random_block_mask():
   assert len(mask) == 16 and sum(mask) == 8
   assert mask == st.random_block_mask(16, fraction=0.5, seed=3)
   assert mask != st.random_block_mask(16, fraction=0.5, seed=4)
+  # 50% of an odd count rounds half up (Python's round(4.5) is 4).
+  assert [sum(st.random_block_mask(n, fraction=0.5)) for n in (1, 2, 9, 12)] == [1, 1, 5, 6]
+
+
+def test_config_rows_follow_the_official_recipe():
+  from experiments.configs import spottune as spottune_config
+  from ftjax.methods import build_methods
+  from ftjax.train.report import variant_configs
+  config = spottune_config.get_config("5")   # Lite0
+  variants = variant_configs(config)
+  # Stochastic fine-tuning: 50% of all 16 routed blocks.
+  mask = tuple(variants["stochastic"].losses.spottune.routing_mask)
+  assert len(mask) == 16 and sum(mask) == 8
+  for name in ("spottune", "global_k", "stochastic", "random_policy"):
+    spot = [m for m in build_methods(variants[name].losses) if isinstance(m, SpotTune)][0]
+    # The authors' agent optimizer: lr_agent 0.01 against lr 0.1, weight decay 0.001.
+    assert spot.param_groups()["policy"] == {"lr_mult": 0.1, "weight_decay": 1e-3}
+    assert spot.train_frozen_bn
+  assert variants["random_policy"].losses.spottune.eval_routing == "random"
+
+
+def test_random_routing_is_fresh_for_every_test_batch():
+  # The trainer's eval step hands the "gumbel" stream the same key, PRNGKey(0), for every
+  # batch (ftjax.train.step.make_eval_step); the random policy must still route each test
+  # batch at random, not repeat the first batch's decisions row by row.
+  model = st.create_spottune_model("resnet_tiny", num_classes=5, policy_depth=1, policy_width=8,
+                                   policy_image_size=SIZE, eval_routing="random")
+  _, _, variables, _ = _models("resnet_tiny")
+  from ftjax.train import step as step_lib
+  fixed_keys = {name: jax.random.PRNGKey(i) for i, name in enumerate(step_lib.rng_streams([SpotTune()]))}
+  route = jax.jit(lambda v, x: model.apply(v, x, train=False, outputs=("policy",), rngs=fixed_keys)["policy"])
+  first, second = (np.asarray(route(variables, _images(n=64, seed=s))) for s in (1, 2))
+  assert not np.array_equal(first, second)
+  assert 0.3 < first.mean() < 0.7 and 0.3 < second.mean() < 0.7
+  np.testing.assert_array_equal(np.asarray(route(variables, _images(n=64, seed=1))), first)  # reproducible
+  # Per image, independent of the batch it is in.
+  np.testing.assert_array_equal(np.asarray(route(variables, _images(n=64, seed=1)[:8])), first[:8])
+  # Sampled routing likewise.
+  sample = jax.jit(lambda v, x: model.apply(v, x, train=False, outputs=("policy",), routing="sample",
+                                            rngs=fixed_keys)["policy"])
+  assert not np.array_equal(np.asarray(sample(variables, _images(n=64, seed=1))),
+                            np.asarray(sample(variables, _images(n=64, seed=2))))
+  hashes = np.asarray(st.image_hashes(_images(n=64, seed=1)))
+  assert len(set(hashes.tolist())) == 64
 
 
 # ----------------------------------------------------------------------------- trainer (slow)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["global_k", "stochastic"])
+@pytest.mark.parametrize("variant", ["global_k", "stochastic", "random_policy"])
 def test_trainer_runs_spottune_variants(variant, tmp_path, fashion_mnist_ready):
   from experiments.configs import spottune as spottune_config
   from ftjax.train.loop import train_and_evaluate
@@ -389,6 +551,9 @@ def test_trainer_runs_spottune_variants(variant, tmp_path, fashion_mnist_ready):
     mask = tuple(cfg.losses.spottune.routing_mask)
     np.testing.assert_array_equal(decisions, np.broadcast_to(mask, decisions.shape))
     assert results["spottune_eval_routing"] == "fixed"
+  elif variant == "random_policy":
+    assert results["spottune_eval_routing"] == "random"
+    np.testing.assert_array_equal(decisions[:, -2:], 1)   # resnet_tiny: 2 routed blocks, the last 2 always
   else:
     assert results["spottune_eval_routing"] == "argmax"
     assert "spottune_test_top1/sample" in results

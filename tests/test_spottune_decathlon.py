@@ -158,9 +158,13 @@ def test_frozen_prefix_layout_and_forward():
     for part in variables[collection]["frozen_backbone"]:
       jax.tree.map(np.testing.assert_array_equal, variables[collection]["frozen_backbone"][part],
                    plain_vars[collection]["backbone"][part])
-  labels = paths.path_labels(params, st.spottune_rules())
-  for part in ("stem_conv", "stem_bn", "stage1_block0"):
+  labels = paths.path_labels(params, st.spottune_rules(variables))
+  for part in ("stem_conv", "stem_bn", "stage1_block0"):   # the paper's frozen macro block and stem
     assert set(jax.tree.leaves(labels["frozen_backbone"][part])) == {"frozen"}
+  # The routed block's frozen copy as in the authors' code: convolutions frozen, BatchNorm trained.
+  copy = paths.flatten_paths(labels["frozen_backbone"]["stage2_block0"])
+  assert {g for p, g in copy.items() if p.endswith("kernel")} == {"frozen"}
+  assert {g for p, g in copy.items() if p.endswith(("scale", "bias"))} == {"backbone"}
   # All frozen = the plain (pretrained) model exactly; all fine-tuned = the plain model with
   # the trainable copy of the routed block only (one compilation for the four forwards).
   trained = jax.tree.map(lambda a: np.asarray(a) + 0.1, variables["params"]["backbone"]["stage2_block0"])
@@ -197,7 +201,7 @@ def test_first_routed_block_is_checked():
     st.create_spottune_model("resnet_tiny", num_classes=3, first_routed_block=1, train_routing="fixed",
                              routing_mask=(1, 0))
   lite = st.create_spottune_model("efficientnet_tiny", num_classes=3, first_routed_block=1)
-  assert lite.routed_blocks == ("blocks_2",) and lite.frozen_prefix == ("blocks_0", "blocks_1")
+  assert lite.routed_blocks == ("blocks_1", "blocks_2", "blocks_3") and lite.frozen_prefix == ("blocks_0",)
 
 
 def test_training_keeps_the_frozen_prefix_bitwise_unchanged():
@@ -207,10 +211,19 @@ def test_training_keeps_the_frozen_prefix_bitwise_unchanged():
   state, metrics = train_spottune_steps(model=model, variables=variables, components=components,
                                         batch={"image": _images(n=8, seed=1), "label": jnp.arange(8) % 5},
                                         weight_decay=1e-3)
-  # Stem, first block and the frozen copy of the routed block: bitwise, parameters and statistics.
+  # Stem and first block (the frozen prefix): bitwise, parameters and statistics.
   for collection, new in (("params", state.params), ("batch_stats", state.batch_stats)):
     assert sorted(new["frozen_backbone"]) == sorted(variables[collection]["frozen_backbone"])
-    jax.tree.map(np.testing.assert_array_equal, new["frozen_backbone"], variables[collection]["frozen_backbone"])
+    for part in ("stem_conv", "stem_bn", "stage1_block0"):
+      jax.tree.map(np.testing.assert_array_equal, new["frozen_backbone"].get(part, {}),
+                   variables[collection]["frozen_backbone"].get(part, {}))
+  # The routed block's frozen copy (the authors' code): convolutions bitwise, BatchNorm trained.
+  before = paths.flatten_paths(variables["params"]["frozen_backbone"]["stage2_block0"])
+  after = paths.flatten_paths(state.params["frozen_backbone"]["stage2_block0"])
+  for path in before:
+    if path.endswith("kernel"):
+      np.testing.assert_array_equal(after[path], before[path])
+  assert any(not np.array_equal(after[p], before[p]) for p in before if p.endswith("scale"))
   changed = lambda a, b: any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   for name in ("backbone", "policy", "head"):
     assert changed(state.params[name], params[name]), name
@@ -237,11 +250,11 @@ def test_decathlon_config_builds_and_validates(tmp_path):
   for name, cfg in variants.items():
     validate_config(cfg)
     components = methods.build_methods(cfg.losses)
-    rules, groups, bn_mode = resolve_rules(cfg)
-    assert bn_mode == ("eval" if name == "feature_extractor" else "train")
     spot = [c for c in components if isinstance(c, SpotTune)]
     assert bool(spot) == (name in ("spottune", "global_k"))
     if not spot:
+      rules, groups, bn_mode = resolve_rules(cfg)
+      assert bn_mode == ("eval" if name == "feature_extractor" else "train")
       continue
     model = st.create_spottune_model(cfg.model, num_classes=100, **spot[0].routing_options())
     # The first macro block (4 residual blocks) is not routed; the 8 later ones are.
@@ -250,11 +263,18 @@ def test_decathlon_config_builds_and_validates(tmp_path):
     shapes = jax.eval_shape(lambda key: model.init(key, jnp.zeros((1, 64, 64, 3)), train=False,
                                                    outputs=model.all_outputs, routing="argmax"),
                             jax.random.key(0))
+    rules, groups, bn_mode = resolve_rules(cfg, shapes, methods=components)   # SpotTune's rules need the model
+    assert bn_mode == "train"
     labels = paths.path_labels(shapes["params"], rules)
     paths.check_groups(labels, groups)
     assert groups["frozen"].frozen
     frozen_parts = {p for p, leaf in labels["frozen_backbone"].items() if set(jax.tree.leaves(leaf)) == {"frozen"}}
-    assert {"stem_conv", "stem_bn", "stage1_block0", "stage1_block3", "stage3_block3"} <= frozen_parts
+    assert {"stem_conv", "stem_bn", "stage1_block0", "stage1_block3"} <= frozen_parts
+    # A routed block's frozen copy: convolutions frozen, BatchNorm trained (the authors' code).
+    copy = paths.flatten_paths(labels["frozen_backbone"]["stage3_block3"])
+    assert {g for p, g in copy.items() if p.endswith("kernel")} == {"frozen"}
+    assert {g for p, g in copy.items() if p.endswith(("scale", "bias"))} == {"backbone"}
+    assert (groups["policy"].lr_mult, groups["policy"].weight_decay) == (0.1, 1e-3)
     assert "stem_conv" not in shapes["params"]["backbone"] and "stage1_block0" not in shapes["params"]["backbone"]
     # Policy: 3 blocks of 64/128/256 channels, one decision pair per routed block.
     policy = shapes["params"]["policy"]

@@ -26,7 +26,14 @@ Protocol (paper Sec. 4.1 and "Implementation details"):
   the 72 px image. (The authors' code trains on random 64 px crops without flips, none
   for GTSRB, Omniglot and SVHN, and tests on the full 72x72 centre.)
 * SpotTune: the first macro block (4 residual blocks) and the stem are frozen and not
-  routed (``first_routed_block=4``); the 8 later blocks are routed. Policy network: a
+  routed (``first_routed_block=4``: parameters and statistics); the 8 later blocks are
+  routed. The routed blocks' frozen copies are frozen as in the authors' code
+  (``main.py``, "# freeze the original blocks": only convolution weights get
+  ``requires_grad = False``; their BatchNorm trains γ, β and runs on batch statistics
+  under ``net.train()``). The authors' public code has no frozen macro block (it routes
+  all 12 blocks and trains the stem conv, "the first" convolution its freeze loop
+  skips); freezing the stem with the first macro block is this config's reading of the
+  paper's "we freeze the first macro blocks (4 residual blocks)". Policy network: a
   ResNet with 3 blocks of 64/128/256 channels on the 64 px image; its learning rate is
   0.1x the network's, its weight decay 1e-3 (the authors' code: 0.01 vs 0.1, 1e-3).
 * Optimizer: SGD with momentum 0.9 (no Nesterov), lr 0.1 for every layer, divided by

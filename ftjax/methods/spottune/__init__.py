@@ -9,11 +9,12 @@
 
 from ftjax.methods.spottune.method import SpotTune
 from ftjax.methods.spottune.model import (ROUTING_MODES, SpotTuneClassifier, block_names, create_spottune_model,
-                                          pruned_size, random_block_mask, routed_block_names, spottune_groups,
-                                          spottune_rules, spottune_variables_from_pretrained, unused_blocks)
+                                          image_hashes, pruned_size, random_block_mask, routed_block_names,
+                                          spottune_groups, spottune_param_rules, spottune_rules,
+                                          spottune_variables_from_pretrained, unused_blocks)
 from ftjax.methods.spottune.plots import plot_block_usage, plot_finetuned_histogram
 
 __all__ = ["ROUTING_MODES", "SpotTune", "SpotTuneClassifier", "block_names", "create_spottune_model",
-           "plot_block_usage", "plot_finetuned_histogram", "pruned_size", "random_block_mask",
-           "routed_block_names", "spottune_groups", "spottune_rules", "spottune_variables_from_pretrained",
-           "unused_blocks"]
+           "image_hashes", "plot_block_usage", "plot_finetuned_histogram", "pruned_size", "random_block_mask",
+           "routed_block_names", "spottune_groups", "spottune_param_rules", "spottune_rules",
+           "spottune_variables_from_pretrained", "unused_blocks"]

@@ -16,10 +16,13 @@ model options (policy depth/width/input size, temperature, routings, mask). The
 trainer calls :meth:`SpotTune.wrap_model` right after building the plain
 (pretrained) model; it returns the SpotTune model and variables built from it
 (:func:`ftjax.methods.spottune.model.spottune_variables_from_pretrained`). The method
-owns the rules of the parameters it adds: the frozen copies (group ``frozen``)
-and the policy network (group ``policy``, its own learning-rate multiplier
-``policy_lr_mult`` and optional weight decay); the baseline's rules cover the
-trainable copies and heads. It needs BatchNorm mode ``train`` and the
+owns the rules of the parameters it adds and of those the authors' code freezes
+(:func:`ftjax.methods.spottune.model.spottune_param_rules`: the frozen copies'
+and the unrouted layers' convolutions except the stem's in group ``frozen``, the
+frozen copies' BatchNorm γ, β in ``backbone``, the policy network in ``policy``
+with its own learning-rate multiplier ``policy_lr_mult`` and weight decay
+``policy_weight_decay``); the baseline's rules cover the trainable copies, the
+stem, the remaining BatchNorm layers and the heads. It needs BatchNorm mode ``train`` and the
 ``gumbel`` rng stream. After the test evaluation :meth:`SpotTune.finalize` routes the test split,
 records the accuracy of each inference routing, writes the decisions and the
 paper's Fig. 3 and Fig. 4, and the parameter count with the unused fine-tuned
@@ -39,6 +42,7 @@ import numpy as np
 
 from ftjax.losses.spottune import block_usage, global_k_loss, policy_entropy_loss
 from ftjax.core.batches import collect
+from ftjax.core.errors import ConfigError
 from ftjax.core.io import save_npy
 from ftjax.methods.base import Method, RunContext, TermOutput
 from ftjax.methods.spottune import model as model_lib
@@ -70,8 +74,13 @@ class SpotTune(Method):
       unused in :meth:`finalize` (0 = no image).
     first_routed_block: routing starts at this routable block; the stem and the
       blocks before it are frozen and not routed (Visual Decathlon ResNet-26: 4).
-    policy_lr_mult: learning-rate multiplier of the policy network's group.
-    policy_weight_decay: weight decay of the policy group (None: the optimizer's).
+    policy_lr_mult: learning-rate multiplier of the policy network's group (the
+      authors' code: ``lr_agent`` 0.01 against the network's ``lr`` 0.1, i.e. 0.1).
+    policy_weight_decay: weight decay of the policy group (None: the optimizer's;
+      the authors' code: 0.001).
+    train_frozen_bn: the frozen copies' BatchNorm trains γ, β and normalises by
+      batch statistics in training, as in the authors' code (True); False: it
+      stays as pretrained (the paper's "left unchanged").
 
   Example:
     >>> st = SpotTune(lambda1=1.0, lambda2=1.0, k=3)
@@ -96,6 +105,7 @@ class SpotTune(Method):
   first_routed_block: int = 0
   policy_lr_mult: float = 1.0
   policy_weight_decay: float | None = None
+  train_frozen_bn: bool = True
   name: str = "spottune"
   outputs: tuple[str, ...] = ("policy",)
   bn_mode: str = "train"
@@ -118,17 +128,23 @@ class SpotTune(Method):
                 train_routing=self.train_routing, eval_routing=self.eval_routing,
                 routing_mask=tuple(self.routing_mask) or None,
                 random_finetune_last=self.random_finetune_last,
-                first_routed_block=self.first_routed_block)
+                first_routed_block=self.first_routed_block, train_frozen_bn=self.train_frozen_bn)
 
   def param_rules(self, *, variables: Any) -> list[tuple[str, str]]:
-    del variables
-    return [("frozen_backbone/.*", "frozen"), ("policy/.*", "policy")]
+    """The policy, the frozen copies and the convolutions the authors' code freezes (see the model)."""
+    if variables is None:
+      raise ConfigError("spottune needs the SpotTune model's variables to find the parameters it owns")
+    return model_lib.spottune_param_rules(variables, train_frozen_bn=self.train_frozen_bn,
+                                          train_routing=self.train_routing,
+                                          routing_mask=tuple(self.routing_mask) or None,
+                                          random_finetune_last=self.random_finetune_last)
 
   def param_groups(self) -> dict[str, dict[str, Any]]:
     policy: dict[str, Any] = {"lr_mult": float(self.policy_lr_mult)}
     if self.policy_weight_decay is not None:
       policy["weight_decay"] = float(self.policy_weight_decay)
-    return {"frozen": {"frozen": True}, "policy": policy}
+    # "backbone": the frozen copies' BatchNorm trains with the network (its lr and decay).
+    return {"frozen": {"frozen": True}, "policy": policy, "backbone": {}}
 
   def wrap_model(self, *, model: Any, variables: Any, rng: jax.Array) -> tuple[Any, Any]:
     """The SpotTune model over ``model`` and its variables (frozen + trainable copies, new policy).

@@ -1,8 +1,7 @@
 """SpotTune's model (Guo et al., CVPR 2019): per-image routing between frozen and fine-tuned blocks.
 
 Every *routed* block ``l`` exists twice: a frozen copy ``F_l`` (the pretrained
-block, BatchNorm always on its running statistics) and a trainable copy ``F̂_l``
-initialised from the same weights. A small ResNet, the *policy network*, looks at
+block) and a trainable copy ``F̂_l`` initialised from the same weights. A small ResNet, the *policy network*, looks at
 the image and gives logits ``[B, L, 2]`` (category 1 = fine-tuned); the decision
 ``I_l(x)`` picks the block (Eq. 2)::
 
@@ -12,14 +11,29 @@ where each copy is the whole block as the base model defines it (its residual
 shortcut, a projection shortcut at a downsampling block, and the final
 activation included; with hard decisions this is exactly Eq. 2).
 
-Routed blocks: every residual block of a ResNet (any depth, basic or
-bottleneck), and the residual MBConv blocks (stride 1, equal channels) of an
-EfficientNet-Lite; the other Lite blocks, the stems and Lite's head conv exist
-once (trainable, under ``backbone``). With ``first_routed_block=i > 0`` routing
-starts at the i-th of those blocks and everything before it (the stem and every
-earlier block) is a frozen, unrouted feature extractor: the paper's Visual
-Decathlon setting, where the first macro block (4 residual blocks) of ResNet-26
-is frozen and only the later blocks are routed.
+Routed blocks: every block of the base: every residual block of a ResNet (any
+depth, basic or bottleneck) and every MBConv block of an EfficientNet-Lite,
+residual or not (a block and its copy have the same output shape, so the mix of
+Eq. 2 is defined for a downsampling or channel-changing block too). The stem and
+Lite's head conv exist once, under ``backbone``. With ``first_routed_block=i > 0``
+routing starts at the i-th block and everything before it (the stem and every
+earlier block) is a frozen, unrouted feature extractor (parameters and
+statistics): the paper's Visual Decathlon setting, where "we freeze the first
+macro blocks (4 residual blocks) of the ResNet-26" (Sec. 4.1).
+
+What trains follows the authors' code (``gyhui14/spottune``, ``main.py``), where
+the paper is silent (:func:`spottune_rules`):
+
+* "# freeze the original blocks": every convolution outside the trainable copies
+  is frozen except the first one (``if flag is True: flag = False`` skips the stem
+  conv, ``else: m.weight.requires_grad = False``): the frozen copies' convolutions
+  and Lite's head conv are frozen, the stem conv trains;
+* only ``nn.Conv2d`` weights are frozen, and ``net.train()`` runs the whole
+  network in training mode: the BatchNorm layers of the frozen copies train their
+  γ, β with the network's optimizer and normalise by batch statistics in training
+  (running averages re-estimated on the task), like the stem's and the head's.
+  ``train_frozen_bn=False`` keeps them as the paper's text has the frozen block,
+  "left unchanged" (running statistics, γ, β frozen).
 
 Parameter layout (``params`` and ``batch_stats``):
 
@@ -44,6 +58,11 @@ Routing (``routing=`` call argument, else the model's ``train_routing`` when
 * ``"random"``: Bernoulli(0.5) per image and block (the random-policy baseline;
   the last ``random_finetune_last`` routed blocks are always fine-tuned, as the
   paper's baseline does with 3); ``"gumbel"`` rng;
+
+``"sample"`` and ``"random"`` draw each image's decisions from the ``"gumbel"`` key
+folded with a hash of the image's pixels, so an evaluation that hands every batch
+the same key (the trainer's eval step: ``PRNGKey(i)`` per stream) still gets fresh
+decisions for every image and batch (and the same ones for the same image);
 * ``"fixed"`` (with the ``routing_mask`` attribute) or a sequence of 0/1 per
   routed block: one fixed mask for every image (stochastic fine-tuning, or a
   Global-k model with its unused blocks dropped).
@@ -65,6 +84,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -73,7 +93,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax.core import paths as paths_lib
 from ftjax.losses.spottune import gumbel_softmax
+from ftjax.methods.patches import structural_paths
 from ftjax.models.efficientnet_lite import (EFFICIENTNET_SPECS, LITE_MEAN, LITE_STD, EfficientNetBackbone,
                                             EfficientNetSpec)
 from ftjax.models.layers import (BatchNorm, Conv, classifier_outputs, head_kernel_init, normalize_pixels,
@@ -107,21 +129,13 @@ def block_names(base_name: str) -> list[str]:
 
 
 def routed_block_names(base_name: str) -> list[str]:
-  """The blocks SpotTune doubles: every ResNet block; the residual MBConv blocks of a Lite.
+  """The blocks SpotTune doubles: every block of the base (ResNet residual blocks, Lite MBConv blocks).
 
   Example:
     >>> routed_block_names("efficientnet_tiny")
-    ['blocks_0', 'blocks_2']
+    ['blocks_0', 'blocks_1', 'blocks_2', 'blocks_3']
   """
-  spec = _spec(base_name)
-  if isinstance(spec, ResNetSpec):
-    return list(spec.block_names())
-  names, channels = [], spec.stem_channels
-  for i, block in enumerate(spec.blocks):
-    if block.stride == 1 and block.out_channels == channels:
-      names.append(f"blocks_{i}")
-    channels = block.out_channels
-  return names
+  return block_names(base_name)
 
 
 def _backbone(spec: ResNetSpec | EfficientNetSpec, *, name: str) -> nn.Module:
@@ -227,6 +241,7 @@ class SpotTuneClassifier(nn.Module):
   num_source_classes: int = 1000
   min_image_size: int = 32
   first_routed_block: int = 0
+  train_frozen_bn: bool = True
 
   @property
   def model_name(self) -> str:
@@ -264,7 +279,17 @@ class SpotTuneClassifier(nn.Module):
     if size < self.min_image_size:
       raise ValueError(f"image size {size} is too small for {self.model_name}; minimum {self.min_image_size}")
 
-  def _decisions(self, mode: str, policy_logits: jax.Array | None, batch: int) -> jax.Array:
+  def _image_keys(self, images: jax.Array) -> jax.Array:
+    """One key per image: the ``"gumbel"`` key folded with a hash of the image's pixels.
+
+    The trainer's eval step gives every batch the same key; folding in the image
+    makes sampled and random decisions differ across images and batches, and
+    keeps them reproducible (the same image, key and routing give the same route).
+    """
+    key = self.make_rng(GUMBEL_RNG)
+    return jax.vmap(lambda h: jax.random.fold_in(key, h))(image_hashes(images))
+
+  def _decisions(self, mode: str, policy_logits: jax.Array | None, images: jax.Array) -> jax.Array:
     num_blocks = len(self.routed_blocks)
     if mode in RNG_MODES and not self.has_rng(GUMBEL_RNG):
       raise ValueError(f"SpotTune routing {mode!r} needs randomness: call model.apply(..., "
@@ -273,12 +298,14 @@ class SpotTuneClassifier(nn.Module):
       sample = gumbel_softmax(self.make_rng(GUMBEL_RNG), policy_logits, temperature=self.temperature, hard=True)
       return sample[..., 1]
     if mode == "sample":
-      noise = jax.random.gumbel(self.make_rng(GUMBEL_RNG), policy_logits.shape, jnp.float32)
+      keys = self._image_keys(images)
+      noise = jax.vmap(lambda k: jax.random.gumbel(k, policy_logits.shape[1:], jnp.float32))(keys)
       return jnp.argmax(policy_logits.astype(jnp.float32) + noise, axis=-1).astype(jnp.float32)
     if mode == "argmax":
       return jnp.argmax(policy_logits, axis=-1).astype(jnp.float32)
     # random
-    decisions = jax.random.bernoulli(self.make_rng(GUMBEL_RNG), 0.5, (batch, num_blocks)).astype(jnp.float32)
+    keys = self._image_keys(images)
+    decisions = jax.vmap(lambda k: jax.random.bernoulli(k, 0.5, (num_blocks,)))(keys).astype(jnp.float32)
     keep = min(int(self.random_finetune_last), num_blocks)
     if keep:
       decisions = decisions.at[:, num_blocks - keep:].set(1.0)
@@ -299,7 +326,7 @@ class SpotTuneClassifier(nn.Module):
       policy_logits = PolicyNetwork(len(routed), self.policy_depth, self.policy_width,
                                     self.policy_image_size, name="policy")(x, train=train)
     if static is None:
-      decisions = self._decisions(mode, policy_logits, batch)
+      decisions = self._decisions(mode, policy_logits, images)
     else:
       decisions = jnp.broadcast_to(jnp.asarray(static, jnp.float32), (batch, len(routed)))
 
@@ -309,6 +336,9 @@ class SpotTuneClassifier(nn.Module):
     # A frozen prefix (stem and the blocks before the first routed one) runs the
     # frozen copy on its running statistics, like every frozen block.
     x = frozen.stem(x, train=False) if prefix else backbone.stem(x, train=train)
+    # The frozen copies' BatchNorm: as the network's in training (the authors' code runs
+    # net.train() over both copies) or always on running statistics (train_frozen_bn=False).
+    frozen_train = train and self.train_frozen_bn
     feature_maps = {}
     for name in block_names(self.base_name):
       if name in prefix:
@@ -318,11 +348,11 @@ class SpotTuneClassifier(nn.Module):
       else:
         j = routed.index(name)
         if static is not None:
-          # Only the chosen copy runs; the frozen one always on running statistics.
-          x = backbone.block(name, x, train=train) if static[j] else frozen.block(name, x, train=False)
+          # Only the chosen copy runs.
+          x = backbone.block(name, x, train=train) if static[j] else frozen.block(name, x, train=frozen_train)
         else:
           fine = backbone.block(name, x, train=train)
-          kept = frozen.block(name, x, train=False)
+          kept = frozen.block(name, x, train=frozen_train)
           choice = decisions[:, j].astype(fine.dtype).reshape(batch, 1, 1, 1)
           x = choice * fine + (1.0 - choice) * kept
       feature_maps[name] = x
@@ -351,6 +381,7 @@ def create_spottune_model(
     keep_source_head: bool = False,
     num_source_classes: int = 1000,
     first_routed_block: int = 0,
+    train_frozen_bn: bool = True,
 ) -> SpotTuneClassifier:
   """Builds a :class:`SpotTuneClassifier` over a ResNet or EfficientNet-Lite by name.
 
@@ -375,6 +406,9 @@ def create_spottune_model(
       :func:`routed_block_names`; the stem and every block before it are frozen
       and not routed (``frozen_backbone``, running BatchNorm statistics). The
       paper's Visual Decathlon ResNet-26: 4 (its first macro block frozen).
+    train_frozen_bn: the frozen copies' BatchNorm layers normalise by batch
+      statistics in training (running averages re-estimated), as the authors'
+      code (``net.train()``); False: always on their running statistics.
 
   Returns:
     An unbound Linen module; input is NHWC raw pixels in ``[0, 255]``.
@@ -416,21 +450,40 @@ def create_spottune_model(
       policy_image_size=int(policy_image_size), temperature=float(temperature),
       train_routing=as_static(train_routing), eval_routing=as_static(eval_routing), routing_mask=mask,
       random_finetune_last=int(random_finetune_last), keep_source_head=bool(keep_source_head),
-      num_source_classes=int(num_source_classes), first_routed_block=int(first_routed_block))
+      num_source_classes=int(num_source_classes), first_routed_block=int(first_routed_block),
+      train_frozen_bn=bool(train_frozen_bn))
+
+
+def image_hashes(images: jax.Array) -> jax.Array:
+  """A ``uint32`` hash of each image's pixels, ``[B]`` (for per-image random keys).
+
+  Example:
+    >>> h = image_hashes(jnp.stack([jnp.zeros((4, 4, 3)), jnp.ones((4, 4, 3))]))
+    >>> bool(h[0] != h[1])
+    True
+  """
+  bits = jax.lax.bitcast_convert_type(images.astype(jnp.float32), jnp.uint32).reshape(images.shape[0], -1)
+  position = jnp.arange(bits.shape[1], dtype=jnp.uint32) * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)
+  mixed = (bits ^ (bits >> 16)) * jnp.uint32(0x85EBCA6B)
+  mixed = (mixed ^ (mixed >> 13)) * (position | jnp.uint32(1))
+  return jnp.sum(mixed, axis=1, dtype=jnp.uint32)   # wraps modulo 2**32
 
 
 def random_block_mask(num_blocks: int, *, fraction: float = 0.5, seed: int = 0) -> tuple[int, ...]:
-  """A fixed mask fine-tuning ``round(fraction * num_blocks)`` blocks chosen at random.
+  """A fixed mask fine-tuning ``fraction`` of ``num_blocks`` blocks chosen at random.
 
-  The stochastic fine-tuning baseline of the paper's Table 2 (50% of the blocks).
+  The stochastic fine-tuning baseline of the paper's Table 2 ("we randomly sample
+  50% of the blocks"). The count is ``fraction * num_blocks`` rounded half up
+  (9 blocks at 50%: 5), never Python's round-half-to-even (which gave 4 of 9).
 
   Example:
-    >>> sum(random_block_mask(16, seed=3))
-    8
+    >>> sum(random_block_mask(16, seed=3)), sum(random_block_mask(9, seed=3))
+    (8, 5)
   """
   if not 0.0 <= fraction <= 1.0 or num_blocks < 1:
     raise ValueError(f"need num_blocks >= 1 and fraction in [0, 1], got {num_blocks}, {fraction}")
-  chosen = np.random.default_rng(seed).permutation(num_blocks)[: int(round(fraction * num_blocks))]
+  count = int(np.floor(fraction * num_blocks + 0.5))
+  chosen = np.random.default_rng(seed).permutation(num_blocks)[:count]
   mask = np.zeros(num_blocks, np.int64)
   mask[chosen] = 1
   return tuple(int(v) for v in mask)
@@ -503,28 +556,120 @@ def spottune_variables_from_pretrained(model: SpotTuneClassifier, pretrained_var
   return out
 
 
-def spottune_rules() -> list[tuple[str, str]]:
-  """:mod:`ftjax.core.paths` rules of a SpotTune model, in four groups.
+def _natural_key(name: str) -> list[Any]:
+  """``blocks_2`` before ``blocks_10``: block names in forward order."""
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
-  ``head`` (the new heads), ``backbone`` (the trainable copies, the stem and the
-  other unrouted layers, and a kept ``source_head``), ``frozen`` (the
-  ``frozen_backbone`` copies: give this group ``frozen=True``) and ``policy``
+
+def _alternation(names: Sequence[str]) -> str:
+  return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def _train_mask(train_routing: Any, routing_mask: Sequence[int] | None, num_blocks: int) -> tuple[int, ...] | None:
+  """The 0/1 mask every training image follows under a static training routing (None: dynamic)."""
+  return _static_mask(train_routing if isinstance(train_routing, str) else tuple(train_routing),
+                      None if routing_mask is None else tuple(routing_mask), num_blocks)
+
+
+def spottune_param_rules(variables: Any, *, train_frozen_bn: bool = True,
+                         train_routing: Any = "gumbel", routing_mask: Sequence[int] | None = None,
+                         random_finetune_last: int = 0) -> list[tuple[str, str]]:
+  """The rules of the parameters SpotTune owns (claimed before the baseline's rules).
+
+  Follows the authors' code (``gyhui14/spottune``, ``main.py``, "# freeze the
+  original blocks": every ``nn.Conv2d`` outside ``parallel_blocks`` except the
+  first gets ``requires_grad = False``; nothing else is frozen):
+
+  * ``policy`` (group ``policy``), when the training routing is the policy's
+    (``"gumbel"``); a routing that never runs it in training (``"random"``, a
+    fixed mask) leaves it at its initialisation (``frozen``);
+  * the frozen copies' BatchNorm γ, β: group ``backbone`` (trained with the
+    network; ``train_frozen_bn=False``: ``frozen``);
+  * ``frozen``: the frozen copies' convolutions, every convolution of an unrouted
+    part of ``backbone`` except the stem's (Lite's ``head_conv``), the frozen
+    prefix (``first_routed_block > 0``: stem and earlier blocks, statistics too),
+    and the copies no training image uses (under a static training routing the
+    trainable copy of a 0 block and the frozen copy of a 1 block; under
+    ``"random"`` the frozen copies of the ``random_finetune_last`` blocks), so that
+    the trainable-parameter count is what training can change.
+
+  The rest (trainable copies, the stem, the stem's and the head's BatchNorm) is
+  left to the baseline (``finetune``: group ``backbone``). Needs the SpotTune
+  model's variables (the structure: which blocks are routed, which layers are
+  BatchNorm, i.e. have running statistics).
+
+  Example:
+    >>> model = create_spottune_model("resnet_tiny", num_classes=3, policy_depth=1, policy_width=8)
+    >>> shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False,
+    ...                         outputs=model.all_outputs, routing="argmax"), jax.random.key(0))
+    >>> [group for _, group in spottune_param_rules(shapes)]
+    ['policy', 'backbone', 'frozen']
+  """
+  params = variables["params"]
+  frozen_parts = set(params.get("frozen_backbone", {}))
+  backbone_parts = set(params.get("backbone", {}))
+  routed = sorted(frozen_parts & backbone_parts, key=_natural_key)   # forward order
+  # The frozen prefix (frozen_parts - backbone_parts) is frozen whole by the frozen_backbone rule.
+  unrouted = sorted(backbone_parts - frozen_parts, key=_natural_key)
+  if not routed:
+    raise ValueError("not a SpotTune model's variables: no block has both a frozen copy "
+                     "(frozen_backbone/...) and a trainable one (backbone/...)")
+  mask = _train_mask(train_routing, routing_mask, len(routed))
+  always_finetuned = set()
+  if isinstance(train_routing, str) and train_routing == "random" and random_finetune_last:
+    always_finetuned = set(routed[len(routed) - min(int(random_finetune_last), len(routed)):])
+  used_frozen = [b for j, b in enumerate(routed)
+                 if (mask is None or not mask[j]) and b not in always_finetuned]
+  unused_trainable = [b for j, b in enumerate(routed) if mask is not None and not mask[j]]
+  flat = paths_lib.flatten_paths(params)
+
+  train_policy = mask is None and isinstance(train_routing, str) and train_routing == "gumbel"
+  rules: list[tuple[str, str]] = [("policy/.*", "policy" if train_policy else "frozen")]
+  # The frozen copies' BatchNorm γ, β (found as the scale-and-bias patch finds them: layers
+  # with running statistics), named by layer in the rule.
+  bn_paths = sorted(p for p in structural_paths(params, batch_stats=variables.get("batch_stats"),
+                                                selection="scale_bias")
+                    if p.startswith("frozen_backbone/") and p.split("/")[1] in used_frozen)
+  bn_regex = ""
+  if train_frozen_bn and bn_paths:
+    layers = sorted({p.rsplit("/", 2)[-2] for p in bn_paths})
+    bn_regex = (f"frozen_backbone/{_alternation(used_frozen)}/(?:.*/)?{_alternation(layers)}"
+                f"/(?:scale|bias)")
+    matched = {p for p in flat if re.fullmatch(bn_regex, p)}
+    if matched != set(bn_paths):
+      raise ValueError(f"SpotTune's BatchNorm rule {bn_regex!r} disagrees with the model's structure: "
+                       f"also matches {sorted(matched - set(bn_paths))}, misses {sorted(set(bn_paths) - matched)}")
+    rules.append((bn_regex, "backbone"))
+  # Convolutions of the unrouted parts of backbone, except the first (the stem's).
+  conv_modules = sorted({p.rsplit("/", 1)[0] for p, leaf in flat.items()
+                         if p.startswith("backbone/") and p.split("/")[1] in unrouted
+                         and p.endswith("/kernel") and len(np.shape(leaf)) == 4
+                         and p.split("/")[1] != "stem_conv"})
+  frozen = ["frozen_backbone/.*" if not bn_regex else f"(?!(?:{bn_regex})$)frozen_backbone/.*"]
+  frozen += [f"{re.escape(m)}/.*" for m in conv_modules]
+  if unused_trainable:
+    frozen.append(f"backbone/{_alternation(unused_trainable)}/.*")
+  rules.append(("|".join(frozen), "frozen"))
+  return rules
+
+
+def spottune_rules(variables: Any, **options: Any) -> list[tuple[str, str]]:
+  """All rules of a SpotTune model: :func:`spottune_param_rules`, then the ``finetune`` baseline.
+
+  ``head`` (the new heads), ``backbone`` (the trainable copies, the stem, the
+  stem's and head's BatchNorm, the frozen copies' BatchNorm γ, β, and a kept
+  ``source_head``), ``frozen`` (give this group ``frozen=True``) and ``policy``
   (the policy network). The paper trains the policy with its own optimizer and
   learning rate; here it is its own parameter group inside the one optimizer, so
   its learning rate is the shared schedule times the group's ``lr_mult`` (see
   :func:`spottune_groups`); momentum and the schedule's shape are shared.
+  ``options``: those of :func:`spottune_param_rules`.
 
   Example:
-    >>> from ftjax.core.paths import path_labels
-    >>> params = {"backbone": {"w": 1.0}, "frozen_backbone": {"w": 1.0}, "policy": {"w": 1.0},
-    ...           "head": {"w": 1.0}}
-    >>> path_labels(params, spottune_rules())
-    {'backbone': {'w': 'backbone'}, 'frozen_backbone': {'w': 'frozen'}, 'head': {'w': 'head'}, 'policy': {'w': 'policy'}}
+    >>> labels = path_labels(variables["params"], spottune_rules(variables))   # doctest: +SKIP
   """
-  return [("(?:head|projector)/.*", "head"),
-          ("backbone/.*|source_head/.*", "backbone"),
-          ("frozen_backbone/.*", "frozen"),
-          ("policy/.*", "policy")]
+  return paths_lib.claim_first(spottune_param_rules(variables, **options),
+                               [("(?:head|projector)/.*", "head"), ("backbone/.*|source_head/.*", "backbone")])
 
 
 def spottune_groups(*, head_lr_mult: float = 10.0, policy_lr_mult: float = 1.0,

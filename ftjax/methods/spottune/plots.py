@@ -81,21 +81,4 @@ def _save(fig: Any, path: str) -> str:
   return path
 
 
-__all__ = [
-    "PolicyNetwork",
-    "PrunedSize",
-    "ROUTING_MODES",
-    "SPOTTUNE_OUTPUTS",
-    "SpotTuneClassifier",
-    "block_names",
-    "create_spottune_model",
-    "plot_block_usage",
-    "plot_finetuned_histogram",
-    "pruned_size",
-    "random_block_mask",
-    "routed_block_names",
-    "spottune_groups",
-    "spottune_rules",
-    "spottune_variables_from_pretrained",
-    "unused_blocks",
-]
+__all__ = ["plot_block_usage", "plot_finetuned_histogram"]
