@@ -145,7 +145,8 @@ def _claimed_rules(params: Any, *, batch_stats: Any, selection: str | Sequence[s
     return [(".*", "patch")]
   train_head = train_head or "head" in parts
   body_parts = [p for p in parts if p != "head"]
-  head_rule = (NEW_HEADS, "head" if train_head else "frozen")
+  # The target head only: a method that adds a head (Bi-Tuning's projector) claims it itself.
+  head_rule = ("head/.*", "head" if train_head else "frozen")
   if not body_parts:
     return [head_rule]
   body = selection_regex(params, batch_stats=batch_stats, selection=body_parts)
