@@ -89,6 +89,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0          # 0 = once per epoch; a checkpoint is written at every evaluation
   c.keep_checkpoints = 2
   c.selection_metric = "top1"     # on the validation split: picks the checkpoint tested at the end
+  # False: a hyper-parameter sweep run, which reads no test data: the results record has
+  # no test figures and the methods' after-training analyses (which may read test) are
+  # skipped. Not part of the run's identity: the same run directory later evaluated with
+  # True (the value the sweep chose) resumes at its last step and only tests.
+  c.evaluate_test = True
   c.progress = True
   # A run whose loss becomes non-finite: "raise" stops (the error names the last good
   # checkpoint); "record" (learning-rate sweeps) records it as diverged and goes on

@@ -180,23 +180,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   best_vars = {"params": best["params"]}
   if best["batch_stats"]:
     best_vars["batch_stats"] = best["batch_stats"]
-  test = evaluate(training.eval_step, best_vars, dataset, "test", batch_size=config.eval_batch_size, mesh=mesh)
-  writer.write(step, "test", test)
-  writer.close()
   results = {
       "seed": config.seed,
       "best_val": float(best["metric"]),
       "best_step": int(best["step"]),
       "selection_metric": config.selection_metric,
-      "test_top1": test["top1"],
-      "test_mean_per_class": test["mean_per_class"],
       "num_train": dataset.num_examples["train"],
       "num_val": dataset.num_examples["val"],
-      "num_test": int(test["count"]),
       "steps": step,
       "trainable_parameters": sum(n for g, n in training.sizes.items() if g not in training.frozen),
       "total_parameters": sum(training.sizes.values()),
   }
+  if not config.get("evaluate_test", True):
+    # A sweep run: validation only. No test figures, no after-training analyses
+    # (SpotTune's routing statistics read the test split).
+    writer.close()
+    results["test_evaluated"] = False
+    if jax.process_index() == 0:
+      write_json(os.path.join(workdir, "results.json"), results)
+    return results
+  test = evaluate(training.eval_step, best_vars, dataset, "test", batch_size=config.eval_batch_size, mesh=mesh)
+  writer.write(step, "test", test)
+  writer.close()
+  results.update({"test_top1": test["top1"], "test_mean_per_class": test["mean_per_class"],
+                  "num_test": int(test["count"])})
   # The methods' after-training analyses (SpotTune's routing of the test split, a patch's file).
   final = run.context._replace(variables=best_vars, labels=training.labels, base_variables=run.variables)
   for m in run.methods:
