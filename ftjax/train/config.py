@@ -53,6 +53,8 @@ def default_config() -> ml_collections.ConfigDict:
                                   # same batches from any number of processes (a multiple of it)
   c.dataset.test_split = "test"   # TFDS split evaluated as 'test'; "validation" -> val is carved from train
   c.dataset.classes = ()          # a class subset (TFDS label ids, relabelled 0..n-1 in this order); () = all
+  c.dataset.train_indices_path = ""  # .npy of TFDS train-split indices that 'train' is sampled from
+                                  # (e.g. a pre-training pool without the target's images); "" = all
 
   c.batch_size = 32               # global
   c.eval_batch_size = 128

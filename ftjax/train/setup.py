@@ -204,7 +204,16 @@ def load_run_dataset(config: ml_collections.ConfigDict):
       "", sampling_rate=config.dataset.sampling_rate, process_index=jax.process_index(),
       process_count=jax.process_count(), num_shards=config.dataset.num_shards,
       classes=tuple(config.dataset.get("classes", ())) or None,
+      train_indices=_train_indices(config.dataset.get("train_indices_path", "")),
       test_split=config.dataset.get("test_split", "test"))
+
+
+def _train_indices(path: str):
+  if not path:
+    return None
+  if not os.path.exists(path):
+    raise ConfigError(f"dataset.train_indices_path={path!r} does not exist")
+  return np.load(path)
 
 
 def model_options(methods: Sequence[Any]) -> dict[str, Any]:
