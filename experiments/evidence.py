@@ -215,10 +215,28 @@ def unit_config(unit: Unit):
 
 
 def unit_key(unit: Unit) -> str:
-  """The run's identity: its row name and a hash of its semantic config (seed included)."""
+  """The run's identity: its row name and a hash of its semantic config (seed included).
+
+  Fields at their default value are left out of the hash, so that a config field
+  added to ftjax later (at a neutral default) does not rename finished runs.
+  """
+  from ftjax.train.config import default_config
   from ftjax.train.setup import semantic_config
-  semantic = json.dumps(semantic_config(unit_config(unit)), sort_keys=True)
+  canonical = _without_defaults(semantic_config(unit_config(unit)), semantic_config(default_config()))
+  semantic = json.dumps(canonical, sort_keys=True)
   return f"{unit.row}-{hashlib.sha256(semantic.encode()).hexdigest()[:12]}-seed{unit.seed}"
+
+
+def _without_defaults(config: Any, default: Any) -> Any:
+  if not isinstance(config, dict):
+    return config
+  default = default if isinstance(default, dict) else {}
+  out = {}
+  for key, value in config.items():
+    if key in default and value == default[key]:
+      continue
+    out[key] = _without_defaults(value, default.get(key))
+  return out
 
 
 # ----------------------------------------------------------------------------- the ledger
@@ -477,13 +495,17 @@ def work(tables: Sequence[Table], *, runs: pathlib.Path, ledger: Ledger, identit
     stop["now"] = True
     raise KeyboardInterrupt
   signal.signal(signal.SIGTERM, on_signal)
+  failed: set[str] = set()
   while not stop["now"]:
     done = index(ledger.entries(), identity)
     plans = plan_study(tables, done, seeds=seeds)
-    units = [u for p in plans.values() for u in p.runnable]
+    units = [u for p in plans.values() for u in p.runnable if unit_key(u) not in failed]
     waiting = sum(p.waiting for p in plans.values())
     if not units and not waiting:
-      _log("nothing left to run")
+      _log("nothing left to run" + (f"; {len(failed)} unit(s) failed: {sorted(failed)}" if failed else ""))
+      return
+    if not units and failed:
+      _log(f"only units waiting on failed ones are left: {sorted(failed)}")
       return
     started = False
     seen = set()
@@ -500,11 +522,17 @@ def work(tables: Sequence[Table], *, runs: pathlib.Path, ledger: Ledger, identit
           continue   # another worker finished it meanwhile
         started = True
         _run_one(unit, key, runs=runs, ledger=ledger, identity=identity, cpus=cpus)
+      except UnitFailed:
+        failed.add(key)
       finally:
         lock.release()
       break
     if not started:
       time.sleep(poll_s)   # every runnable unit is held by another worker
+
+
+class UnitFailed(Exception):
+  """A unit's process failed (its log says why); the worker goes on with other units."""
 
 
 def _run_one(unit: Unit, key: str, *, runs: pathlib.Path, ledger: Ledger, identity: dict[str, str],
@@ -532,8 +560,8 @@ def _run_one(unit: Unit, key: str, *, runs: pathlib.Path, ledger: Ledger, identi
       proc.wait()
       raise
   if code != 0:
-    _log(f"FAILED {what} (exit {code}); see {workdir / 'unit.log'}")
-    raise SystemExit(f"unit {key} failed; see {workdir / 'unit.log'}")
+    _log(f"FAILED {what} (exit {code}); see {workdir / 'unit.log'}; this worker skips it from now on")
+    raise UnitFailed(key)
   record = json.loads(out.read_text())
   ledger.append({"key": key, "evaluate_test": unit.evaluate_test, **identity, "unit": unit.spec(),
                  "record": record, "seconds": round(time.time() - t0, 1),

@@ -1,0 +1,362 @@
+r"""Results tables, figures and the scorecard of the papers' claims, written from the ledger.
+
+  .venv/bin/python -m experiments.evidence tables
+
+For every table of :data:`experiments.evidence.TABLES` this writes
+``experiments/results/<table>/``: ``results.json`` (every seed's record with the
+commit and kernel set that produced it, and the values chosen on validation),
+``results_table.md`` (mean ± std, the 95% interval, the paired difference to
+fine-tuning with its interval; ``*`` where that interval excludes 0; the
+validation sweep behind the chosen values) and ``test_top1.png`` (bars with 95%
+intervals). Then ``experiments/results/README.md``: one row per claim of
+:data:`CLAIMS` with the paper's figures, ftjax's paired difference and a verdict
+from :func:`verdict`. Everything is computed from the ledger, whose records
+belong to one commit and kernel set (the latest entry's unless ``identity``
+is given): a table never mixes commits or kernel sets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+from experiments import evidence as ev
+from experiments import stats
+
+BASELINE_ROW = "finetune"
+PENDING, REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "pending", "reproduced", "not reproduced", "inconclusive"
+MIN_SEEDS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+  """One claim of a paper, tested by the paired difference of two rows (``a - b``).
+
+  Attributes:
+    paper: short name of the paper.
+    text: the claim, as a sentence.
+    a, b: ``(table, row)`` of the two rows compared (``a`` is claimed better).
+    paper_figures: what the paper reports for the claim.
+    margin: 0 for "a beats b"; > 0 (fraction) for "a keeps b's accuracy": a
+      non-inferiority claim, reproduced when the interval's lower end is above
+      ``-margin``.
+  """
+  paper: str
+  text: str
+  a: tuple[str, str]
+  b: tuple[str, str]
+  paper_figures: str
+  margin: float = 0.0
+
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim("Co-Tuning", "Co-Tuning beats fine-tuning at 15%", ("co_tuning_15", "co_tuning_src_r50_x0884_g_cal"),
+          ("co_tuning_15", "finetune"), "CUB 15%: 52.58 vs 45.25 (Table 4); Cars 15%: 46.02 vs 36.77 (Sec. 5.2)"),
+    Claim("Co-Tuning", "Co-Tuning beats fine-tuning at 5% (below the paper's lowest rate)",
+          ("co_tuning_5", "co_tuning_src_r50_x0884_g_cal"), ("co_tuning_5", "finetune"),
+          "not in the paper (rates 15-100%); gains grow as data shrink (Table 2)"),
+    Claim("Co-Tuning", "calibration helps: Co-Tuning beats Co-Tuning w/o calibration (15%)",
+          ("co_tuning_15", "co_tuning_src_r50_x0884_g_cal"), ("co_tuning_15", "co_tuning_no_calibration"),
+          "CUB 15%: 52.58 vs 50.67 (Table 4)"),
+    Claim("Co-Tuning", "calibration helps: Co-Tuning beats Co-Tuning w/o calibration (5%)",
+          ("co_tuning_5", "co_tuning_src_r50_x0884_g_cal"), ("co_tuning_5", "co_tuning_no_calibration"),
+          "CUB 15%: 52.58 vs 50.67 (Table 4)"),
+    Claim("Co-Tuning", "the reverse relationship beats the direct one (5%)",
+          ("co_tuning_5", "co_tuning_src_r50_x0884_g_cal"), ("co_tuning_5", "co_tuning_direct_src_uncal"),
+          "CUB 15%: 52.58 vs 51.20 (Table 4)"),
+    Claim("Co-Tuning", "Co-Tuning beats L2-SP (5%)", ("co_tuning_5", "co_tuning_src_r50_x0884_g_cal"),
+          ("regularizers_5", "l2_sp"), "better than L2-SP on every dataset and rate (Table 2)"),
+    Claim("Co-Tuning", "Co-Tuning beats DELTA (5%)", ("co_tuning_5", "co_tuning_src_r50_x0884_g_cal"),
+          ("regularizers_5", "delta"), "better than DELTA on every dataset and rate (Table 2)"),
+    Claim("Co-Tuning", "Co-Tuning beats BSS (5%)", ("co_tuning_5", "co_tuning_src_r50_x0884_g_cal"),
+          ("regularizers_5", "bss"), "better than BSS on every dataset and rate (Table 2)"),
+    Claim("Co-Tuning", "Co-Tuning beats LwF (5%)", ("co_tuning_5", "co_tuning_src_r50_x0884_g_cal"),
+          ("regularizers_5", "lwf"), "CUB 15%: 52.58 vs 47.67 (Table 4)"),
+    Claim("Co-Tuning", "Co-Tuning + BSS + L2-SP beats fine-tuning (5%)", ("regularizers_5", "co_tuning_bss_l2sp"),
+          ("regularizers_5", "finetune"), "not in the paper (ftjax's composition)"),
+    Claim("Bi-Tuning", "Bi-Tuning beats fine-tuning (5%)", ("bi_tuning_5", "bi_tuning"), ("bi_tuning_5", "finetune"),
+          "CUB 25%: 67.47 vs 61.36; Cars 25%: 66.15 vs 56.45 (Table 1)"),
+    Claim("Bi-Tuning", "CE + CCL beats CE alone (5%)", ("bi_tuning_5", "ce_ccl"), ("bi_tuning_5", "finetune"),
+          "CUB 25% (MoCo): 41.09 vs 38.57 (Table 5)"),
+    Claim("Bi-Tuning", "CE + CCE beats CE alone (5%)", ("bi_tuning_5", "ce_cce"), ("bi_tuning_5", "finetune"),
+          "CUB 25% (MoCo): 45.42 vs 38.57 (Table 5)"),
+    Claim("Bi-Tuning", "all three losses beat CE + CCE (5%)", ("bi_tuning_5", "bi_tuning"), ("bi_tuning_5", "ce_cce"),
+          "CUB 25% (MoCo): 50.54 vs 45.42 (Table 5)"),
+    Claim("Bi-Tuning", "all three losses beat CE + CCL (5%)", ("bi_tuning_5", "bi_tuning"), ("bi_tuning_5", "ce_ccl"),
+          "CUB 25% (MoCo): 50.54 vs 41.09 (Table 5)"),
+    Claim("Bi-Tuning", "Bi-Tuning beats BSS (5%)", ("bi_tuning_5", "bi_tuning"), ("regularizers_5", "bss"),
+          "CUB 25%: 67.47 vs 64.69 (Table 1)"),
+    Claim("regularisers", "L2-SP beats fine-tuning (5%)", ("regularizers_5", "l2_sp"), ("regularizers_5", "finetune"),
+          "mixed: CUB 25% 61.21 vs 61.36 (Bi-Tuning Table 1); better in Co-Tuning Table 2"),
+    Claim("regularisers", "DELTA beats fine-tuning (5%)", ("regularizers_5", "delta"), ("regularizers_5", "finetune"),
+          "CUB 25%: 62.89 vs 61.36 (Bi-Tuning Table 1)"),
+    Claim("regularisers", "BSS beats fine-tuning (5%)", ("regularizers_5", "bss"), ("regularizers_5", "finetune"),
+          "CUB 25%: 64.69 vs 61.36 (Bi-Tuning Table 1)"),
+    Claim("regularisers", "LwF beats fine-tuning (5%)", ("regularizers_5", "lwf"), ("regularizers_5", "finetune"),
+          "CUB 15%: 47.67 vs 45.25 (Co-Tuning Table 4)"),
+    Claim("SpotTune", "SpotTune beats fine-tuning (5%)", ("spottune_5", "spottune"), ("spottune_5", "finetune"),
+          "CUBS: 84.03 vs 81.86; Cars: 92.40 vs 89.74 (Table 2)"),
+    Claim("SpotTune", "Global-k keeps SpotTune's accuracy within 1 point (5%)", ("spottune_5", "global_k"),
+          ("spottune_5", "spottune"), "CUBS: 83.48 vs 84.03; Flowers 96.60 vs 96.34 (Table 2)", margin=0.01),
+    Claim("SpotTune", "SpotTune beats stochastic fine-tuning (5%)", ("spottune_5", "spottune"),
+          ("spottune_5", "stochastic"), "CUBS: 84.03 vs 81.03 (Table 2)"),
+    Claim("SpotTune", "SpotTune beats a random policy (5%)", ("spottune_5", "spottune"),
+          ("spottune_5", "random_policy"), "CUBS: 84.03 vs 81.63 (Table 2)"),
+    Claim("SpotTune", "fine-tuning beats the feature extractor (5%)", ("spottune_5", "finetune"),
+          ("spottune_5", "feature_extractor"), "CUBS: 81.86 vs 74.07 (Table 2)"),
+    Claim("SpotTune", "fine-tuning beats fine-tuning last-1 (5%)", ("spottune_5", "finetune"), ("spottune_5", "last_1"),
+          "CUBS: 81.86 vs 78.68 (Table 2)"),
+    Claim("model patches", "S/B + last layer beats the last layer alone (5%)", ("patches_5", "sb_last_layer"),
+          ("patches_5", "last_layer"), "Flowers: 90.4 vs 84.5; Cars: 81 vs 55 (Table 1)"),
+    Claim("model patches", "S/B + last layer beats S/B with a random fixed last layer (5%)",
+          ("patches_5", "sb_last_layer"), ("patches_5", "sb_random_last_layer"),
+          "Flowers: 90.4 vs 79.5 (Table 1)"),
+    Claim("model patches", "full fine-tuning beats S/B + last layer (5%)", ("patches_5", "all"),
+          ("patches_5", "sb_last_layer"), "Flowers: 93.3 vs 90.4 (Table 1)"),
+    Claim("model patches", "DW + last layer beats the last layer alone (5%)", ("patches_5", "dw_last_layer"),
+          ("patches_5", "last_layer"), "not in Table 1 (DW patches: Sec. 3)"),
+)
+
+
+def verdict(diff: stats.PairedDifference, *, margin: float = 0.0, min_seeds: int = MIN_SEEDS) -> str:
+  """The verdict a claim's paired difference ``a - b`` supports.
+
+  * fewer than ``min_seeds`` paired seeds: ``pending``;
+  * ``margin == 0`` ("a beats b"): ``reproduced`` when the interval is above 0,
+    ``not reproduced`` when it is below 0, ``inconclusive`` when it contains 0;
+  * ``margin > 0`` ("a keeps b's accuracy"): ``reproduced`` when the interval's
+    lower end is above ``-margin``, ``not reproduced`` when its upper end is
+    below ``-margin``, else ``inconclusive``.
+
+  >>> d = stats.paired_difference({0: .83, 1: .84, 2: .85}, {0: .80, 1: .82, 2: .81})
+  >>> verdict(d)
+  'reproduced'
+  """
+  if diff.n < min_seeds or math.isnan(diff.mean):
+    return PENDING
+  if diff.low > -margin:
+    return REPRODUCED
+  if diff.high < -margin:
+    return NOT_REPRODUCED
+  return INCONCLUSIVE
+
+
+# ----------------------------------------------------------------------------- collecting
+
+
+def latest_identity(entries: Sequence[dict[str, Any]]) -> dict[str, str] | None:
+  """The commit and kernel set of the most recent ledger entry (None for an empty ledger)."""
+  if not entries:
+    return None
+  last = max(entries, key=lambda e: e.get("finished", ""))
+  return {"commit": last["commit"], "kernels": last["kernels"]}
+
+
+def collect(tables: Sequence[ev.Table], entries: Sequence[dict[str, Any]], identity: dict[str, str], *,
+            seeds: int | None = None, key=ev.unit_key) -> dict[str, dict[str, Any]]:
+  """``{table: {"rows": {row: [record, ...]}, "chosen": ..., "sweep": ...}}`` for ``identity``'s entries."""
+  done = ev.index(entries, identity)
+  plans = ev.plan_study(tables, done, key=key, seeds=seeds)
+  out = {}
+  for table in tables:
+    plan = plans[table.name]
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for group in table.groups:
+      values = plan.chosen.get(group.main)
+      if values is None:
+        continue
+      for row in group.rows:
+        cfg = ev.row_config(table.config, table.arg, row)
+        overrides = {p: v for p, v in values.items() if ev._has_path(cfg, p)}
+        for seed in range(table.seeds if seeds is None else seeds):
+          unit = ev.Unit(table.config, table.arg, row, seed, tuple(sorted(overrides.items())), True)
+          record = done.get((key(unit), True))
+          if record is not None:
+            rows.setdefault(row, []).append(dict(record, **identity, hyperparameters=overrides))
+    out[table.name] = {"rows": rows, "chosen": plan.chosen,
+                       "sweep": {m: [(ov, r) for ov, r in s] for m, s in plan.sweep.items()}}
+  return out
+
+
+def _by_seed(records: Sequence[dict[str, Any]], metric: str = "test_top1") -> dict[int, float]:
+  return {r["seed"]: (math.nan if r.get(metric) is None else float(r[metric])) for r in records}
+
+
+def claim_rows(collected: dict[str, dict[str, Any]], claims: Sequence[Claim] = CLAIMS) -> list[dict[str, Any]]:
+  """Each claim with its paired difference (or why there is none yet) and its verdict."""
+  out = []
+  for claim in claims:
+    row = {"claim": claim, "diff": None, "verdict": PENDING, "note": ""}
+    a = collected.get(claim.a[0], {}).get("rows", {}).get(claim.a[1], [])
+    b = collected.get(claim.b[0], {}).get("rows", {}).get(claim.b[1], [])
+    if a and b:
+      try:
+        diff = stats.paired_difference(_by_seed(a), _by_seed(b))
+        row["diff"], row["verdict"] = diff, verdict(diff, margin=claim.margin)
+      except ValueError as e:
+        row["note"] = str(e)
+    else:
+      row["note"] = "not run yet"
+    out.append(row)
+  return out
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def format_results_table(table: ev.Table, data: dict[str, Any]) -> str:
+  rows = data["rows"]
+  lines = [f"# {table.name}: {table.config}:{table.arg}", "",
+           "Test top-1 %, checkpoint chosen on validation, test evaluated once per seed. Interval: 95% "
+           "Student t over seeds. Δ: paired difference to `finetune` (same seeds), `*` where its interval "
+           "excludes 0.", "",
+           "| row | seeds | val (best) | test top-1 mean ± std | 95% interval | Δ vs finetune [95%] | "
+           "trainable params | chosen values |",
+           "|---|---|---|---|---|---|---|---|"]
+  base = rows.get(BASELINE_ROW)
+  for row in table.rows:
+    records = rows.get(row)
+    if not records:
+      lines.append(f"| {row} | 0 | | | | | | |")
+      continue
+    test = stats.mean_interval([r["test_top1"] for r in records])
+    val = stats.mean_interval([r["best_val"] for r in records])
+    delta = ""
+    if base and row != BASELINE_ROW:
+      d = stats.paired_difference(_by_seed(records), _by_seed(base))
+      delta = stats.format_points(d, signed=True) + (" *" if d.excludes_zero else "")
+    std = "" if test.n < 2 else f" ± {100 * test.std:.2f}"
+    interval = "" if test.n < 2 else f"[{100 * test.low:.2f}, {100 * test.high:.2f}]"
+    params = records[0].get("trainable_parameters")
+    lines.append(f"| {row} | {test.n} | {100 * val.mean:.2f} | {100 * test.mean:.2f}{std} | {interval} | {delta} | "
+                 f"{params:,} | {_values(records[0]['hyperparameters'])} |" if params is not None else
+                 f"| {row} | {test.n} | {100 * val.mean:.2f} | {100 * test.mean:.2f}{std} | {interval} | {delta} | "
+                 f"n/a | {_values(records[0]['hyperparameters'])} |")
+  lines += ["", "## Chosen on validation (seed 0, test not evaluated)", "",
+            "| method | values tried → best validation top-1 % | chosen |", "|---|---|---|"]
+  for main, runs in data["sweep"].items():
+    tried = ", ".join(f"{_values(ov)} → " + ("running" if r is None else _val(r)) for ov, r in runs)
+    chosen = data["chosen"].get(main)
+    lines.append(f"| {main} | {tried or '(values of ' + str(table.values_from) + ')'} | "
+                 f"{_values(chosen) if chosen else 'pending'} |")
+  return "\n".join(lines) + "\n"
+
+
+def _val(record: dict[str, Any]) -> str:
+  v = record.get("best_val")
+  return "diverged" if v is None or math.isnan(v) else f"{100 * v:.2f}"
+
+
+def _values(values: dict[str, float]) -> str:
+  short = {"optimizer.lr": "lr"}
+  return ", ".join(f"{short.get(k, k.split('.')[-2] + '.' + k.split('.')[-1] if '.' in k else k)}={v:g}"
+                   for k, v in sorted(values.items()))
+
+
+def plot_table(table: ev.Table, data: dict[str, Any], path: pathlib.Path) -> bool:
+  """Bars of mean test top-1 with 95% intervals; False when no row has two seeds."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  names, means, errs = [], [], []
+  for row in table.rows:
+    records = data["rows"].get(row, [])
+    if len(records) < 2:
+      continue
+    iv = stats.mean_interval([r["test_top1"] for r in records])
+    names.append(f"{row}\n(n={iv.n})")
+    means.append(100 * iv.mean)
+    errs.append(100 * (iv.high - iv.mean))
+  if not names:
+    return False
+  fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(names)), 3.6))
+  ax.bar(range(len(names)), means, yerr=errs, capsize=4, color="#4c72b0")
+  ax.set_xticks(range(len(names)), names, fontsize=7)
+  low = min(m - e for m, e in zip(means, errs))
+  ax.set_ylim(max(0, low - 3), min(100, max(m + e for m, e in zip(means, errs)) + 1.5))
+  ax.set_ylabel("test top-1 % (95% interval)")
+  ax.set_title(table.name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
+def plot_lr_curves(table: ev.Table, data: dict[str, Any], path: pathlib.Path) -> bool:
+  """Validation top-1 against the learning rate from the sweep (model patches' Fig. 2)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  drawn = False
+  for main, runs in data["sweep"].items():
+    points = sorted((ov["optimizer.lr"], 100 * r["best_val"]) for ov, r in runs
+                    if r is not None and len(ov) == 1 and r.get("best_val") is not None)
+    if len(points) >= 2:
+      ax.plot(*zip(*points), marker="o", label=main)
+      drawn = True
+  if not drawn:
+    plt.close(fig)
+    return False
+  ax.set_xscale("log")
+  ax.set_xlabel("learning rate")
+  ax.set_ylabel("validation top-1 % (seed 0)")
+  ax.legend(fontsize=7)
+  ax.set_title(f"{table.name}: learning rate on validation")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
+def format_scorecard(rows: Sequence[dict[str, Any]], identity: dict[str, str], *, counts: str) -> str:
+  lines = [
+      "# Scorecard: the papers' claims on Fashion-MNIST with ImageNet EfficientNet-Lite0", "",
+      "Written by `python -m experiments.evidence tables` from `ledger.jsonl` (do not edit by hand). "
+      f"Code: commit `{identity['commit'][:12]}`, CPU kernels `{identity['kernels']}`; {counts}.", "",
+      "Protocol: 64 px, 10 epochs, SGD (momentum 0.9, coupled weight decay 5e-4), checkpoint chosen on a fixed "
+      "validation split (20% of train), the test split evaluated once per seed. Each method's learning rate "
+      "(and its own weight where the paper tunes it) chosen on validation with seed 0; every row then runs "
+      "seeds 0-2 at the chosen values. Δ is the paired difference a − b in test top-1 points over the "
+      "shared seeds with its 95% Student-t interval.", "",
+      "Verdicts: *reproduced* when the interval excludes 0 in the claimed direction (for 'keeps', when its "
+      "lower end is above −margin), *not reproduced* when it excludes 0 the other way, *inconclusive* when "
+      "it contains 0, *pending* before 3 seeds of both rows exist.", "",
+      "| paper | claim | paper's figures | ftjax Δ (a − b) [95%] | seeds | verdict |",
+      "|---|---|---|---|---|---|"]
+  for row in rows:
+    c, d = row["claim"], row["diff"]
+    shown = stats.format_points(d, signed=True) if d is not None else row["note"]
+    lines.append(f"| {c.paper} | {c.text} (`{c.a[0]}/{c.a[1]}` vs `{c.b[0]}/{c.b[1]}`) | {c.paper_figures} | "
+                 f"{shown} | {d.n if d is not None else 0} | **{row['verdict']}** |")
+  return "\n".join(lines) + "\n"
+
+
+def write_all(tables: Sequence[ev.Table], ledger: ev.Ledger, results: pathlib.Path, *, seeds: int | None = None,
+              identity: dict[str, str] | None = None) -> list[dict[str, Any]]:
+  """Writes every table's results and the scorecard under ``results``; returns the claim rows."""
+  entries = ledger.entries()
+  identity = identity or latest_identity(entries)
+  if identity is None:
+    raise SystemExit(f"evidence: {ledger.path} holds no finished run yet")
+  collected = collect(tables, entries, identity, seeds=seeds)
+  for table in tables:
+    data = collected[table.name]
+    out = results / table.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results_table.md").write_text(format_results_table(table, data))
+    payload = {"commit": identity["commit"], "kernels": identity["kernels"], "chosen": data["chosen"],
+               "rows": data["rows"],
+               "sweep": {m: [{"overrides": ov, "record": r} for ov, r in runs] for m, runs in data["sweep"].items()}}
+    (out / "results.json").write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    plot_table(table, data, out / "test_top1.png")
+    if any(len(g.lr_values or ()) > 3 for g in table.groups):
+      plot_lr_curves(table, data, out / "val_vs_lr.png")
+  rows = claim_rows(collected, [c for c in CLAIMS if {c.a[0], c.b[0]} <= {t.name for t in tables}])
+  n = sum(1 for e in entries if e["commit"] == identity["commit"] and e["kernels"] == identity["kernels"])
+  (results / "README.md").write_text(format_scorecard(rows, identity, counts=f"{n} finished runs in the ledger"))
+  return rows

@@ -1,0 +1,239 @@
+"""The evidence study: seed statistics against scipy, choices on validation only, verdicts."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from experiments import evidence as ev
+from experiments import scorecard
+from experiments import stats
+
+TINY = "experiments/configs/tiny.py"
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize("values", [[0.81, 0.83, 0.80], [0.5, 0.52, 0.49, 0.55, 0.51], [0.9, 0.9001]])
+def test_mean_interval_equals_scipy(values):
+  iv = stats.mean_interval(values)
+  low, high = scipy_stats.ttest_1samp(values, 0.0).confidence_interval(0.95)
+  assert iv.mean == pytest.approx(np.mean(values), abs=1e-12)
+  assert iv.std == pytest.approx(np.std(values, ddof=1), rel=1e-12)
+  assert (iv.low, iv.high) == pytest.approx((low, high), rel=1e-10)
+  iv90 = stats.mean_interval(values, confidence=0.9)
+  assert (iv90.low, iv90.high) == pytest.approx(scipy_stats.ttest_1samp(values, 0.0).confidence_interval(0.9),
+                                                rel=1e-10)
+
+
+def test_paired_difference_equals_scipy_ttest_rel():
+  a = {0: 0.832, 1: 0.845, 2: 0.828, 3: 0.851}
+  b = {0: 0.815, 1: 0.822, 2: 0.825, 3: 0.830, 7: 0.9}   # seed 7 has no partner: left out
+  d = stats.paired_difference(a, b)
+  xa, xb = [a[s] for s in (0, 1, 2, 3)], [b[s] for s in (0, 1, 2, 3)]
+  ref = scipy_stats.ttest_rel(xa, xb)
+  assert d.seeds == (0, 1, 2, 3)
+  assert d.mean == pytest.approx(np.mean(np.subtract(xa, xb)), abs=1e-12)
+  assert (d.low, d.high) == pytest.approx(ref.confidence_interval(0.95), rel=1e-10)
+  # The interval excludes 0 exactly when the two-sided paired test rejects at 5%.
+  assert d.excludes_zero == (ref.pvalue < 0.05)
+
+
+def test_paired_difference_is_not_the_unpaired_one():
+  # A seed effect shared by both rows: the paired interval is narrow, the unpaired one wide.
+  seed_effect = np.array([0.0, 0.03, -0.02])
+  a = dict(enumerate(0.82 + seed_effect + [0.011, 0.010, 0.012]))
+  b = dict(enumerate(0.82 + seed_effect))
+  d = stats.paired_difference(a, b)
+  assert d.excludes_zero
+  unpaired = scipy_stats.ttest_ind(list(a.values()), list(b.values()))
+  assert unpaired.pvalue > 0.05
+
+
+def test_statistics_errors():
+  with pytest.raises(ValueError, match="no seed"):
+    stats.paired_difference({0: 1.0}, {1: 1.0})
+  with pytest.raises(ValueError, match="at least one"):
+    stats.mean_interval([])
+  one = stats.mean_interval([0.8])
+  assert one.n == 1 and math.isnan(one.low) and not one.excludes_zero
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+def _diff(values_a, values_b):
+  return stats.paired_difference(dict(enumerate(values_a)), dict(enumerate(values_b)))
+
+
+def test_verdict_follows_the_interval():
+  better = _diff([0.83, 0.84, 0.85], [0.80, 0.82, 0.81])
+  assert better.low > 0 and scorecard.verdict(better) == scorecard.REPRODUCED
+  worse = _diff([0.80, 0.82, 0.81], [0.83, 0.84, 0.85])
+  assert worse.high < 0 and scorecard.verdict(worse) == scorecard.NOT_REPRODUCED
+  noisy = _diff([0.83, 0.80, 0.85], [0.81, 0.82, 0.82])
+  assert noisy.low < 0 < noisy.high and scorecard.verdict(noisy) == scorecard.INCONCLUSIVE
+  assert scorecard.verdict(_diff([0.83, 0.84], [0.80, 0.82])) == scorecard.PENDING   # 2 seeds
+  # Non-inferiority within 1 point: slightly worse but surely within the margin.
+  close = _diff([0.815, 0.825, 0.818], [0.82, 0.83, 0.822])
+  assert close.high < 0 and scorecard.verdict(close) == scorecard.NOT_REPRODUCED
+  assert scorecard.verdict(close, margin=0.01) == scorecard.REPRODUCED
+
+
+def test_every_scorecard_verdict_follows_its_interval():
+  """The committed ledger's scorecard: no 'reproduced' where the interval reaches 0 (or -margin)."""
+  ledger = ev.Ledger(ev.REPO / "experiments" / "results" / "ledger.jsonl")
+  entries = ledger.entries()
+  identity = scorecard.latest_identity(entries)
+  if identity is None:
+    pytest.fail("experiments/results/ledger.jsonl is empty: the study has not recorded any run")
+  rows = scorecard.claim_rows(scorecard.collect(ev.TABLES, entries, identity))
+  assert len(rows) == len(scorecard.CLAIMS)
+  for row in rows:
+    d, claim = row["diff"], row["claim"]
+    if row["verdict"] == scorecard.PENDING:
+      assert d is None or d.n < scorecard.MIN_SEEDS
+      continue
+    assert d.n >= scorecard.MIN_SEEDS
+    if row["verdict"] == scorecard.REPRODUCED:
+      assert d.low > -claim.margin, claim.text
+    elif row["verdict"] == scorecard.NOT_REPRODUCED:
+      assert d.high < -claim.margin, claim.text
+    else:
+      assert d.low <= -claim.margin <= d.high, claim.text
+
+
+def test_claims_name_rows_that_exist():
+  tables = {t.name: t for t in ev.TABLES}
+  for claim in scorecard.CLAIMS:
+    for table, row in (claim.a, claim.b):
+      assert row in tables[table].rows, (claim.text, table, row)
+
+
+# ----------------------------------------------------------------------------- the sweep runner
+
+
+def _key(unit):
+  return repr(unit)
+
+
+def _record(val, test=None, seed=0):
+  r = {"seed": seed, "best_val": val}
+  if test is not None:
+    r["test_top1"] = test
+  return r
+
+
+def test_sweep_chooses_on_validation_not_test():
+  """Validation prefers lr x3, test would prefer lr x1/3: the study picks x3, and only tests there."""
+  table = ev.Table("t", TINY, "", (ev.Group("run", weight=("losses.ce.weight", (0.5, 1.0, 2.0))),), seeds=2)
+  lr0 = 0.05
+  lrs = [ev._round(lr0 / 3), lr0, ev._round(lr0 * 3)]
+  done = {}
+
+  plan = ev.plan_table(table, done, key=_key)
+  assert [dict(u.overrides)["optimizer.lr"] for u in plan.runnable] == lrs
+  assert all(not u.evaluate_test and u.seed == 0 for u in plan.runnable)
+  # Validation and test disagree: a sweep record never has test figures, but even if
+  # one had (a stray record), the choice must ignore them.
+  for unit, val, test in zip(plan.runnable, (0.60, 0.65, 0.70), (0.90, 0.50, 0.40)):
+    done[(_key(unit), False)] = _record(val, test)
+  plan = ev.plan_table(table, done, key=_key)
+  assert {dict(u.overrides)["optimizer.lr"] for u in plan.runnable} == {lrs[2]}
+  assert sorted(dict(u.overrides)["losses.ce.weight"] for u in plan.runnable) == [0.5, 2.0]
+  for unit, val in zip(plan.runnable, (0.69, 0.71)):
+    done[(_key(unit), False)] = _record(val)
+  plan = ev.plan_table(table, done, key=_key)
+  weight = {dict(u.overrides)["losses.ce.weight"] for u in plan.runnable}
+  chosen = {"optimizer.lr": lrs[2], "losses.ce.weight": 2.0 if 0.71 > 0.70 else 1.0}
+  assert plan.chosen == {"run": chosen} and weight == {chosen["losses.ce.weight"]}
+  assert [(u.seed, u.evaluate_test) for u in plan.runnable] == [(0, True), (1, True)]
+  # Seed 0 at the chosen values is the sweep's own run: same key, so it only tests.
+  sweep_keys = {k for (k, test) in done if not test}
+  assert _key(ev.Unit(TINY, "", "run", 0, tuple(sorted(chosen.items())), False)) in sweep_keys
+
+
+def test_sweep_ties_go_to_the_protocol_value_and_divergence_never_wins():
+  assert ev.choose([(1.0, _record(0.7)), (3.0, _record(0.7)), (0.3, _record(0.6))], preferred=1.0) == 1.0
+  assert ev.choose([(1.0, _record(0.6)), (3.0, _record(math.nan))], preferred=3.0) == 1.0
+
+
+def test_sweep_rejects_a_grid_without_the_paper_value():
+  table = ev.Table("t", TINY, "", (ev.Group("run", weight=("losses.ce.weight", (0.5, 2.0, 4.0))),))
+  with pytest.raises(ValueError, match="does not contain the config's value 1.0"):
+    ev.plan_table(table, {}, key=_key)
+
+
+def test_study_tables_plan():
+  """Every table of the study plans: rows exist, weight grids contain the configs' values."""
+  plans = ev.plan_study(ev.TABLES, {})
+  for table in ev.TABLES:
+    for row in table.rows:
+      ev.row_config(table.config, table.arg, row)
+    if table.values_from is None:
+      assert plans[table.name].runnable, table.name
+  # Rows that are the same run share a unit: the 5% finetune sweep is planned identically everywhere.
+  keys = {t.name: {ev.unit_key(u) for u in plans[t.name].runnable if u.row == "finetune"} for t in ev.TABLES
+          if "finetune" in t.rows and t.values_from is None}
+  assert len({frozenset(k) for k in keys.values()}) == 1
+
+
+def test_ledger_counts_only_the_same_commit_and_kernels(tmp_path):
+  ledger = ev.Ledger(tmp_path / "ledger.jsonl")
+  mine = {"commit": "abc", "kernels": "onednn_conv"}
+  ledger.append({"key": "k1", "evaluate_test": False, **mine, "record": _record(0.5)})
+  ledger.append({"key": "k2", "evaluate_test": False, "commit": "def", "kernels": "onednn_conv",
+                 "record": _record(0.6)})
+  ledger.append({"key": "k3", "evaluate_test": True, "commit": "abc", "kernels": "none", "record": _record(0.7)})
+  assert set(ev.index(ledger.entries(), mine)) == {("k1", False)}
+  assert json.loads((tmp_path / "ledger.jsonl").read_text().splitlines()[0])["key"] == "k1"
+
+
+def test_a_sweep_run_reads_no_test_split(tmp_path, monkeypatch):
+  """evaluate_test=False: no test figures and the test split is never iterated; the same
+  directory evaluated afterwards with evaluate_test=True only tests (no training step)."""
+  read = []
+  unit = ev.Unit(TINY, "", "run", 0, (("optimizer.lr", 0.05),), False)
+  cfg = ev.unit_config(unit)
+  from ftjax.train import loop
+
+  real_evaluate = loop.evaluate
+
+  def spy(eval_step, variables, dataset, split, **kw):
+    read.append(split)
+    return real_evaluate(eval_step, variables, dataset, split, **kw)
+  monkeypatch.setattr(loop, "evaluate", spy)
+  record = loop.train_and_evaluate(cfg, str(tmp_path))
+  assert "test" not in read and "test_top1" not in record and record["test_evaluated"] is False
+  read.clear()
+  cfg.evaluate_test = True
+  tested = loop.train_and_evaluate(cfg, str(tmp_path))
+  assert read == ["test"]   # resumed at the last step: no validation, no training
+  assert tested["best_val"] == record["best_val"] and 0 < tested["test_top1"] <= 1
+
+
+def test_unit_key_ignores_fields_added_at_their_default(monkeypatch):
+  """A trainer field added later at a neutral default keeps every finished unit's name."""
+  from ftjax.train import config as config_lib
+  unit = ev.Unit("experiments/configs/co_tuning.py", "5", "finetune", 1, (("optimizer.lr", 0.005),), True)
+  before = ev.unit_key(unit)
+  original = config_lib.default_config
+
+  def with_new_field():
+    c = original()
+    c.some_new_setting = 0
+    return c
+  from experiments.configs import default as default_cfg
+  monkeypatch.setattr(config_lib, "default_config", with_new_field)
+  monkeypatch.setattr(default_cfg, "default_config", with_new_field)
+  ev._CONFIG_CACHE.clear()
+  try:
+    assert "some_new_setting" in ev.unit_config(unit)
+    assert ev.unit_key(unit) == before
+    changed = ev.Unit(unit.config, unit.arg, unit.row, unit.seed, (("optimizer.lr", 0.015),), True)
+    assert ev.unit_key(changed) != before
+  finally:
+    ev._CONFIG_CACHE.clear()
