@@ -19,7 +19,7 @@ import hashlib
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
