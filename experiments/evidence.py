@@ -243,12 +243,22 @@ def _without_defaults(config: Any, default: Any) -> Any:
 
 
 def code_identity(repo: pathlib.Path = REPO) -> dict[str, str]:
-  """The commit (``+dirty`` when the tree has changes) and the active CPU kernel set."""
-  commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                          check=True).stdout.strip()
-  dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                         capture_output=True, text=True, check=True).stdout.strip()
-  return {"commit": commit + ("+dirty" if dirty else ""), "kernels": kernel_set()}
+  """The commit, the code that trains and the active CPU kernel set.
+
+  ``code`` is the git tree hash of ``ftjax/`` (the library, kernels' sources
+  included; ``+dirty`` when it has uncommitted changes). Units are matched on
+  ``code`` and ``kernels``: a commit that changes only the study's plan, its
+  tables or the docs does not invalidate finished runs, while any change to the
+  library does. (What else defines a run, the experiment config, is in the unit's
+  name.) ``commit`` is kept in every record for provenance.
+  """
+  def git(*args):
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+  commit = git("rev-parse", "HEAD")
+  dirty = git("status", "--porcelain", "--untracked-files=no")
+  code_dirty = git("status", "--porcelain", "--untracked-files=no", "--", "ftjax")
+  return {"commit": commit + ("+dirty" if dirty else ""), "code": git("rev-parse", "HEAD:ftjax")[:12]
+          + ("+dirty" if code_dirty else ""), "kernels": kernel_set()}
 
 
 def kernel_set() -> str:
@@ -289,11 +299,16 @@ class Ledger:
       os.close(fd)
 
 
+def same_code(entry: dict[str, Any], identity: dict[str, str]) -> bool:
+  """Whether a ledger entry was made by ``identity``'s library code and kernel set."""
+  return entry.get("code") == identity["code"] and entry["kernels"] == identity["kernels"]
+
+
 def index(entries: Iterable[dict[str, Any]], identity: dict[str, str]) -> dict[tuple[str, bool], dict]:
-  """``{(key, evaluate_test): record}`` of the entries made by ``identity``'s commit and kernels."""
+  """``{(key, evaluate_test): record}`` of the entries made by ``identity``'s code and kernels."""
   out = {}
   for e in entries:
-    if e["commit"] == identity["commit"] and e["kernels"] == identity["kernels"]:
+    if same_code(e, identity):
       out[(e["key"], e["evaluate_test"])] = e["record"]
   return out
 
@@ -610,8 +625,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   ledger = Ledger(pathlib.Path(args.results) / "ledger.jsonl")
   if args.command == "run":
     identity = code_identity()
-    if identity["commit"].endswith("+dirty") and not args.allow_dirty:
-      raise SystemExit("evidence: the checkout has uncommitted changes; run the study from a clean "
+    if identity["code"].endswith("+dirty") and not args.allow_dirty:
+      raise SystemExit("evidence: ftjax/ has uncommitted changes; run the study from a clean "
                        "checkout of a fixed commit (git worktree add ...), or pass --allow_dirty")
     _run_workers(tables, args, ledger, identity)
   elif args.command == "status":
@@ -625,7 +640,8 @@ def _run_workers(tables, args, ledger, identity) -> None:
   runs = pathlib.Path(args.runs)
   if args.cpus is not None or args.workers == 1:
     cpus = [int(c) for c in args.cpus.split(",")] if args.cpus else None
-    _log(f"commit {identity['commit']}, kernels {identity['kernels']}; ledger {ledger.path}; runs {runs}"
+    _log(f"commit {identity['commit']}, code {identity['code']}, kernels {identity['kernels']}; "
+         f"ledger {ledger.path}; runs {runs}"
          + (f"; cpus {cpus}" if cpus else ""))
     try:
       work(tables, runs=runs, ledger=ledger, identity=identity, seeds=args.seeds, cpus=cpus)
@@ -658,10 +674,11 @@ def _run_workers(tables, args, ledger, identity) -> None:
 
 
 def status_text(tables: Sequence[Table], ledger: Ledger, *, seeds: int | None = None) -> str:
-  identity = code_identity()
+  from experiments import scorecard
+  identity = scorecard.latest_identity(ledger.entries()) or code_identity()
   done = index(ledger.entries(), identity)
   plans = plan_study(tables, done, seeds=seeds)
-  lines = [f"commit {identity['commit']}, kernels {identity['kernels']}: {len(done)} finished units"]
+  lines = [f"code {identity['code']}, kernels {identity['kernels']}: {len(done)} finished units"]
   for t in tables:
     p = plans[t.name]
     lines.append(f"  {t.name}: {len(p.runnable)} runnable, {p.waiting} waiting on sweeps; chosen "

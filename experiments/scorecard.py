@@ -11,8 +11,10 @@ validation sweep behind the chosen values) and ``test_top1.png`` (bars with 95%
 intervals). Then ``experiments/results/README.md``: one row per claim of
 :data:`CLAIMS` with the paper's figures, ftjax's paired difference and a verdict
 from :func:`verdict`. Everything is computed from the ledger, whose records
-belong to one commit and kernel set (the latest entry's unless ``identity``
-is given): a table never mixes commits or kernel sets.
+belong to one version of the library code (the git tree of ``ftjax/``) and one
+kernel set (the latest entry's unless ``identity`` is given): a table never mixes
+library versions or kernel sets. Each record names its commit too; records of
+several commits appear together only when those commits hold the same ``ftjax/``.
 """
 
 from __future__ import annotations
@@ -153,13 +155,14 @@ def latest_identity(entries: Sequence[dict[str, Any]]) -> dict[str, str] | None:
   if not entries:
     return None
   last = max(entries, key=lambda e: e.get("finished", ""))
-  return {"commit": last["commit"], "kernels": last["kernels"]}
+  return {"code": last.get("code"), "kernels": last["kernels"]}
 
 
 def collect(tables: Sequence[ev.Table], entries: Sequence[dict[str, Any]], identity: dict[str, str], *,
             seeds: int | None = None, key=ev.unit_key) -> dict[str, dict[str, Any]]:
   """``{table: {"rows": {row: [record, ...]}, "chosen": ..., "sweep": ...}}`` for ``identity``'s entries."""
   done = ev.index(entries, identity)
+  entries_by_key = {(e["key"], e["evaluate_test"]): e for e in entries if ev.same_code(e, identity)}
   plans = ev.plan_study(tables, done, key=key, seeds=seeds)
   out = {}
   for table in tables:
@@ -176,7 +179,9 @@ def collect(tables: Sequence[ev.Table], entries: Sequence[dict[str, Any]], ident
           unit = ev.Unit(table.config, table.arg, row, seed, tuple(sorted(overrides.items())), True)
           record = done.get((key(unit), True))
           if record is not None:
-            rows.setdefault(row, []).append(dict(record, **identity, hyperparameters=overrides))
+            entry = entries_by_key[(key(unit), True)]
+            rows.setdefault(row, []).append(dict(record, commit=entry["commit"], code=entry["code"],
+                                                 kernels=entry["kernels"], hyperparameters=overrides))
     out[table.name] = {"rows": rows, "chosen": plan.chosen,
                        "sweep": {m: [(ov, r) for ov, r in s] for m, s in plan.sweep.items()}}
   return out
@@ -313,11 +318,13 @@ def plot_lr_curves(table: ev.Table, data: dict[str, Any], path: pathlib.Path) ->
   return True
 
 
-def format_scorecard(rows: Sequence[dict[str, Any]], identity: dict[str, str], *, counts: str) -> str:
+def format_scorecard(rows: Sequence[dict[str, Any]], identity: dict[str, str], *, counts: str,
+                     commits: str = "") -> str:
   lines = [
       "# Scorecard: the papers' claims on Fashion-MNIST with ImageNet EfficientNet-Lite0", "",
       "Written by `python -m experiments.evidence tables` from `ledger.jsonl` (do not edit by hand). "
-      f"Code: commit `{identity['commit'][:12]}`, CPU kernels `{identity['kernels']}`; {counts}.", "",
+      f"Code: ftjax/ tree `{identity['code']}` (commits: {commits}), CPU kernels `{identity['kernels']}`; "
+      f"{counts}.", "",
       "Protocol: 64 px, 10 epochs, SGD (momentum 0.9, coupled weight decay 5e-4), checkpoint chosen on a fixed "
       "validation split (20% of train), the test split evaluated once per seed. Each method's learning rate "
       "(and its own weight where the paper tunes it) chosen on validation with seed 0; every row then runs "
@@ -349,7 +356,7 @@ def write_all(tables: Sequence[ev.Table], ledger: ev.Ledger, results: pathlib.Pa
     out = results / table.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "results_table.md").write_text(format_results_table(table, data))
-    payload = {"commit": identity["commit"], "kernels": identity["kernels"], "chosen": data["chosen"],
+    payload = {"code": identity["code"], "kernels": identity["kernels"], "chosen": data["chosen"],
                "rows": data["rows"],
                "sweep": {m: [{"overrides": ov, "record": r} for ov, r in runs] for m, runs in data["sweep"].items()}}
     (out / "results.json").write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
@@ -357,6 +364,8 @@ def write_all(tables: Sequence[ev.Table], ledger: ev.Ledger, results: pathlib.Pa
     if any(len(g.lr_values or ()) > 3 for g in table.groups):
       plot_lr_curves(table, data, out / "val_vs_lr.png")
   rows = claim_rows(collected, [c for c in CLAIMS if {c.a[0], c.b[0]} <= {t.name for t in tables}])
-  n = sum(1 for e in entries if e["commit"] == identity["commit"] and e["kernels"] == identity["kernels"])
-  (results / "README.md").write_text(format_scorecard(rows, identity, counts=f"{n} finished runs in the ledger"))
+  mine = [e for e in entries if ev.same_code(e, identity)]
+  commits = ", ".join(f"`{c[:12]}`" for c in sorted({e["commit"] for e in mine}))
+  (results / "README.md").write_text(format_scorecard(rows, identity, counts=f"{len(mine)} finished runs in the ledger",
+                                                      commits=commits))
   return rows

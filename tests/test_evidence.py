@@ -183,12 +183,16 @@ def test_study_tables_plan():
 
 def test_ledger_counts_only_the_same_commit_and_kernels(tmp_path):
   ledger = ev.Ledger(tmp_path / "ledger.jsonl")
-  mine = {"commit": "abc", "kernels": "onednn_conv"}
+  mine = {"commit": "abc", "code": "t1", "kernels": "onednn_conv"}
   ledger.append({"key": "k1", "evaluate_test": False, **mine, "record": _record(0.5)})
-  ledger.append({"key": "k2", "evaluate_test": False, "commit": "def", "kernels": "onednn_conv",
+  ledger.append({"key": "k2", "evaluate_test": False, "commit": "def", "code": "t2", "kernels": "onednn_conv",
                  "record": _record(0.6)})
-  ledger.append({"key": "k3", "evaluate_test": True, "commit": "abc", "kernels": "none", "record": _record(0.7)})
-  assert set(ev.index(ledger.entries(), mine)) == {("k1", False)}
+  ledger.append({"key": "k3", "evaluate_test": True, "commit": "abc", "code": "t1", "kernels": "none",
+                 "record": _record(0.7)})
+  # Another commit with the same library tree counts (a change of docs or of the plan).
+  ledger.append({"key": "k4", "evaluate_test": True, "commit": "ghi", "code": "t1", "kernels": "onednn_conv",
+                 "record": _record(0.8)})
+  assert set(ev.index(ledger.entries(), mine)) == {("k1", False), ("k4", True)}
   assert json.loads((tmp_path / "ledger.jsonl").read_text().splitlines()[0])["key"] == "k1"
 
 
