@@ -100,9 +100,16 @@ class Table:
   groups: tuple[Group, ...]
   seeds: int = 3
   values_from: str | None = None
+  tasks: tuple[str, ...] = ()
 
   @property
   def rows(self) -> tuple[str, ...]:
+    """The table's rows: the groups' rows, or for a multitask config (one run per seed) its tasks."""
+    return self.tasks or tuple(r for g in self.groups for r in g.rows)
+
+  @property
+  def runs(self) -> tuple[str, ...]:
+    """The config variants that run (a multitask config has one, ``run``)."""
     return tuple(r for g in self.groups for r in g.rows)
 
 
@@ -115,6 +122,8 @@ def _thirds(value: float) -> tuple[float, float, float]:
   return (_round(value / 3), value, _round(value * 3))
 
 
+T4_SIZES = "32,48,64,80,96"
+T4_TASKS = tuple(f"px{size}" for size in T4_SIZES.split(","))
 PATCH_LRS = (0.0045, 0.0135, 0.0405, 0.1215, 0.3645)   # experiments/configs/model_patches.py LR_SWEEP
 FINETUNE = Group("finetune")
 CO_TUNING = Group("co_tuning_src_r50_x0884_g_cal",
@@ -144,6 +153,14 @@ TABLES: tuple[Table, ...] = (
     Table("co_tuning_15", "experiments/configs/co_tuning.py", "15", (
         FINETUNE, Group(CO_TUNING.main, follows=("co_tuning_no_calibration",), weight=CO_TUNING.weight)),
           values_from="co_tuning_5"),
+    # Model patches' Table 4 at 32-96 px: the multitask runs (one run per seed trains every
+    # resolution) at the protocol's learning rate, and the independently fine-tuned models.
+    Table("patches_t4", "experiments/configs/model_patches.py", "table4," + T4_SIZES,
+          (Group("run", lr_values=()),), tasks=T4_TASKS),
+    Table("patches_t4s", "experiments/configs/model_patches.py", "table4_shared," + T4_SIZES,
+          (Group("run", lr_values=()),), tasks=T4_TASKS),
+    Table("patches_t4i", "experiments/configs/model_patches.py", "table4_independent," + T4_SIZES,
+          tuple(Group(task, lr_values=()) for task in T4_TASKS)),
 )
 
 
@@ -449,10 +466,25 @@ def run_unit_in_process(spec: dict[str, Any], workdir: str) -> dict[str, Any]:
   unit = Unit(spec["config"], spec["arg"], spec["row"], spec["seed"], tuple(sorted(spec["overrides"].items())),
               spec["evaluate_test"])
   cfg = unit_config(unit)
+  if cfg.get("tasks"):
+    return _run_multitask(cfg, workdir)
   try:
     return train_and_evaluate(cfg, workdir)
   except FloatingPointError as err:   # a too-high learning rate in a sweep: recorded, never chosen
     return diverged_record(seed=unit.seed, error=str(err))
+
+
+def _run_multitask(cfg, workdir: str) -> dict[str, Any]:
+  """A multitask run's record: ``best_val`` (mean over tasks, from its metrics) and per-task test figures."""
+  from ftjax.methods import multitask
+  if not cfg.evaluate_test:
+    raise ValueError("multitask runs are not swept (they always evaluate the test split)")
+  results = multitask.train_multitask(cfg, workdir)
+  metric = "mean_" + cfg.selection_metric
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    vals = [row[metric] for row in map(json.loads, f) if row.get("split") == "val" and metric in row]
+  return {"seed": int(cfg.seed), "best_val": max(vals) if vals else math.nan,
+          **{k: v for k, v in results.items() if k != "table"}}
 
 
 class Lock:

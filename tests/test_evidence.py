@@ -171,7 +171,7 @@ def test_study_tables_plan():
   """Every table of the study plans: rows exist, weight grids contain the configs' values."""
   plans = ev.plan_study(ev.TABLES, {})
   for table in ev.TABLES:
-    for row in table.rows:
+    for row in table.runs:
       ev.row_config(table.config, table.arg, row)
     if table.values_from is None:
       assert plans[table.name].runnable, table.name
