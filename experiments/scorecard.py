@@ -30,6 +30,7 @@ from experiments import evidence as ev
 from experiments import stats
 
 BASELINE_ROW = "finetune"
+DATA_REUSE = "data_reuse_near"   # written by experiments/data_reuse.py, not by the evidence runner
 PENDING, REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "pending", "reproduced", "not reproduced", "inconclusive"
 MIN_SEEDS = 3
 
@@ -53,6 +54,7 @@ class Claim:
   b: tuple[str, str]
   paper_figures: str
   margin: float = 0.0
+  metric: str = "test_top1"
 
 
 CLAIMS: tuple[Claim, ...] = (
@@ -121,6 +123,21 @@ CLAIMS: tuple[Claim, ...] = (
           ("patches_5", "sb_last_layer"), "Flowers: 93.3 vs 90.4 (Table 1)"),
     Claim("model patches", "DW + last layer beats the last layer alone (5%)", ("patches_5", "dw_last_layer"),
           ("patches_5", "last_layer"), "not in Table 1 (DW patches: Sec. 3)"),
+    Claim("data reuse", "UOT ranks matching units above random selection (recall, pool-pretrained features)",
+          (DATA_REUSE, "recall_uot_pool_pretrained"), (DATA_REUSE, "recall_random_expected_pool_pretrained"),
+          "bird-class recall 98.31% (supervised) / 93.22% (self-supervised) (Table 4)", metric="recall"),
+    Claim("data reuse", "UOT ranks matching units above Greedy-OT (recall, pool-pretrained features)",
+          (DATA_REUSE, "recall_uot_pool_pretrained"), (DATA_REUSE, "recall_greedy_ot_pool_pretrained"),
+          "98.31 vs 94.92 (GOT-cos), 93.22 vs 38.98 self-supervised (Table 4)", metric="recall"),
+    Claim("data reuse", "UOT ranks matching units above random selection (recall, ImageNet Lite0 features)",
+          (DATA_REUSE, "recall_uot_lite0_imagenet"), (DATA_REUSE, "recall_random_expected_lite0_imagenet"),
+          "see above (Table 4)", metric="recall"),
+    Claim("data reuse", "UOT reuse beats fine-tuning without reuse", (DATA_REUSE, "uot_reuse"),
+          (DATA_REUSE, "finetune"), "average 80.15 vs 78.98 (Table 1a)"),
+    Claim("data reuse", "UOT reuse beats random reuse", (DATA_REUSE, "uot_reuse"), (DATA_REUSE, "random_reuse"),
+          "average 80.15 vs 79.32 (Table 1a)"),
+    Claim("data reuse", "UOT reuse beats Greedy-OT reuse", (DATA_REUSE, "uot_reuse"), (DATA_REUSE, "greedy_reuse"),
+          "average 80.15 vs 79.84 (Table 1a)"),
     Claim("model patches", "private S/B patches beat one shared model at the lowest resolution (32 px)",
           ("patches_t4", "px32"), ("patches_t4s", "px32"), "96 px: 60.3 vs 52.6 (Table 4)"),
     Claim("model patches", "private S/B patches keep independently trained models' accuracy within 1 point (64 px)",
@@ -206,6 +223,24 @@ def _by_seed(records: Sequence[dict[str, Any]], metric: str = "test_top1") -> di
   return {r["seed"]: (math.nan if r.get(metric) is None else float(r[metric])) for r in records}
 
 
+def data_reuse_rows(path: pathlib.Path) -> dict[str, Any] | None:
+  """The data reuse study's results (``experiments/data_reuse.py``) as table rows, or None.
+
+  Fine-tuning variants give records with ``test_top1``; the recall of each
+  selection and feature source gives ``recall_<selection>_<features>`` rows
+  whose records hold ``recall``.
+  """
+  if not path.exists():
+    return None
+  results = json.loads(path.read_text())
+  rows: dict[str, list[dict[str, Any]]] = {v: list(recs) for v, recs in results.get("finetune", {}).items()}
+  for features, per_seed in results.get("recall", {}).items():
+    for r in per_seed:
+      for selection in ("uot", "greedy_ot", "random", "random_expected"):
+        rows.setdefault(f"recall_{selection}_{features}", []).append({"seed": r["seed"], "recall": r[selection]})
+  return {"rows": rows, "chosen": results.get("chosen", {}), "sweep": {}}
+
+
 def claim_rows(collected: dict[str, dict[str, Any]], claims: Sequence[Claim] = CLAIMS) -> list[dict[str, Any]]:
   """Each claim with its paired difference (or why there is none yet) and its verdict."""
   out = []
@@ -215,7 +250,7 @@ def claim_rows(collected: dict[str, dict[str, Any]], claims: Sequence[Claim] = C
     b = collected.get(claim.b[0], {}).get("rows", {}).get(claim.b[1], [])
     if a and b:
       try:
-        diff = stats.paired_difference(_by_seed(a), _by_seed(b))
+        diff = stats.paired_difference(_by_seed(a, claim.metric), _by_seed(b, claim.metric))
         row["diff"], row["verdict"] = diff, verdict(diff, margin=claim.margin)
       except ValueError as e:
         row["note"] = str(e)
@@ -378,7 +413,11 @@ def write_all(tables: Sequence[ev.Table], ledger: ev.Ledger, results: pathlib.Pa
     plot_table(table, data, out / "test_top1.png")
     if any(len(g.lr_values or ()) > 3 for g in table.groups):
       plot_lr_curves(table, data, out / "val_vs_lr.png")
-  rows = claim_rows(collected, [c for c in CLAIMS if {c.a[0], c.b[0]} <= {t.name for t in tables}])
+  reuse = data_reuse_rows(results / DATA_REUSE / "results.json")
+  if reuse is not None:
+    collected[DATA_REUSE] = reuse
+  names = {t.name for t in tables} | {DATA_REUSE}
+  rows = claim_rows(collected, [c for c in CLAIMS if {c.a[0], c.b[0]} <= names])
   mine = [e for e in entries if ev.same_code(e, identity)]
   commits = ", ".join(f"`{c[:12]}`" for c in sorted({e["commit"] for e in mine}))
   (results / "README.md").write_text(format_scorecard(rows, identity, counts=f"{len(mine)} finished runs in the ledger",
