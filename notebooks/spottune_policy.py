@@ -45,15 +45,25 @@
 # have two bars and the numbers only show the workflow, not the method's benefit. The same
 # code runs over `resnet26` (12 routed blocks) or a pretrained EfficientNet-Lite0 (9).
 #
-# The first code cell installs ftjax from the project's repository (`https://github.com/ftjax/ftjax`)
-# when it is not importable (e.g. on Colab); where ftjax is installed it does nothing.
+# The first code cell installs ftjax where it is not importable (e.g. on Colab); where ftjax
+# is installed it does nothing. ftjax has no public download: open the notebook from the
+# `notebooks/` folder of a copy of the repository, or upload the repository next to it as
+# `ftjax/`. The cell runs `pip install` on that copy, which also compiles ftjax's CPU kernels
+# (it needs `g++`; a few minutes).
 
 # %%
-# Colab-ready: installs ftjax (and the notebook extras) only where it is missing.
+# Colab-ready: installs ftjax (and the notebook extras) from a copy of its repository,
+# only where it is missing.
 try:
   import ftjax  # noqa: F401
 except ImportError:
-  # %pip install -q "ftjax[test] @ git+https://github.com/ftjax/ftjax"
+  import pathlib
+  FTJAX_REPO = next((str(p.resolve()) for p in (pathlib.Path(".."), pathlib.Path("ftjax"))
+                     if (p / "ftjax" / "ops" / "build_kernels.py").exists()), None)
+  if FTJAX_REPO is None:
+    raise RuntimeError("ftjax is not installed and no copy of its repository is in .. or ./ftjax: "
+                       "upload the repository (ftjax has no public download) and run this cell again")
+  # %pip install -q "{FTJAX_REPO}[test]"
 
 # %%
 import os

@@ -1,5 +1,11 @@
-"""Loading ftjax's compiled CPU kernels (``ftjax/ops/*.cc``, built by
-``scripts/build_native.sh`` into ``ftjax/ops/_build/``)."""
+"""Loading ftjax's compiled CPU kernels (``ftjax/ops/*.cc``) from ``ftjax/ops/_build/``.
+
+``pip install .`` (or a wheel) compiles them there through ``setup.py``; in a source
+checkout ``scripts/build_native.sh`` does. Both link the convolutions against the
+pip-installed oneDNN that :mod:`ftjax.ops.build_kernels` pins, which
+:func:`load_onednn` loads first, from wherever pip put it. ``python -m ftjax.info``
+says which kernels are active and why the others are not.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,45 @@ import ctypes
 import os
 import pathlib
 import threading
+from collections.abc import Callable
 
 import jax
 
+from ftjax.ops import build_kernels
+
 BUILD_DIR = pathlib.Path(__file__).resolve().parent / "_build"
 
+_onednn_lock = threading.Lock()
+_onednn: ctypes.CDLL | str | None = None  # the loaded library, or why it could not be loaded
 
-def load_library(path: pathlib.Path | str) -> ctypes.CDLL:
+
+def load_onednn() -> ctypes.CDLL | str:
+  """Loads the pinned ``libdnnl.so.3`` (pip's ``onednn-cpu-gomp``) once, globally.
+
+  The kernel's run path (``$ORIGIN/../../../../..``) finds it only where pip's
+  ``site-packages`` sits under ``<prefix>/lib``; loading it by its recorded location
+  first covers ``--user``, ``--target`` and editable installs too (the dynamic
+  loader reuses an already loaded ``libdnnl.so.3``).
+
+  Returns:
+    The library, or a one-line reason it could not be loaded.
+  """
+  global _onednn
+  with _onednn_lock:
+    if _onednn is None:
+      path = build_kernels.onednn_library()
+      if path is None:
+        _onednn = (f"oneDNN runtime not installed (pip install "
+                   f"{build_kernels.ONEDNN_RUNTIME}=={build_kernels.ONEDNN_VERSION})")
+      else:
+        try:
+          _onednn = load_library(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+          _onednn = f"cannot load {path}: {e}"
+    return _onednn
+
+
+def load_library(path: pathlib.Path | str, mode: int = ctypes.DEFAULT_MODE) -> ctypes.CDLL:
   """``ctypes`` loads ``path`` with GNU OpenMP's passive wait policy unless the caller set one.
 
   The kernels run on GNU OpenMP threads while XLA runs other ops on its own threads;
@@ -32,7 +70,7 @@ def load_library(path: pathlib.Path | str) -> ctypes.CDLL:
   previous = os.environ.get("OMP_WAIT_POLICY")
   os.environ.setdefault("OMP_WAIT_POLICY", "passive")
   try:
-    return ctypes.cdll.LoadLibrary(str(path))
+    return ctypes.CDLL(str(path), mode=mode)
   finally:
     if previous is None:
       del os.environ["OMP_WAIT_POLICY"]
@@ -45,10 +83,14 @@ class KernelLibrary:
     name: file name under :data:`BUILD_DIR` (``libftjax_*.so``).
     env_var: environment variable that overrides the path.
     targets: FFI target name -> exported handler symbol.
+    preload: loads a library this one needs (:func:`load_onednn`) and returns it or
+      why it failed; the failure is reported only if this library then fails to load.
   """
 
-  def __init__(self, name: str, env_var: str, targets: dict[str, str]):
+  def __init__(self, name: str, env_var: str, targets: dict[str, str],
+               preload: Callable[[], object] | None = None):
     self.name, self.env_var, self.targets = name, env_var, dict(targets)
+    self.preload = preload
     self._reason: str | None = None
     self._loaded = False
     self._lock = threading.Lock()
@@ -70,11 +112,14 @@ class KernelLibrary:
   def _register(self) -> str | None:
     path = self.path()
     if not path.exists():
-      return f"{path} not built (run scripts/build_native.sh)"
+      source = f" (from {self.env_var})" if self.env_var in os.environ else ""
+      return (f"{path}{source} not built (pip install . builds it; in a source checkout run "
+              "scripts/build_native.sh)")
+    dependency = self.preload() if self.preload is not None else None
     try:
       library = load_library(path)
     except OSError as e:
-      return f"cannot load {path}: {e}"
+      return f"cannot load {path}: {e}" + (f"; {dependency}" if isinstance(dependency, str) else "")
     for target, symbol in self.targets.items():
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                   platform="cpu")

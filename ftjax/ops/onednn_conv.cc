@@ -90,10 +90,17 @@ bool RtusOverflows(const Geometry& g, const dnnl::primitive_desc_base& pd,
                     g.ow * g.sw == g.w && g.groups == 1;
   if (!rtus || std::string(pd.impl_info_str()).rfind("jit_1x1", 0) != 0) return false;
   // The input-channel block of the primitive's kernel-gradient layout (ABcd8b8a: 8).
-  const auto& blocking = diff_weights_md.data.format_desc.blocking;
   int64_t ic_block = 1;
+#if DNNL_VERSION_MAJOR >= 3
+  const memory::dims blks = diff_weights_md.get_inner_blks();
+  const memory::dims idxs = diff_weights_md.get_inner_idxs();
+  for (int i = 0; i < diff_weights_md.get_inner_nblks(); ++i)
+    if (idxs[i] == 1) ic_block *= blks[i];
+#else
+  const auto& blocking = diff_weights_md.data.format_desc.blocking;
   for (int i = 0; i < blocking.inner_nblks; ++i)
     if (blocking.inner_idxs[i] == 1) ic_block *= blocking.inner_blks[i];
+#endif
   return g.c < ic_block;
 }
 
@@ -117,10 +124,19 @@ Plan BuildPlan(Kind kind, const Geometry& g) {
 
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  auto fwd_desc = dnnl::convolution_forward::desc(
-      dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src_md,
-      any_weights_md, dst_md, strides, pad_l, pad_r);
-  auto fwd_pd = dnnl::convolution_forward::primitive_desc(fwd_desc, attr, eng);
+  const auto direct = dnnl::algorithm::convolution_direct;
+  // oneDNN 3 builds primitive descriptors straight from the shapes; oneDNN 2 (Debian's
+  // libdnnl-dev 2.6) goes through an operation descriptor first. Same primitives.
+#if DNNL_VERSION_MAJOR >= 3
+  auto fwd_pd = dnnl::convolution_forward::primitive_desc(
+      eng, dnnl::prop_kind::forward_training, direct, src_md, any_weights_md, dst_md, strides,
+      pad_l, pad_r, attr);
+#else
+  auto fwd_pd = dnnl::convolution_forward::primitive_desc(
+      dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, direct, src_md,
+                                      any_weights_md, dst_md, strides, pad_l, pad_r),
+      attr, eng);
+#endif
 
   Plan plan;
   plan.src_md = src_md;
@@ -131,18 +147,28 @@ Plan BuildPlan(Kind kind, const Geometry& g) {
     plan.weights_md = fwd_pd.weights_desc();
     plan.scratchpad_bytes = fwd_pd.scratchpad_desc().get_size();
   } else if (kind == Kind::kBackwardData) {
-    auto desc = dnnl::convolution_backward_data::desc(
-        dnnl::algorithm::convolution_direct, src_md, any_weights_md, dst_md, strides,
-        pad_l, pad_r);
-    auto pd = dnnl::convolution_backward_data::primitive_desc(desc, attr, eng, fwd_pd);
+#if DNNL_VERSION_MAJOR >= 3
+    auto pd = dnnl::convolution_backward_data::primitive_desc(
+        eng, direct, src_md, any_weights_md, dst_md, strides, pad_l, pad_r, fwd_pd, attr);
+#else
+    auto pd = dnnl::convolution_backward_data::primitive_desc(
+        dnnl::convolution_backward_data::desc(direct, src_md, any_weights_md, dst_md, strides,
+                                              pad_l, pad_r),
+        attr, eng, fwd_pd);
+#endif
     plan.conv = dnnl::convolution_backward_data(pd);
     plan.weights_md = pd.weights_desc();
     plan.scratchpad_bytes = pd.scratchpad_desc().get_size();
   } else {
-    auto desc = dnnl::convolution_backward_weights::desc(
-        dnnl::algorithm::convolution_direct, src_md, any_weights_md, dst_md, strides,
-        pad_l, pad_r);
-    auto pd = dnnl::convolution_backward_weights::primitive_desc(desc, attr, eng, fwd_pd);
+#if DNNL_VERSION_MAJOR >= 3
+    auto pd = dnnl::convolution_backward_weights::primitive_desc(
+        eng, direct, src_md, any_weights_md, dst_md, strides, pad_l, pad_r, fwd_pd, attr);
+#else
+    auto pd = dnnl::convolution_backward_weights::primitive_desc(
+        dnnl::convolution_backward_weights::desc(direct, src_md, any_weights_md, dst_md,
+                                                 strides, pad_l, pad_r),
+        attr, eng, fwd_pd);
+#endif
     if (RtusOverflows(g, pd, pd.diff_weights_desc())) {
       Geometry unit = g;  // the same convolution on x[:, ::sh, ::sw]
       unit.h = g.oh;

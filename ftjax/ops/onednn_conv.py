@@ -4,10 +4,10 @@ oneDNN is the library behind PyTorch's CPU convolutions. On the shapes of ResNet
 EfficientNet fine-tuning steps it runs a convolution's forward pass and both
 gradients at 180-210 GFLOP/s where XLA:CPU's own convolutions reach 70-160 on the
 same machine (``experiments/bench/README.md``). The kernels live in
-``ftjax/ops/onednn_conv.cc``; ``scripts/build_native.sh`` (run by
-``scripts/setup.sh``) compiles them against Debian's ``libdnnl-dev`` into
-``ftjax/ops/_build/``. Without that library :func:`available` is False and
-:mod:`ftjax.ops.conv` keeps its XLA-based formulations.
+``ftjax/ops/onednn_conv.cc``; ``pip install .`` (or ``scripts/build_native.sh`` in a
+source checkout) compiles them against the pip-installed oneDNN pinned in
+:mod:`ftjax.ops.build_kernels` into ``ftjax/ops/_build/``. Without that library
+:func:`available` is False and :mod:`ftjax.ops.conv` keeps its XLA-based formulations.
 
 :func:`conv2d_onednn` is differentiable to any order in reverse mode
 (``jax.custom_vjp``: the input gradient is oneDNN's backward-data convolution, the
@@ -36,7 +36,7 @@ LIBRARY = native.KernelLibrary("libftjax_onednn_conv.so", "FTJAX_ONEDNN_LIBRARY"
     "ftjax_onednn_conv_backward_data": "FtjaxOnednnConvBackwardData",
     "ftjax_onednn_conv_backward_weights": "FtjaxOnednnConvBackwardWeights",
     "ftjax_onednn_conv_backward": "FtjaxOnednnConvBackward",
-})
+}, preload=native.load_onednn)
 
 
 def library_path() -> pathlib.Path:
