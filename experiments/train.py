@@ -51,17 +51,33 @@ def main(argv):
   except ValueError as e:
     print(f"ftjax: error: {e}", file=sys.stderr)
     sys.exit(2)
+  from ftjax.core.errors import RunError
   from ftjax.train import report
+  from ftjax.train.preemption import Preempted
+  from ftjax.train.workdir_lock import hold_workdir
   try:
-    if FLAGS.config.get("tasks"):
-      from ftjax.methods import multitask
-      print(multitask.train_multitask(FLAGS.config, FLAGS.workdir)["table"], flush=True)
-    else:
-      report.run_all(FLAGS.config, FLAGS.workdir)
-  except (ValueError, KeyError, FileNotFoundError, FloatingPointError, ImportError) as e:
+    # One job per workdir (process 0 holds the lock for a multi-process job); each
+    # run directory inside is locked again by the trainer, for library callers.
+    with hold_workdir(FLAGS.workdir):
+      if FLAGS.config.get("tasks"):
+        from ftjax.methods import multitask
+        print(multitask.train_multitask(FLAGS.config, FLAGS.workdir)["table"], flush=True)
+      else:
+        report.run_all(FLAGS.config, FLAGS.workdir)
+  except Preempted as e:
+    print(f"ftjax: {e}", file=sys.stderr, flush=True)  # every process: each one's log says where it stopped
+    sys.exit(e.exit_code)
+  except (ValueError, KeyError, FileNotFoundError, FloatingPointError, ImportError, RunError, OSError) as e:
+    # User errors and run faults (a locked workdir, no checkpoint that restores, a full
+    # disk) are one line; the traceback goes to the debug log only.
     logging.debug("error", exc_info=True)
-    print(f"ftjax: error: {e}", file=sys.stderr)
+    print(f"ftjax: error: {_one_line(e)}", file=sys.stderr)
     sys.exit(2)
+
+
+def _one_line(error: BaseException) -> str:
+  lines = [line for line in str(error).strip().splitlines() if line.strip()]
+  return lines[0] if lines else type(error).__name__
 
 
 def _parse_flags(argv):

@@ -9,6 +9,11 @@ class ConfigError(ValueError):
   """A configuration value that cannot work."""
 
 
+class RunError(RuntimeError):
+  """A run that cannot go on for a reason outside the config (a locked workdir, no checkpoint
+  that restores, a failed checkpoint write): reported in one line, nothing lost."""
+
+
 def check_labels(labels: np.ndarray, num_classes: int, *, what: str = "") -> None:
   """A ValueError when a label lies outside ``[0, num_classes)``.
 

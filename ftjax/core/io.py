@@ -68,3 +68,58 @@ def save_npz(path: str | os.PathLike, **arrays: Any) -> str:
   """``np.savez`` of ``arrays`` to exactly ``path``, atomically."""
   import numpy as np
   return atomic_save(path, lambda f: np.savez(f, **arrays))
+
+
+# ----------------------------------------------------------------------------- verified caches
+#
+# A cache file (converted weights, extracted features) can be damaged after it was
+# written: a disk error, a copy cut short, an edit by hand. Its content hash is
+# kept beside it in ``<path>.sha256``; a reader that finds a different hash
+# rebuilds the cache instead of training on damaged numbers. A file without the
+# sidecar (written by an older ftjax) is still read, and its hash recorded once it
+# has been read in full.
+
+CHECKSUM_SUFFIX = ".sha256"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+  """The sha256 hex digest of the file's bytes."""
+  import hashlib
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def write_checksum(path: str | os.PathLike) -> str:
+  """Records ``path``'s content hash in ``<path>.sha256`` (atomically); returns the digest."""
+  digest = file_sha256(path)
+  atomic_write_text(os.fspath(path) + CHECKSUM_SUFFIX, digest + "\n")
+  return digest
+
+
+def checksum_matches(path: str | os.PathLike) -> bool | None:
+  """Whether ``path`` still has the hash recorded beside it; None when none is recorded.
+
+  Example:
+    >>> import tempfile
+    >>> p = os.path.join(tempfile.mkdtemp(), "cache.npy")
+    >>> _ = save_npy(p, [1.0, 2.0])
+    >>> print(checksum_matches(p))
+    None
+    >>> _ = write_checksum(p)
+    >>> checksum_matches(p)
+    True
+    >>> with open(p, "r+b") as f:
+    ...   _ = f.seek(-1, 2); _ = f.write(b"x")
+    >>> checksum_matches(p)
+    False
+  """
+  sidecar = os.fspath(path) + CHECKSUM_SUFFIX
+  try:
+    with open(sidecar) as f:
+      recorded = f.read().strip()
+  except FileNotFoundError:
+    return None
+  return recorded == file_sha256(path)

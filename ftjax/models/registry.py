@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax.core import paths
-from ftjax.core.io import save_npz
+from ftjax.core.io import checksum_matches, save_npz, write_checksum
 from ftjax.models.factory import create_model
 from ftjax.models.layers import head_kernel_init
 
@@ -311,10 +312,36 @@ def _load_variables(name: str, source: _Source, cache_dir: Path) -> dict:
   # The digest is in the file name so a different checkpoint never reuses a stale cache.
   cache_file = cache_dir / f"{name.replace('/', '_')}_{source.sha256[:16]}.npz"
   if cache_file.exists():
-    with np.load(cache_file) as data:
-      return paths.unflatten_paths({k: data[k] for k in data.files})
+    cached = _read_cache(cache_file)
+    if cached is not None:
+      return cached
   variables = _convert_checkpoint(source)
   save_npz(cache_file, **{k: np.asarray(v) for k, v in paths.flatten_paths(variables).items()})  # readers never see a half-written cache file
+  write_checksum(cache_file)
+  return variables
+
+
+def _read_cache(cache_file: Path) -> dict | None:
+  """The cached converted variables, or None (with a warning) when the file is damaged.
+
+  The file's content hash (``<file>.sha256``) is checked first; a file from before
+  the hash was kept is read as it is and its hash recorded.
+  """
+  matches = checksum_matches(cache_file)
+  if matches is False:
+    logging.warning("converted weights %s do not match their recorded sha256; converting again", cache_file)
+    return None
+  try:
+    with np.load(cache_file) as data:
+      variables = paths.unflatten_paths({k: data[k] for k in data.files})
+  except Exception as e:  # noqa: BLE001 - a truncated or damaged zip raises several kinds of error
+    logging.warning("converted weights %s are unreadable (%s); converting again", cache_file, e)
+    return None
+  if matches is None:
+    try:
+      write_checksum(cache_file)
+    except OSError:  # a read-only cache: it stays unverified
+      pass
   return variables
 
 

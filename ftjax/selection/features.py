@@ -21,6 +21,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -49,14 +51,32 @@ def load_cached_features(cache_path: str, cache_key: str) -> tuple[np.ndarray, n
     with np.load(cache_path, allow_pickle=False) as data:
       if (str(data["cache_key"]) != cache_key or int(data["format"]) != _CACHE_FORMAT):
         return None
-      return data["features"].astype(np.float32), data["labels"].astype(np.int64)
-  except (OSError, KeyError, ValueError):  # unreadable or foreign file: recompute
+      features, labels = data["features"], data["labels"]
+      # Files from before the content hash was stored have none; they are read as they are.
+      recorded = str(data["content_sha256"]) if "content_sha256" in data.files else None
+  except Exception:  # noqa: BLE001 - unreadable (a damaged zip raises several kinds) or foreign: recompute
+    logging.warning("feature cache %s is unreadable; extracting the features again", cache_path)
     return None
+  if recorded is not None and recorded != _content_sha256(features, labels):
+    logging.warning("feature cache %s does not match its content hash; extracting the features again",
+                    cache_path)
+    return None
+  return features.astype(np.float32), labels.astype(np.int64)
+
+
+def _content_sha256(features: np.ndarray, labels: np.ndarray) -> str:
+  digest = hashlib.sha256()
+  for array in (features, labels):
+    array = np.ascontiguousarray(array)
+    digest.update(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
 
 
 def _save_atomic(cache_path: str, *, features: np.ndarray, labels: np.ndarray, cache_key: str) -> None:
   save_npz(cache_path, features=features, labels=labels, cache_key=np.array(cache_key),
-           format=np.array(_CACHE_FORMAT))  # readers never see half a file
+           format=np.array(_CACHE_FORMAT),
+           content_sha256=np.array(_content_sha256(features, labels)))  # readers never see half a file
 
 
 def extract_features(*, model: Any, variables: Any, batches: Iterable[dict[str, np.ndarray]],

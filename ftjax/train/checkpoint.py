@@ -4,23 +4,59 @@ One checkpoint holds the train state (params, batch stats, optimizer state,
 method state, step, RNG; the data position is the step), the best-so-far
 variables chosen on the validation split, and a small JSON record. Orbax writes
 into a temporary directory and renames it when complete, so a run killed while
-saving leaves the previous checkpoint intact.
+saving, or a save that fails (a full disk), leaves the previous checkpoint
+intact; the failure is raised as :class:`CheckpointWriteError`, one line.
+
+A checkpoint that cannot be read back is moved aside by
+:meth:`Checkpointer.move_aside` into ``workdir/checkpoints_unreadable`` (never
+deleted: the files may still matter to whoever looks at them).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from ftjax.core.errors import RunError
+
+UNREADABLE_DIR = "checkpoints_unreadable"
+
+
+class CheckpointWriteError(RunError):
+  """Writing a checkpoint failed (the previous checkpoint, if any, is intact)."""
+
+
+class _OneLineOrbaxErrors(logging.Filter):
+  """Orbax logs a failed background save with each thread's traceback; the trainer raises
+  one :class:`CheckpointWriteError` for it, so those records keep their first line only."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and "orbax" in record.pathname and record.exc_info:
+      record.exc_info, record.exc_text = None, None
+      record.msg, record.args = (record.getMessage().splitlines() or [""])[0], ()
+    return True
+
+
+_ORBAX_FILTER = _OneLineOrbaxErrors()
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0] if text else ''}"
+
 
 class Checkpointer:
   """Saves and restores ``(state, best, record)`` under ``workdir/checkpoints``."""
 
   def __init__(self, workdir: str, *, keep: int = 2):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
+    self._pending: int | None = None  # the step of a save that may still be writing
+    logging.getLogger("absl").addFilter(_ORBAX_FILTER)  # once: a filter object is added at most once
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True),
@@ -30,16 +66,46 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """The complete checkpoints' steps, newest first."""
+    return sorted(self._manager.all_steps(), reverse=True)
+
   def save(self, step: int, *, state: Any, best: Any, record: dict[str, Any]) -> None:
-    self._manager.save(
-        int(step),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            best=ocp.args.StandardSave(best),
-            record=ocp.args.JsonSave(record),
-        ),
-        force=True,
-    )
+    """Starts writing checkpoint ``step`` (in the background; :meth:`wait` ends it).
+
+    Raises:
+      CheckpointWriteError: this save, or the previous one still writing, failed.
+    """
+    self.wait()  # a failure of the previous save surfaces here, naming that save
+    self._pending = int(step)
+    try:
+      self._manager.save(
+          int(step),
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              best=ocp.args.StandardSave(best),
+              record=ocp.args.JsonSave(record),
+          ),
+          force=True,
+      )
+    except Exception as e:  # noqa: BLE001 - any failure of the write is reported the same way
+      self._raise_write_error(e)
+
+  def _raise_write_error(self, error: BaseException) -> None:
+    step, self._pending = self._pending, None
+    with_previous = [s for s in self._steps_on_disk() if s != step]
+    previous = (f"the previous checkpoint (step {max(with_previous)}) is intact" if with_previous
+                else "no earlier checkpoint exists")
+    raise CheckpointWriteError(
+        f"writing the checkpoint of step {step} in {self.directory} failed ({_first_line(error)}); "
+        f"{previous}: fix the cause (disk space?) and run the same command to resume") from error
+
+  def _steps_on_disk(self) -> list[int]:
+    try:
+      self._manager.reload()
+      return list(self._manager.all_steps())
+    except Exception:  # noqa: BLE001 - only used to word an error message
+      return []
 
   def read_record(self, step: int) -> dict[str, Any]:
     """The JSON record of checkpoint ``step`` alone (checked before the state is restored)."""
@@ -59,12 +125,46 @@ class Checkpointer:
     )
     return restored.state, restored.best, dict(restored.record)
 
+  def move_aside(self, step: int) -> str:
+    """Moves checkpoint ``step`` to ``workdir/checkpoints_unreadable/<step>`` (process 0); returns it.
+
+    Every process then sees the remaining checkpoints (after a barrier).
+    """
+    target = os.path.join(self.workdir, UNREADABLE_DIR, str(int(step)))
+    if os.path.exists(target):
+      n = 1
+      while os.path.exists(f"{target}.{n}"):
+        n += 1
+      target = f"{target}.{n}"
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.replace(os.path.join(self.directory, str(int(step))), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"ftjax_moved_aside_{int(step)}")
+    self._manager.reload()
+    return target
+
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for a background save to finish.
+
+    Raises:
+      CheckpointWriteError: it failed.
+    """
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      self._raise_write_error(e)
+    self._pending = None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception:  # noqa: BLE001 - a failed save already raised from wait()
+        logging.debug("closing the checkpoint manager", exc_info=True)
 
 
 def load_checkpoint_arrays(workdir: str, step: int | None = None) -> dict[str, Any]:

@@ -124,3 +124,158 @@ def default_config() -> ml_collections.ConfigDict:
   c.reuse.sampling_rate = 100.0   # percent of the pool's train part, per class
   c.reuse.weak_crop_scale = (0.8, 1.0)   # Eq. 7: crop area range of the weak view (strong: dataset.crop_scale)
   return c
+
+
+# ----------------------------------------------------------------------------- value checks
+#
+# Every numeric field of the schema and of the built-in methods' options, with the
+# values it can take. :func:`check_values` runs before any data work
+# (``ftjax.train.setup.validate_config``), so a bad value is one line naming the
+# field, never a run that trains on it (a negative learning rate is gradient ascent).
+
+POSITIVE = "finite and > 0"
+NON_NEGATIVE = "finite and >= 0"
+INT_POSITIVE = "an integer >= 1"
+INT_NON_NEGATIVE = "an integer >= 0"
+MOMENTUM = "in [0, 1)"
+UNIT = "in [0, 1]"
+OPEN_UNIT = "in (0, 1)"
+PERCENT = "in (0, 100] (a percentage)"
+CROP = "a pair (low, high) with 0 < low <= high <= 1"
+BOUNDARIES = "a list of numbers > 0 (fractions of training below 1, step numbers from 1)"
+OPTIONAL = " (or None)"
+
+CONFIG_FIELDS: dict[str, str] = {
+    "seed": INT_NON_NEGATIVE,
+    "num_seeds": INT_POSITIVE,
+    "dataset.sampling_rate": PERCENT,
+    "dataset.val_fraction": OPEN_UNIT,
+    "dataset.image_size": INT_POSITIVE,
+    "dataset.resize_size": INT_NON_NEGATIVE,
+    "dataset.crop_scale": CROP,
+    "dataset.num_shards": INT_NON_NEGATIVE,
+    "batch_size": INT_POSITIVE,
+    "eval_batch_size": INT_POSITIVE,
+    "num_epochs": INT_NON_NEGATIVE,
+    "num_steps": INT_NON_NEGATIVE,
+    "num_devices": INT_NON_NEGATIVE,
+    "optimizer.lr": POSITIVE,
+    "optimizer.momentum": MOMENTUM,
+    "optimizer.weight_decay": NON_NEGATIVE,
+    "optimizer.warmup_steps": INT_NON_NEGATIVE,
+    "optimizer.boundaries": BOUNDARIES,
+    "optimizer.decay_factor": POSITIVE,
+    "last_k": INT_POSITIVE,
+    "head_lr_mult": NON_NEGATIVE,
+    "log_every_steps": INT_POSITIVE,
+    "eval_every_steps": INT_NON_NEGATIVE,
+    "keep_checkpoints": INT_POSITIVE,
+    "reuse.weight": NON_NEGATIVE,
+    "reuse.sampling_rate": PERCENT,
+    "reuse.weak_crop_scale": CROP,
+}
+
+# The groups' settings (``groups.<name>.<field>``).
+GROUP_FIELDS: dict[str, str] = {"lr_mult": NON_NEGATIVE, "weight_decay": NON_NEGATIVE + OPTIONAL}
+
+# ``losses.<method>.<option>``: every numeric option of the built-in methods
+# (tests/test_faults.py checks that none is missing).
+METHOD_FIELDS: dict[str, dict[str, str]] = {
+    "ce": {"weight": NON_NEGATIVE, "label_smoothing": UNIT},
+    "co_tuning": {"weight": NON_NEGATIVE, "val_fraction": OPEN_UNIT,
+                  # 0 or None: no source calibration
+                  "source_temperature": NON_NEGATIVE + OPTIONAL},
+    "data_reuse": {"weight": NON_NEGATIVE, "sampling_rate": PERCENT, "weak_crop_scale": CROP,
+                   "num_pool_classes": INT_NON_NEGATIVE, "seed": INT_NON_NEGATIVE},
+    "l2_sp": {"weight": NON_NEGATIVE, "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE},
+    "delta": {"weight": NON_NEGATIVE, "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE,
+              "attention_batches": INT_POSITIVE, "attention_temperature": POSITIVE,
+              "attention_chunk": INT_NON_NEGATIVE, "head_l2": NON_NEGATIVE},
+    "bss": {"weight": NON_NEGATIVE, "k": INT_POSITIVE},
+    "lwf": {"weight": NON_NEGATIVE, "temperature": POSITIVE},
+    # The key encoder's momentum may be 1 (a frozen key encoder), unlike the optimizer's.
+    "bi_tuning": {"weight": NON_NEGATIVE, "cce_weight": NON_NEGATIVE, "ccl_weight": NON_NEGATIVE,
+                  "keys_per_class": INT_POSITIVE, "temperature": POSITIVE, "momentum": UNIT,
+                  "projection_dim": INT_POSITIVE, "views": INT_POSITIVE},
+    "spottune": {"weight": NON_NEGATIVE, "lambda1": NON_NEGATIVE, "lambda2": NON_NEGATIVE,
+                 "k": NON_NEGATIVE, "policy_depth": INT_POSITIVE, "policy_width": INT_POSITIVE,
+                 "policy_image_size": INT_NON_NEGATIVE, "temperature": POSITIVE,
+                 "random_finetune_last": INT_NON_NEGATIVE, "prune_threshold": UNIT,
+                 "first_routed_block": INT_NON_NEGATIVE, "policy_lr_mult": NON_NEGATIVE,
+                 "policy_weight_decay": NON_NEGATIVE + OPTIONAL},
+    "patch": {"weight": NON_NEGATIVE},
+}
+
+
+def _is_number(value) -> bool:
+  import numbers
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _value_ok(value, rule: str) -> bool:
+  import math
+  if rule.endswith(OPTIONAL):
+    if value is None:
+      return True
+    rule = rule[:-len(OPTIONAL)]
+  if rule in (CROP, BOUNDARIES):
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+      return False
+    values = list(value)
+    if not all(_is_number(v) and math.isfinite(v) for v in values):
+      return False
+    if rule == CROP:
+      return len(values) == 2 and 0 < values[0] <= values[1] <= 1
+    return all(v > 0 for v in values)
+  if not _is_number(value) or not math.isfinite(value):
+    return False
+  if rule in (INT_POSITIVE, INT_NON_NEGATIVE):
+    return float(value).is_integer() and value >= (1 if rule == INT_POSITIVE else 0)
+  return {POSITIVE: value > 0, NON_NEGATIVE: value >= 0, MOMENTUM: 0 <= value < 1, UNIT: 0 <= value <= 1,
+          OPEN_UNIT: 0 < value < 1, PERCENT: 0 < value <= 100}[rule]
+
+
+def check_value(field: str, value, rule: str) -> None:
+  """A one-line ConfigError naming ``field`` when ``value`` breaks ``rule``.
+
+  Example:
+    >>> check_value("optimizer.lr", -1.0, POSITIVE)
+    Traceback (most recent call last):
+    ...
+    ftjax.core.errors.ConfigError: optimizer.lr must be finite and > 0, got -1.0
+  """
+  if not _value_ok(value, rule):
+    from ftjax.core.errors import ConfigError
+    shown = tuple(value) if isinstance(value, list) else value
+    raise ConfigError(f"{field} must be {rule}, got {shown!r}")
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Checks every numeric field of ``config`` (schema, groups, methods' options).
+
+  Raises:
+    ConfigError: the first bad value, naming its field.
+  """
+  from ftjax.methods.registry import config_losses
+  for field, rule in CONFIG_FIELDS.items():
+    node, found = config, True
+    for part in field.split("."):
+      if part not in node:
+        found = False  # a config built without this (optional) section
+        break
+      node = node[part]
+    if found:
+      check_value(field, node, rule)
+  for name, group in config.get("groups", {}).items():
+    for key, rule in GROUP_FIELDS.items():
+      if key in group:
+        check_value(f"groups.{name}.{key}", group[key], rule)
+  if "losses" not in config:
+    return  # not a trainer config (a study script's own settings)
+  explicit = set(config.losses.keys())
+  for method, options in config_losses(config).items():
+    prefix = f"losses.{method}" if method in explicit else {"data_reuse": "reuse", "patch": "patch"}.get(
+        method, f"losses.{method}")
+    for key, rule in METHOD_FIELDS.get(method, {}).items():
+      if key in options:
+        check_value(f"{prefix}.{key}", options[key], rule)

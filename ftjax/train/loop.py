@@ -19,11 +19,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ftjax.core.errors import ConfigError, check_labels
+from ftjax.core.errors import ConfigError, RunError, check_labels
 from ftjax.core.io import write_json
 from ftjax.train import sharding as shd
 from ftjax.train import step as step_lib
 from ftjax.train.checkpoint import Checkpointer
+from ftjax.train.preemption import PreemptionWatch, Preempted
+from ftjax.train.workdir_lock import hold_workdir
 from ftjax.train.config import default_config
 from ftjax.train.metrics import MetricWriter
 from ftjax.train.setup import semantic_config, setup_run
@@ -111,36 +113,42 @@ def fit(*, config: ml_collections.ConfigDict, workdir: str, training: Any, total
   batches = batch_stream(step)
   t0, images = time.time(), 0
   try:
-    while step < total_steps:
-      state, metrics = training.train_step(state, shd.global_batch(next(batches), mesh), training.source)
-      step += 1
-      images += config.batch_size
-      evaluate_now = step % eval_every == 0 or step == total_steps
-      if step % config.log_every_steps == 0 or evaluate_now:
-        host = jax.device_get(metrics)
-        if not math.isfinite(float(host["loss"])):
-          raise FloatingPointError(
-              f"non-finite loss {float(host['loss'])} at step {step}; last good checkpoint: "
-              f"step {ckpt.latest_step()} in {ckpt.directory} (lower optimizer.lr?)")
-        host["lr"] = training.schedule(step - 1)
-        host["images_per_s"] = images / max(time.time() - t0, 1e-9)
-        writer.write(step, "train", host)
+    with PreemptionWatch() as watch:
+      while step < total_steps:
+        state, metrics = training.train_step(state, shd.global_batch(next(batches), mesh), training.source)
+        step += 1
+        images += config.batch_size
+        # Asked at every step, in every process (the processes agree on the step to stop at).
+        stop = watch.should_stop(step)
+        evaluate_now = step % eval_every == 0 or step == total_steps
+        if step % config.log_every_steps == 0 or evaluate_now or stop:
+          host = jax.device_get(metrics)
+          if not math.isfinite(float(host["loss"])):
+            raise FloatingPointError(_non_finite_message(float(host["loss"]), step, ckpt))
+          host["lr"] = training.schedule(step - 1)
+          host["images_per_s"] = images / max(time.time() - t0, 1e-9)
+          if step % config.log_every_steps == 0 or evaluate_now:
+            writer.write(step, "train", host)
+          if progress is not None:
+            postfix = {"loss": f"{float(host['loss']):.3f}"}
+            if "accuracy" in host:
+              postfix["acc"] = f"{float(host['accuracy']):.2f}"
+            progress.set_postfix(**postfix)
+        if evaluate_now:
+          metric, row = validate(state)
+          writer.write(step, "val", row)
+          if metric > float(best["metric"]):
+            best = jax.device_put(
+                {"params": _copy(state.params), "batch_stats": _copy(state.batch_stats),
+                 "metric": np.float32(metric), "step": np.int32(step)},
+                shd.replicated(mesh))
+        if evaluate_now or stop:
+          ckpt.save(step, state=state, best=best, record=checkpoint_record(semantic, step))
         if progress is not None:
-          postfix = {"loss": f"{float(host['loss']):.3f}"}
-          if "accuracy" in host:
-            postfix["acc"] = f"{float(host['accuracy']):.2f}"
-          progress.set_postfix(**postfix)
-      if evaluate_now:
-        metric, row = validate(state)
-        writer.write(step, "val", row)
-        if metric > float(best["metric"]):
-          best = jax.device_put(
-              {"params": _copy(state.params), "batch_stats": _copy(state.batch_stats),
-               "metric": np.float32(metric), "step": np.int32(step)},
-              shd.replicated(mesh))
-        ckpt.save(step, state=state, best=best, record=checkpoint_record(semantic, step))
-      if progress is not None:
-        progress.update(1)
+          progress.update(1)
+        if stop:
+          ckpt.wait()
+          raise Preempted(step=step, signum=watch.stop_signal(), directory=ckpt.directory)
   finally:
     if progress is not None:
       progress.close()
@@ -151,8 +159,22 @@ def fit(*, config: ml_collections.ConfigDict, workdir: str, training: Any, total
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains ``config`` (one seed) into ``workdir``, resuming if a checkpoint is there.
 
+  Holds ``workdir``'s lock (:mod:`ftjax.train.workdir_lock`) throughout: a second
+  job on the same directory refuses.
+
   Returns the results record (also written to ``workdir/results.json``).
+
+  Raises:
+    ConfigError: a bad config, or a checkpoint of another config or state layout.
+    RunError: the workdir is locked by another job, no checkpoint restores, a
+      checkpoint write failed, or the run was preempted (:class:`Preempted`).
+    FloatingPointError: the loss became non-finite.
   """
+  with hold_workdir(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   run = setup_run(config, workdir)
   workdir, dataset, training = run.workdir, run.dataset, run.training
   mesh = training.mesh
@@ -215,21 +237,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _resume(ckpt: Checkpointer, writer: MetricWriter, *, state: Any, best: Any, semantic: dict[str, Any],
             workdir: str) -> tuple[Any, Any, int]:
-  """``(state, best, step)`` from the latest checkpoint of ``workdir``, or as given when there is none.
+  """``(state, best, step)`` from the newest checkpoint of ``workdir`` that restores.
+
+  Each checkpoint's record (state layout, config) is checked before its arrays
+  are read: a checkpoint of another config or layout is refused, not taken for
+  a damaged one. When a checkpoint's record or arrays cannot be read but an
+  older checkpoint restores, the newer ones are damaged: each is reported by
+  name and moved aside (:meth:`Checkpointer.move_aside`, never deleted). When
+  none restores, nothing is moved (the cause may be this program rather than
+  the files) and one error names them. No checkpoint at all: ``state`` and
+  ``best`` as given.
 
   Raises:
-    ConfigError: the checkpoint belongs to another config or an older state layout.
+    ConfigError: a checkpoint of another config or an older state layout.
+    RunError: there are checkpoints and none of them restores.
   """
-  start = ckpt.latest_step()
-  if start is None:
-    writer.truncate_after(0)  # a killed run that never checkpointed starts over
-    return state, best, int(state.step)
-  record = ckpt.read_record(start)
-  check_record(record, semantic=semantic, workdir=workdir, directory=ckpt.directory)
-  state, best, _ = ckpt.restore(start, state=state, best=best)
-  writer.truncate_after(start)
-  logging.info("resumed from step %d", start)
+  failed: list[tuple[int, BaseException]] = []
+  for start in ckpt.all_steps():
+    try:
+      record = ckpt.read_record(start)
+    except Exception as e:  # noqa: BLE001 - any read failure: this checkpoint may be damaged
+      failed.append((start, e))
+      continue
+    check_record(record, semantic=semantic, workdir=workdir, directory=ckpt.directory)
+    try:
+      restored_state, restored_best, _ = ckpt.restore(start, state=state, best=best)
+    except Exception as e:  # noqa: BLE001
+      failed.append((start, e))
+      continue
+    for step, error in failed:
+      _set_aside(ckpt, step, error)
+    writer.truncate_after(start)
+    logging.info("resumed from step %d", start)
+    return restored_state, restored_best, int(restored_state.step)
+  if failed:
+    reasons = "; ".join(f"step {step}: {_reason(error)}" for step, error in failed)
+    raise RunError(f"no checkpoint in {ckpt.directory} restores ({reasons[:600]}); they are left as they "
+                   f"are: move them away (or use a new --workdir) to start over")
+  writer.truncate_after(0)  # a killed run that never checkpointed starts over
   return state, best, int(state.step)
+
+
+def _reason(error: BaseException) -> str:
+  """The first line of the innermost cause (the reader's own error, not Orbax's wrapper)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  first = (str(error).strip().splitlines() or [""])[0]
+  return f"{type(error).__name__}: {first[:300]}"
+
+
+def _set_aside(ckpt: Checkpointer, step: int, error: BaseException) -> str:
+  target = ckpt.move_aside(step)
+  logging.warning("checkpoint %s does not restore (%s) but an older one does; moved it to %s (kept) and "
+                  "resuming from the older one", os.path.join(ckpt.directory, str(step)), _reason(error),
+                  target)
+  return target
+
+
+def _non_finite_message(loss: float, step: int, ckpt: Checkpointer) -> str:
+  steps = ckpt.all_steps()
+  where = (f"the last checkpoint is step {steps[0]} in {ckpt.directory}" if steps
+           else "no checkpoint was written yet")
+  return f"non-finite loss {loss} at step {step}; {where} (lower optimizer.lr?)"
 
 
 def checkpoint_record(semantic: dict[str, Any], step: int) -> dict[str, Any]:

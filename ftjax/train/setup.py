@@ -33,7 +33,7 @@ from ftjax.methods.base import RunContext, source_variables
 from ftjax.train import optim
 from ftjax.train import sharding as shd
 from ftjax.train import step as step_lib
-from ftjax.train.config import BASELINES
+from ftjax.train.config import BASELINES, check_values
 from ftjax.train.state import TrainState
 
 # ----------------------------------------------------------------------------- rules
@@ -130,6 +130,11 @@ def resolve_rules(config: ml_collections.ConfigDict, variables: Any = None, *,
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
+  """One-line ConfigErrors for a config that cannot work, before any data work.
+
+  Every numeric field is checked by :func:`ftjax.train.config.check_values`.
+  """
+  check_values(config)
   rate = config.dataset.sampling_rate
   if not 0 < rate <= 100:
     raise ConfigError(f"dataset.sampling_rate must be in (0, 100] (a percentage), got {rate}")
