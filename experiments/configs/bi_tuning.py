@@ -24,10 +24,11 @@ it was in the head's 10x group, so the 5% numbers below predate that). The key
 encoder keeps 0.999^t of its initialisation after t steps: the 5% runs have 750
 steps (2,400 images / batch 32 x 10 epochs), after which 47% remains; the 25% default
 has 3,750 steps (2.3%). See :mod:`ftjax.methods.bi_tuning`.
-Expected numbers at 5% (K = 8; Fashion-MNIST, ImageNet Lite0, 64 px, 10 epochs, seed 0
-only, test top-1 %; table in experiments/results/bi_tuning_5/): finetune 81.60,
-bi_tuning 83.33, ce_cce 81.86, ce_ccl 83.84, cce_ccl 79.91. One seed: the spread
-between seeds is not measured.
+Expected numbers: ``experiments/results/bi_tuning_5/results_table.md``, three seeds at
+hyper-parameters chosen on validation (``python -m experiments.evidence tables`` writes it
+from the study's ledger; rows the study has not finished are empty there), and the
+claims in ``experiments/results/README.md``. Earlier single-seed numbers, from before
+the fixes of issue 23: ``experiments/results/HISTORY.md``.
 """
 
 import math

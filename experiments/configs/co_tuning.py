@@ -26,17 +26,11 @@ calibration of Lite0. With ImageNet prepared in TFDS, a source-calibrated row is
   temperature): the paper's Table 4 "w/o calibration";
 * ``co_tuning_direct_src_uncal``: the direct relationship (Eq. 3; no g), source at t = 1.
 
-Expected numbers (Fashion-MNIST, ImageNet EfficientNet-Lite0, 64 px, 10 epochs, seed 0
-only, test top-1 %; tables and figures in experiments/results/co_tuning_{5,15}/, where
-the rows were still called ``co_tuning``, ``co_tuning_no_calibration`` and
-``co_tuning_direct``: the same settings as the rows below; the × 0.884 rows are not run yet):
-
-  rate | finetune | src_uncal_g_cal | no_calibration | direct_src_uncal
-   15% |   86.77  |      87.43      |     87.68      |      86.79
-    5% |   81.60  |      82.76      |     82.97      |      83.60
-
-One seed, so the spread between seeds is not measured and differences of about a
-point may be noise; ``--config.num_seeds=3`` gives the protocol's mean ± std.
+Expected numbers: ``experiments/results/co_tuning_{5,15}/results_table.md``, three seeds at
+hyper-parameters chosen on validation (``python -m experiments.evidence tables`` writes it
+from the study's ledger; rows the study has not finished are empty there), and the
+claims in ``experiments/results/README.md``. Earlier single-seed numbers, from before
+the fixes of issue 23: ``experiments/results/HISTORY.md``.
 """
 
 from experiments.configs import default

@@ -43,14 +43,13 @@ BatchNorm statistics, as the paper defines each patch (each row sets ``bn_mode``
   the last layer trained while the statistics are re-estimated (``bn_mode="train"``);
 * ``all`` (full fine-tuning) re-estimates them, as fine-tuning does.
 
-Results name this in ``patch_bn_statistics`` (``task`` / ``pretrained``). Before this
-was fixed every row ran with re-estimated statistics, so the ``last_layer`` rows of
-``experiments/results/patches_5`` and ``patches_fig2`` are this config's
-``last_layer_bn_stats`` (and their ``dw_last_layer`` rows DW + BN statistics + last layer);
-Table 4's ``all shared`` column of ``patches_t4s`` kept private statistics per task.
-Each patch run saves ``patch.npz`` (the patch and the head it trained) and reports its
-size in results.json.
-Expected numbers: not yet measured with these rows (see the issue tracker).
+Results name this in ``patch_bn_statistics`` (``task`` / ``pretrained``). Each patch run
+saves ``patch.npz`` (the patch and the head it trained) and reports its size in results.json.
+Expected numbers: ``experiments/results/patches_5 and patches_t4*/results_table.md``, three seeds at
+hyper-parameters chosen on validation (``python -m experiments.evidence tables`` writes it
+from the study's ledger; rows the study has not finished are empty there), and the
+claims in ``experiments/results/README.md``. Earlier single-seed numbers, from before
+the fixes of issue 23: ``experiments/results/HISTORY.md``.
 """
 
 from experiments.configs import default

@@ -23,11 +23,11 @@ gives mean ± std. Rows, each with cross-entropy on the target head plus:
   composition of issue 8 (no weight decay, as for L2-SP).
 
 ``metrics.jsonl`` reports every term separately (``loss/<name>``).
-Expected numbers at 5% (Fashion-MNIST, ImageNet Lite0, 64 px, 10 epochs, seed 0 only,
-test top-1 %; experiments/results/regularizers_5/, and merged into the Co-Tuning and
-Bi-Tuning tables in experiments/results/table_{co,bi}_tuning_5/): finetune 81.60,
-l2_sp 83.02, delta 84.33 (the old term, not rerun), bss 83.12, lwf 84.08, co_tuning_bss_l2sp 83.62. One seed:
-the spread between seeds is not measured.
+Expected numbers: ``experiments/results/regularizers_5/results_table.md``, three seeds at
+hyper-parameters chosen on validation (``python -m experiments.evidence tables`` writes it
+from the study's ledger; rows the study has not finished are empty there), and the
+claims in ``experiments/results/README.md``. Earlier single-seed numbers, from before
+the fixes of issue 23: ``experiments/results/HISTORY.md``.
 """
 
 from experiments.configs import default

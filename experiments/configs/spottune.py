@@ -75,15 +75,14 @@ Trainable parameters per row (Lite0, 10 classes; ``trainable_parameters`` in res
 
 Global-k's compact size (its unused copies dropped) is in ``spottune_parameters_pruned``.
 
-Before these fixes only Lite0's 9 residual blocks were routed (the stem, the 7 other
-blocks and the head conv, 1.4M of 3.37M backbone parameters, always trained), the frozen
-copies' BatchNorm ran on pretrained statistics, the policy used the network's learning
-rate and weight decay, ``stochastic`` fine-tuned 4 of 9 blocks and ``random_policy``
-drew the same decisions for every test batch. The numbers in
-``experiments/results/spottune_5/`` (one seed, 10 epochs, Lite0 at 64 px, test top-1 %:
-finetune 81.60, feature_extractor 80.93, last_1 69.50, last_2 77.52, last_3 77.97,
-spottune 80.44, global_k 83.37, stochastic 83.15, random_policy 82.11) are from that
-version; this config has not been rerun yet.
+Before these fixes only Lite0's 9 residual blocks were routed, the frozen copies'
+BatchNorm ran on pretrained statistics and the policy used the network's learning rate
+and weight decay.
+Expected numbers: ``experiments/results/spottune_5/results_table.md``, three seeds at
+hyper-parameters chosen on validation (``python -m experiments.evidence tables`` writes it
+from the study's ledger; rows the study has not finished are empty there), and the
+claims in ``experiments/results/README.md``. Earlier single-seed numbers, from before
+the fixes of issue 23: ``experiments/results/HISTORY.md``.
 """
 
 from experiments.configs import default
