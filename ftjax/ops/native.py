@@ -26,7 +26,7 @@ _onednn: ctypes.CDLL | str | None = None  # the loaded library, or why it could 
 
 
 def load_onednn() -> ctypes.CDLL | str:
-  """Loads the pinned ``libdnnl.so.3`` (pip's ``onednn-cpu-gomp``) once, globally.
+  """Loads the pinned ``libdnnl.so.3`` (pip's ``onednn-cpu-gomp``) once.
 
   The kernel's run path (``$ORIGIN/../../../../..``) finds it only where pip's
   ``site-packages`` sits under ``<prefix>/lib``; loading it by its recorded location
@@ -45,13 +45,16 @@ def load_onednn() -> ctypes.CDLL | str:
                    f"{build_kernels.ONEDNN_RUNTIME}=={build_kernels.ONEDNN_VERSION})")
       else:
         try:
-          _onednn = load_library(path, mode=ctypes.RTLD_GLOBAL)
+          # Local: a kernel that needs libdnnl.so.3 is matched to it by its soname, while
+          # the dnnl_* symbols stay out of the global scope, where they would shadow
+          # another oneDNN's for a kernel built against it (FTJAX_ONEDNN_LIBRARY).
+          _onednn = load_library(path)
         except OSError as e:
           _onednn = f"cannot load {path}: {e}"
     return _onednn
 
 
-def load_library(path: pathlib.Path | str, mode: int = ctypes.DEFAULT_MODE) -> ctypes.CDLL:
+def load_library(path: pathlib.Path | str) -> ctypes.CDLL:
   """``ctypes`` loads ``path`` with GNU OpenMP's passive wait policy unless the caller set one.
 
   The kernels run on GNU OpenMP threads while XLA runs other ops on its own threads;
@@ -70,7 +73,7 @@ def load_library(path: pathlib.Path | str, mode: int = ctypes.DEFAULT_MODE) -> c
   previous = os.environ.get("OMP_WAIT_POLICY")
   os.environ.setdefault("OMP_WAIT_POLICY", "passive")
   try:
-    return ctypes.CDLL(str(path), mode=mode)
+    return ctypes.cdll.LoadLibrary(str(path))
   finally:
     if previous is None:
       del os.environ["OMP_WAIT_POLICY"]
