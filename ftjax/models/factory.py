@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ftjax.models.efficientnet_lite import EFFICIENTNET_SPECS, LITE_MEAN, LITE_STD, EfficientNetBackbone
-from ftjax.models.layers import ImageClassifier
+from ftjax.models.layers import ImageClassifier, compute_dtype
 from ftjax.models.resnet import IMAGENET_MEAN, IMAGENET_STD, RESNET_SPECS, ResNetBackbone
 
 MODEL_NAMES = tuple(RESNET_SPECS) + tuple(EFFICIENTNET_SPECS)
@@ -21,6 +23,7 @@ def create_model(
     keep_source_head: bool = False,
     num_source_classes: int = 1000,
     projection_dim: int = 0,
+    dtype: Any = "float32",
 ) -> ImageClassifier:
   """Builds an :class:`~ftjax.models.layers.ImageClassifier` by name.
 
@@ -32,6 +35,9 @@ def create_model(
     num_source_classes: width of ``source_head``.
     projection_dim: width of the Bi-Tuning ``projector`` (output ``projection``);
       0 = none, and the parameters are exactly those of a model without it.
+    dtype: computation dtype, ``"float32"`` or ``"bfloat16"`` (or the jnp dtype):
+      convolutions and activations run in it; parameters, BatchNorm statistics,
+      pooled features, heads and logits stay float32 (mixed precision).
 
   Returns:
     An unbound Linen module; input is NHWC raw pixels in ``[0, 255]``.
@@ -42,6 +48,7 @@ def create_model(
         f"num_classes and num_source_classes must be >= 1, got {num_classes}, {num_source_classes}")
   if projection_dim < 0:
     raise ValueError(f"projection_dim must be >= 0 (0 = no projector), got {projection_dim}")
+  dtype = compute_dtype(dtype)
   if name in RESNET_SPECS:
     backbone, mean, std = ResNetBackbone(RESNET_SPECS[name]), IMAGENET_MEAN, IMAGENET_STD
   else:
@@ -55,6 +62,7 @@ def create_model(
       keep_source_head=keep_source_head,
       num_source_classes=num_source_classes,
       projection_dim=int(projection_dim),
+      dtype=dtype,
   )
 
 

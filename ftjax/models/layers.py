@@ -1,5 +1,11 @@
 """Building blocks shared by ftjax's Linen models.
 
+Mixed precision: an :class:`ImageClassifier` built with ``dtype=jnp.bfloat16`` runs its
+backbone in bfloat16 (the normalised input is cast once; every :class:`Conv` computes in
+its input's dtype with the float32 kernel cast to it) while parameters and BatchNorm
+statistics stay float32, :class:`BatchNorm` normalises in float32 and returns its input's
+dtype, and the pooled ``features`` (so every head, logit and loss) are float32.
+
 :class:`Conv` stores its parameters exactly like ``flax.linen.Conv`` (``kernel``
 HWIO, optional ``bias``) but calls :func:`ftjax.ops.conv.conv2d`, so the
 convolution implementation can change without touching checkpoints or
@@ -10,7 +16,7 @@ and runs training mode through :func:`ftjax.ops.batch_norm.batch_norm_train`.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -111,14 +117,19 @@ class BatchNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, channels, jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), channels)
     ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), channels)
+    # Statistics and the normalisation arithmetic in float32 (a bfloat16 variance of
+    # E[x^2] - E[x]^2 would cancel badly); the output goes back to the input's dtype, so a
+    # bfloat16 network stays bfloat16 between layers.
+    compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
     if use_running_average:
-      return (x - ra_mean.value) * (scale * jax.lax.rsqrt(ra_var.value + self.epsilon)) + bias
+      y = (x.astype(compute_dtype) - ra_mean.value) * (scale * jax.lax.rsqrt(ra_var.value + self.epsilon)) + bias
+      return y.astype(x.dtype)
     y, mean, var = batch_norm_train(x, scale=scale, bias=bias, epsilon=self.epsilon)
     if not self.is_initializing():
       m = self.momentum
       ra_mean.value = m * ra_mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
       ra_var.value = m * ra_var.value + (1.0 - m) * jax.lax.stop_gradient(var)
-    return y
+    return y.astype(x.dtype)
 
 
 _BN_NAME = re.compile(r"(^|_)bn\d*$")
@@ -156,6 +167,30 @@ def normalize_pixels(images: jax.Array, mean: Sequence[float], std: Sequence[flo
 
 OUTPUT_NAMES = ("features", "logits", "source_logits", "feature_maps", "projection")
 
+# config.compute_dtype -> the dtype the backbone computes in (parameters stay float32).
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: Any) -> Any:
+  """The jnp dtype of a ``compute_dtype`` name (``"float32"`` or ``"bfloat16"``; a dtype passes through).
+
+  Raises:
+    ValueError: any other name.
+
+  Example:
+    >>> compute_dtype("bfloat16")
+    <class 'jax.numpy.bfloat16'>
+  """
+  if isinstance(name, str):
+    if name not in COMPUTE_DTYPES:
+      raise ValueError(f"compute_dtype must be one of {', '.join(map(repr, COMPUTE_DTYPES))}, got {name!r}")
+    return COMPUTE_DTYPES[name]
+  dtype = jnp.dtype(name)
+  for known in COMPUTE_DTYPES.values():
+    if dtype == jnp.dtype(known):
+      return known
+  raise ValueError(f"compute_dtype must be float32 or bfloat16, got {dtype}")
+
 
 class ImageClassifier(nn.Module):
   """A backbone plus a target ``head`` and an optional pretrained ``source_head``.
@@ -185,6 +220,9 @@ class ImageClassifier(nn.Module):
     num_source_classes: width of ``source_head``.
     projection_dim: width of the ``projector`` (0 = no projector, no parameters).
     min_image_size: smallest accepted height/width.
+    dtype: computation dtype of the backbone (``jnp.float32`` or ``jnp.bfloat16``);
+      parameters are float32 either way and the pooled ``features``, heads and
+      projection are float32.
   """
 
   backbone: nn.Module
@@ -196,6 +234,7 @@ class ImageClassifier(nn.Module):
   num_source_classes: int = 1000
   projection_dim: int = 0
   min_image_size: int = 32
+  dtype: Any = jnp.float32
 
   @property
   def all_outputs(self) -> tuple[str, ...]:
@@ -229,7 +268,7 @@ class ImageClassifier(nn.Module):
       self, images: jax.Array, *, train: bool, outputs: Sequence[str] = ("logits",)
   ) -> dict[str, jax.Array]:
     self._check_inputs(images, outputs)
-    x = normalize_pixels(images, self.mean, self.std)
+    x = normalize_pixels(images, self.mean, self.std).astype(compute_dtype(self.dtype))
     features, feature_maps = self.backbone(x, train=train)
     return classifier_outputs(outputs, features=features, feature_maps=feature_maps,
                               num_classes=self.num_classes, num_source_classes=self.num_source_classes,
@@ -277,4 +316,5 @@ class BlockwiseBackbone:
     x = self.head(x, train=train)
     if self.head_map:
       feature_maps[self.head_map] = x
-    return jnp.mean(x, axis=(1, 2)), feature_maps
+    # Pooled in float32: the heads, their logits and every loss stay float32 under bfloat16.
+    return jnp.mean(x, axis=(1, 2), dtype=jnp.float32), feature_maps

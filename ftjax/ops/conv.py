@@ -28,6 +28,13 @@ Implementations:
   built, otherwise (and for other dtypes) the fastest of the XLA-based formulations
   for the static shapes (see the constants below for the rule).
 
+Mixed precision (bfloat16 activations, :func:`ftjax.models.create_model`'s ``dtype``):
+the oneDNN kernels are float32 only, so on CPU a bfloat16 convolution takes the
+XLA-based formulations ("matmul", "shifted", "xla"; a forced ``"onednn"`` falls back
+to ``"xla"``) rather than being cast to float32 around the kernel: the step then runs
+the arithmetic GPUs and TPUs run. "matmul" and "shifted" accumulate bfloat16 products
+in float32 and round the output to bfloat16, as XLA's GPU convolutions do.
+
 ``FTJAX_CONV_IMPL=xla`` (environment, read at trace time) or the
 :func:`conv_impl` context manager forces one implementation wherever ``"auto"`` is
 requested, e.g. to compare against XLA.
@@ -110,9 +117,11 @@ def _conv_matmul(x, kernel, strides, pads):
   # Tap order (i, j, cin) matches kernel.reshape(kh * kw * cin, cout).
   patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
   n = x.shape[0]
+  # Low-precision operands accumulate in float32 (as XLA's and cuDNN's convolutions do).
+  accumulate = None if x.dtype == jnp.float32 else jnp.promote_types(x.dtype, jnp.float32)
   y = jnp.dot(patches.reshape(n * out_hw[0] * out_hw[1], kh * kw * cin),
-              kernel.reshape(kh * kw * cin, cout))
-  return y.reshape(n, *out_hw, cout)
+              kernel.reshape(kh * kw * cin, cout), preferred_element_type=accumulate)
+  return y.astype(x.dtype).reshape(n, *out_hw, cout)
 
 
 # -------------------------------------------------------------------------- shifted
@@ -123,12 +132,14 @@ def _depthwise_forward(x, w, strides, pads):
   kh, kw, _ = w.shape
   out_hw = output_hw(x.shape[1:3], (kh, kw), strides, pads)
   xp = pad_hw(x, pads)
+  # bfloat16 taps are summed in float32 (one fused loop, no float32 copy of x).
+  acc = jnp.promote_types(jnp.result_type(x, w), jnp.float32)
   y = None
   for i in range(kh):
     for j in range(kw):
-      term = tap(xp, i, j, strides, out_hw) * w[i, j]
+      term = tap(xp, i, j, strides, out_hw).astype(acc) * w[i, j].astype(acc)
       y = term if y is None else y + term
-  return y
+  return y.astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -194,6 +205,7 @@ def _depthwise_strided_input_grad(g, w, strides, pads, in_hw):
   # Rows (columns) per phase: enough to cover the padded input.
   rows = tuple(-(-size // s) for size, s in zip(padded_hw, strides))
   zero = jnp.zeros((), g.dtype)
+  acc = jnp.promote_types(jnp.result_type(g, w), jnp.float32)  # bfloat16 taps summed in float32
   dx = None
   for a in range(sh):
     taps_i = range(a, kh, sh)
@@ -210,8 +222,9 @@ def _depthwise_strided_input_grad(g, w, strides, pads, in_hw):
         for l, j in enumerate(taps_j):
           shifted = lax.slice(gp, (0, mi - 1 - m, mj - 1 - l, 0),
                               (gp.shape[0], mi - 1 - m + rows[0], mj - 1 - l + rows[1], gp.shape[3]))
-          term = shifted * w[i, j]
+          term = shifted.astype(acc) * w[i, j].astype(acc)
           phase = term if phase is None else phase + term
+      phase = phase.astype(g.dtype)
       # Phase row t is input row a + s * t - pad_lo.
       low_h, low_w = a - pads[0][0], b - pads[1][0]
       placed = lax.pad(phase, zero, (

@@ -38,6 +38,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_seeds = 1                 # seeds seed .. seed + num_seeds - 1; tables give mean ± std
   c.model = "efficientnet_lite0"
   c.pretrained = "efficientnet_lite0/imagenet"   # "" trains from random initialisation
+  # "bfloat16": mixed precision (convolutions and activations in bfloat16; parameters, optimizer
+  # state, BatchNorm statistics, softmaxes and losses float32); "float32": everything float32.
+  c.compute_dtype = "float32"
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "fashion_mnist"

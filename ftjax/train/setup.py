@@ -30,6 +30,7 @@ from ftjax.core import paths
 from ftjax.core.errors import ConfigError
 from ftjax.core.io import save_npz
 from ftjax.methods.base import RunContext, source_variables
+from ftjax.models.layers import compute_dtype
 from ftjax.train import optim
 from ftjax.train import sharding as shd
 from ftjax.train import step as step_lib
@@ -246,12 +247,15 @@ def build_model(config, *, num_classes: int, keep_source_head: bool, rng: jax.Ar
     model_name = config.pretrained.split("/")[0]
     if model_name != config.model:
       raise ConfigError(f"config.model={config.model!r} but pretrained={config.pretrained!r}")
-    model, variables = entry.model, entry.variables
+    # The registry builds float32 models; the run's computation dtype is a model attribute
+    # (parameters are float32 either way), as create_model's dtype below.
+    model = entry.model.clone(dtype=compute_dtype(config.get("compute_dtype", "float32")))
+    variables = entry.variables
     # Checks the image size against the model before any data work (raises a clear error).
     jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, size, size, 3)), train=False), variables)
     return model, variables
   model = models.create_model(config.model, num_classes=num_classes, keep_source_head=keep_source_head,
-                              projection_dim=projection_dim)
+                              projection_dim=projection_dim, dtype=config.get("compute_dtype", "float32"))
   # One jitted init with the "rbg" generator: XLA:CPU compiles threefry-based
   # initialisers ~10x slower (seconds per model), and init runs once per run.
   init_key = jax.random.key(int(jax.random.randint(rng, (), 0, 2**31 - 1)), impl="rbg")

@@ -95,7 +95,8 @@ def make_train_step(
         if term is None:  # a method without a loss term (a model patch)
           new_method_state[method.name] = state.method_state[method.name]
           continue
-        total = total + method.weight * term.loss
+        # Losses add up in float32 whatever the model computes in (bfloat16 mixed precision).
+        total = total + method.weight * jnp.asarray(term.loss, jnp.float32)
         metrics[f"loss/{method.name}"] = term.loss
         for key, value in (term.metrics or {}).items():
           metrics[f"{method.name}/{key}"] = value

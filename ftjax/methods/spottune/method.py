@@ -161,7 +161,8 @@ class SpotTune(Method):
       raise ValueError("spottune does not support a model with a projector (projection_dim > 0)")
     spot = create_spottune_model(model.model_name, num_classes=model.num_classes,
                                  keep_source_head=model.keep_source_head,
-                                 num_source_classes=model.num_source_classes, **self.routing_options())
+                                 num_source_classes=model.num_source_classes,
+                                 dtype=getattr(model, "dtype", "float32"), **self.routing_options())
     return spot, spottune_variables_from_pretrained(spot, variables, rng=rng)
 
   def prepare(self, context: RunContext) -> "SpotTune":

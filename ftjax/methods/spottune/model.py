@@ -98,8 +98,8 @@ from ftjax.losses.spottune import gumbel_softmax
 from ftjax.methods.patches import structural_paths
 from ftjax.models.efficientnet_lite import (EFFICIENTNET_SPECS, LITE_MEAN, LITE_STD, EfficientNetBackbone,
                                             EfficientNetSpec)
-from ftjax.models.layers import (BatchNorm, Conv, classifier_outputs, head_kernel_init, normalize_pixels,
-                                 symmetric_padding)
+from ftjax.models.layers import (BatchNorm, Conv, classifier_outputs, compute_dtype, head_kernel_init,
+                                 normalize_pixels, symmetric_padding)
 from ftjax.models.resnet import (IMAGENET_MEAN, IMAGENET_STD, RESNET_SPECS, ResidualBlock, ResNetBackbone,
                                  ResNetSpec)
 
@@ -242,6 +242,7 @@ class SpotTuneClassifier(nn.Module):
   min_image_size: int = 32
   first_routed_block: int = 0
   train_frozen_bn: bool = True
+  dtype: Any = jnp.float32  # the backbone copies' computation dtype; the policy stays float32
 
   @property
   def model_name(self) -> str:
@@ -335,6 +336,7 @@ class SpotTuneClassifier(nn.Module):
     prefix = self.frozen_prefix
     # A frozen prefix (stem and the blocks before the first routed one) runs the
     # frozen copy on its running statistics, like every frozen block.
+    x = x.astype(compute_dtype(self.dtype))
     x = frozen.stem(x, train=False) if prefix else backbone.stem(x, train=train)
     # The frozen copies' BatchNorm: as the network's in training (the authors' code runs
     # net.train() over both copies) or always on running statistics (train_frozen_bn=False).
@@ -359,7 +361,7 @@ class SpotTuneClassifier(nn.Module):
     x = backbone.head(x, train=train)
     if backbone.head_map:
       feature_maps[backbone.head_map] = x
-    features = jnp.mean(x, axis=(1, 2))
+    features = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
 
     return classifier_outputs(outputs, features=features, feature_maps=feature_maps,
                               num_classes=self.num_classes, num_source_classes=self.num_source_classes,
@@ -382,6 +384,7 @@ def create_spottune_model(
     num_source_classes: int = 1000,
     first_routed_block: int = 0,
     train_frozen_bn: bool = True,
+    dtype: Any = "float32",
 ) -> SpotTuneClassifier:
   """Builds a :class:`SpotTuneClassifier` over a ResNet or EfficientNet-Lite by name.
 
@@ -409,6 +412,9 @@ def create_spottune_model(
     train_frozen_bn: the frozen copies' BatchNorm layers normalise by batch
       statistics in training (running averages re-estimated), as the authors'
       code (``net.train()``); False: always on their running statistics.
+    dtype: computation dtype of the backbone copies (``"float32"`` or ``"bfloat16"``,
+      as :func:`ftjax.models.create_model`); the policy network, parameters,
+      features and logits stay float32.
 
   Returns:
     An unbound Linen module; input is NHWC raw pixels in ``[0, 255]``.
@@ -451,7 +457,7 @@ def create_spottune_model(
       train_routing=as_static(train_routing), eval_routing=as_static(eval_routing), routing_mask=mask,
       random_finetune_last=int(random_finetune_last), keep_source_head=bool(keep_source_head),
       num_source_classes=int(num_source_classes), first_routed_block=int(first_routed_block),
-      train_frozen_bn=bool(train_frozen_bn))
+      train_frozen_bn=bool(train_frozen_bn), dtype=compute_dtype(dtype))
 
 
 def image_hashes(images: jax.Array) -> jax.Array:
