@@ -118,8 +118,12 @@ print(dataset)
 # its parameters first (the `patch` group, found from the structure: BatchNorm layers
 # are those with running statistics; and the `head`), then the baseline's rules cover
 # the rest (`frozen`). The last-layer variant keeps BatchNorm in eval mode (the base's
-# statistics, `config.bn_mode = "eval"`); the patch method's default, `train`,
-# re-estimates them on the task. `setup.init_training` then builds the optimizer, the
+# statistics); the scale-and-bias patch runs it in train mode and re-estimates them on
+# the task. That is the patch method's own default, which follows the patch's definition
+# (`ModelPatch.bn_statistics = "auto"`): a scale-and-bias patch holds the statistics, a
+# last-layer or depthwise patch keeps the pretrained ones. The notebook also sets
+# `config.bn_mode` to the same modes, so each variant says which it runs (`config.bn_mode`
+# overrides the method's default). `setup.init_training` then builds the optimizer, the
 # train state and the jitted steps of each variant.
 
 # %%
