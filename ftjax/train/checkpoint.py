@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -42,6 +43,24 @@ class _OneLineOrbaxErrors(logging.Filter):
 
 
 _ORBAX_FILTER = _OneLineOrbaxErrors()
+
+
+def _ignore_late_reader_callbacks() -> None:
+  """After a failed restore, TensorStore's reads still in flight call back into the
+  asyncio loop Orbax has closed; Python prints each as an 'Exception ignored'
+  traceback. Those callbacks carry nothing (the restore already failed and was
+  reported), so this drops exactly them and passes every other one on."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_ftjax_late_reader_filter", False):
+    return
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._ftjax_late_reader_filter = True
+  sys.unraisablehook = hook
 
 
 def _first_line(error: BaseException) -> str:
@@ -115,14 +134,18 @@ class Checkpointer:
   def restore(self, step: int, *, state: Any, best: Any) -> tuple[Any, Any, dict[str, Any]]:
     """Restores into the structure, shapes and shardings of the given templates."""
     abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-    restored = self._manager.restore(
-        int(step),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract(state)),
-            best=ocp.args.StandardRestore(abstract(best)),
-            record=ocp.args.JsonRestore(),
-        ),
-    )
+    try:
+      restored = self._manager.restore(
+          int(step),
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract(state)),
+              best=ocp.args.StandardRestore(abstract(best)),
+              record=ocp.args.JsonRestore(),
+          ),
+      )
+    except Exception:
+      _ignore_late_reader_callbacks()
+      raise
     return restored.state, restored.best, dict(restored.record)
 
   def move_aside(self, step: int) -> str:
