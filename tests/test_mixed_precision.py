@@ -180,3 +180,35 @@ def test_tiny_run_in_bfloat16_ends_within_3_points_of_float32(tmp_path, fashion_
   top1 = {dtype: r["test_top1"] for dtype, r in results.items()}
   assert top1["float32"] > 0.4, top1   # the run learns (10 classes: chance is 0.1)
   assert abs(top1["bfloat16"] - top1["float32"]) <= 0.03, top1
+
+
+ACCELERATOR_IMPORTS = r"""
+import sys, importlib.abc
+
+class Blocked(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ("tensorflow", "tensorflow_datasets", "ml_collections"):
+      raise ImportError(f"{name} is not installed on the GPU machine")
+    return None
+
+sys.meta_path.insert(0, Blocked())
+from experiments.bench import accelerator
+assert not {"tensorflow", "tensorflow_datasets", "ml_collections"} & set(sys.modules)
+print("ok", accelerator.peak_flops("NVIDIA H200", "bfloat16"))
+"""
+
+
+def test_accelerator_benchmark_needs_no_tensorflow_nor_ml_collections():
+  from conftest import run_python
+  out = run_python(["-c", ACCELERATOR_IMPORTS]).stdout
+  assert out.strip().splitlines()[-1] == "ok 989000000000000.0"
+
+
+@pytest.mark.slow
+def test_accelerator_benchmark_runs_quick_on_cpu():
+  from conftest import run_python
+  out = run_python(["-m", "experiments.bench.accelerator", "--quick", "--models", "efficientnet_lite0",
+                    "--dtypes", "bfloat16", "--no-torch"], timeout=900).stdout
+  rows = [line for line in out.splitlines() if line.startswith("| efficientnet_lite0 | bfloat16 |")]
+  assert [row.split("|")[3].strip() for row in rows] == ["ftjax", "ftjax 3 seeds vmapped", "ftjax 3 seeds serial"]
+  assert all(float(row.split("|")[4]) > 0 for row in rows)
