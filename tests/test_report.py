@@ -64,7 +64,7 @@ def test_diverged_variant_is_recorded_and_the_comparison_goes_on(tmp_path, fashi
   config = tiny.get_config()
   config.num_steps, config.eval_every_steps, config.log_every_steps = 3, 3, 1
   config.compare = {"huge_lr": {"optimizer": {"lr": 1e30}}, "ok": {}}
-  with pytest.raises(FloatingPointError, match="non-finite loss .* at step 1; no checkpoint was written yet"):
+  with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step \d+; no checkpoint was written yet"):
     report.run_all(config, str(tmp_path / "raise"))
   config.on_divergence = "record"
   results = report.run_all(config, str(tmp_path / "record"))
