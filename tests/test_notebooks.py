@@ -214,12 +214,64 @@ def test_training_notebooks_build_their_runs_through_the_shared_setup():
           f"{name}.py does not build its run with setup.init_training or setup.setup_run")
 
 
+def _code_cell(name: str, marker: str) -> str:
+  """The one code cell of ``notebooks/<name>.py`` that contains ``marker``."""
+  cells = [c.source for c in jupytext.read(_path(name, "py")).cells
+           if c.cell_type == "code" and marker in c.source]
+  assert len(cells) == 1, f"{name}.py has {len(cells)} code cells containing {marker!r}"
+  return cells[0]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def test_compose_losses_settings():
+  """The setting cell, run here: paper on an accelerator (or when asked), the main job's config."""
+  from experiments.configs import default
+  namespace: dict = {}
+  exec(compile(_code_cell("compose_losses", "def choose_setting"), "compose_losses.py", "exec"), namespace)
+  choose, config_of, steps = namespace["choose_setting"], namespace["notebook_config"], namespace["total_steps"]
+  assert [choose(b) for b in ("cpu", "gpu", "tpu", "METAL")] == ["small", "paper", "paper", "paper"]
+  assert choose("cpu", "paper") == "paper" and choose("gpu", "small") == "small" and choose("cpu", "") == "small"
+  with pytest.raises(ValueError, match="FTJAX_NOTEBOOK_SETTING must be one of small, paper, got 'large'"):
+    choose("cpu", "large")
+  # The paper setting is the main job, field for field (its comparison rows are the notebook's methods).
+  main_job = _flat(default.get_config().to_dict())
+  paper = _flat(config_of("paper").to_dict())
+  differ = {k: (paper.get(k), main_job.get(k)) for k in set(paper) | set(main_job)
+            if not k.startswith("compare") and paper.get(k) != main_job.get(k)}
+  assert not differ, f"the paper setting differs from experiments/configs/default.py: {differ}"
+  assert paper["pretrained"] == "efficientnet_lite0/imagenet" and paper["dataset.val_source"] == "full"
+  small = config_of("small")
+  assert small.pretrained == "" and small.num_steps == 30 and small.dataset.image_size == 32
+  # Steps: the config's (10 epochs; small: 30 steps) unless FTJAX_NOTEBOOK_STEPS says otherwise.
+  assert steps(config_of("paper"), 75) == 750 and steps(small, 30) == 30 and steps(small, 7) == 30
+  assert steps(config_of("paper"), 75, "4") == 4 and steps(config_of("paper"), 75, "") == 750
+  for bad in ("0", "-2", "four", "1.5"):
+    with pytest.raises(ValueError, match="FTJAX_NOTEBOOK_STEPS must be a positive whole number"):
+      steps(small, 30, bad)
+  # The next cell applies the choice to this backend and the environment variables.
+  script = open(_path("compose_losses", "py"), encoding="utf-8").read()
+  assert 'choose_setting(jax.default_backend(), os.environ.get("FTJAX_NOTEBOOK_SETTING"))' in script
+  assert 'os.environ.get("FTJAX_NOTEBOOK_STEPS")' in script
+
+
 # ----------------------------------------------------------------------------- executions
 
 
 @pytest.mark.slow
 def test_compose_losses_notebook(tmp_path, monkeypatch):
+  monkeypatch.delenv("FTJAX_NOTEBOOK_SETTING", raising=False)   # the CPU chooses the small setting
+  monkeypatch.delenv("FTJAX_NOTEBOOK_STEPS", raising=False)
   results = execute_notebook("compose_losses.ipynb", tmp_path, monkeypatch)
+  assert results["setting"] == "small" and results["backend"] == "cpu"
   first, weights = results["first_step"], results["weights"]
   assert set(weights) == {"ce", "co_tuning", "bi_tuning", "bss"}
   # The step's total is the weighted sum of the terms it reports.
@@ -242,6 +294,16 @@ def test_compose_losses_notebook(tmp_path, monkeypatch):
   rows = np.full(20, 0.1 / 18)
   rows[:2] = 0.45
   assert np.min(results["co_tuning"]) > -np.sum(rows * np.log(rows)) - 1e-4
+  # The small setting's hand-built relationship: class c -> source classes 2c and 2c + 1.
+  relationship = np.asarray(results["relationship"])
+  assert relationship.shape == (10, 20)
+  for c, row in enumerate(relationship):
+    np.testing.assert_allclose(np.sort(row), np.sort(rows), rtol=1e-6)
+    assert row[2 * c] == row[2 * c + 1] == pytest.approx(0.45)
+  # Validated at the epoch's end (30 steps of 960 images), the test split once with that checkpoint.
+  assert [v["step"] for v in results["validation"]] == [30] and results["best_step"] == 30
+  assert results["validation"][0]["count"] == 240 and results["test"]["count"] == 10000
+  assert 0.1 < results["test"]["top1"] <= 1.0   # better than chance (0.1) after 30 steps
 
 
 def test_uot_selection_notebook(tmp_path, monkeypatch):
