@@ -76,3 +76,11 @@ def test_diverged_variant_is_recorded_and_the_comparison_goes_on(tmp_path, fashi
   config.on_divergence = "ignore"
   with pytest.raises(report.ConfigError, match="on_divergence must be 'raise' or 'record'"):
     report.run_all(config, str(tmp_path / "bad"))
+
+
+def test_table_of_validation_only_runs():
+  """evaluate_test=False records have no test figures: the table says so instead of failing."""
+  from ftjax.train import report
+  runs = {"sweep": [{"seed": 0, "best_val": 0.8, "trainable_parameters": 10, "test_evaluated": False}]}
+  table = report.format_table(runs)
+  assert "| sweep | 1 | 80.00 | not evaluated | not evaluated | 10 |" in table

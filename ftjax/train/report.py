@@ -134,6 +134,13 @@ def _title(config) -> str:
           f"checkpoint chosen on val ({config.selection_metric}), {val}; test evaluated once")
 
 
+def _test_cell(runs: list[dict[str, Any]], key: str) -> str:
+  """Mean ± std of a test figure; "not evaluated" for validation-only runs (``evaluate_test=False``)."""
+  if any(key not in r for r in runs):
+    return "not evaluated"
+  return _mean_std([r[key] for r in runs])
+
+
 def _mean_std(values: list[float]) -> str:
   arr = 100 * np.asarray(values, dtype=float)
   if np.isnan(arr).any():
@@ -155,6 +162,6 @@ def format_table(results: dict[str, list[dict[str, Any]]], *, title: str = "") -
   for name, runs in results.items():
     lines.append(
         f"| {name} | {len(runs)} | {_mean_std([r['best_val'] for r in runs])} | "
-        f"{_mean_std([r['test_top1'] for r in runs])} | "
-        f"{_mean_std([r['test_mean_per_class'] for r in runs])} | {_count(runs)} |")
+        f"{_test_cell(runs, 'test_top1')} | "
+        f"{_test_cell(runs, 'test_mean_per_class')} | {_count(runs)} |")
   return "\n".join(lines)
