@@ -4,6 +4,7 @@ reference forward and resize, cache, errors."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import sys
 
 import jax
@@ -232,7 +233,10 @@ def test_new_head_and_source_head(lite0, cache_dir):
 
 def test_cache_is_used_without_torch(lite0, cache_dir, monkeypatch):
   files = sorted(f.name for f in cache_dir.iterdir())
-  assert len(files) == 1 and files[0].endswith(".npz"), files  # no temp files left behind
+  # The converted weights and their content hash, no temp files left behind.
+  assert len(files) == 2 and files[0].endswith(".npz") and files[1] == files[0] + ".sha256", files
+  digest = hashlib.sha256((cache_dir / files[0]).read_bytes()).hexdigest()
+  assert digest in (cache_dir / files[1]).read_text(), "the recorded hash is not the file's"
 
   def no_conversion(source):
     raise AssertionError("converted again instead of reading the cache")
