@@ -18,7 +18,6 @@ Writes ``results.json``, ``results_table.md`` and ``uot_top_k_<features>.png``
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import time
@@ -178,6 +177,8 @@ def _run(config, workdir: str) -> dict:
 
 def main(argv):
   del argv
+  from ftjax.core import console
+  console.configure(console.verbosity_from_flags(FLAGS))  # quiet by default; --verbosity=0 for INFO
   import jax
 
   from experiments import stats
@@ -201,7 +202,7 @@ def main(argv):
   pool_path = os.path.join(workdir, "pool_indices.npy")
   np.save(pool_path, pool_indices)
   results["pool"] = dict(pool_stats, images=int(len(pool_indices)))
-  logging.info("pool: %s", results["pool"])
+  console.say(f"pool: {results['pool']}")
   t = time.time()
   pre_dir = os.path.join(workdir, "pretrain")
   pre_cfg = _trainer_config(cfg, model=cfg.pretrain.model, init_from="", classes=cfg.pool_classes,

@@ -2,6 +2,8 @@ r"""Trains a config: ``python -m experiments.train --config experiments/configs/
 
 Any field can be overridden: ``--config.dataset.sampling_rate=5 --config.num_epochs=3``.
 A config with ``compare`` variants trains each and prints a results table.
+The console shows warnings and ftjax's own lines; ``--verbosity=0`` adds the INFO logs
+of ftjax and the libraries, ``--verbosity=1`` DEBUG (absl's convention).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from ftjax.core import console
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `:arg`.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -26,18 +30,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-class _QuietLibraries(logging.Filter):
-  """Keeps ftjax's own log lines (parameter-rule matches, resumes); drops Orbax's per-save chatter."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from absl import logging as absl_logging
-  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+  # Quiet by default (warnings and ftjax's own lines); before TensorFlow's import, whose
+  # C++ log level is read then.
+  console.configure(console.verbosity_from_flags(FLAGS))
   if FLAGS.retain_host_memory:
     # Before JAX runs anything: threads that already own a malloc arena keep it.
     from ftjax import host_memory
@@ -59,11 +57,14 @@ def main(argv):
     # One job per workdir (process 0 holds the lock for a multi-process job); each
     # run directory inside is locked again by the trainer, for library callers.
     with hold_workdir(FLAGS.workdir):
+      console.say(_plan_line(FLAGS.config))
       if FLAGS.config.get("tasks"):
         from ftjax.methods import multitask
         print(multitask.train_multitask(FLAGS.config, FLAGS.workdir)["table"], flush=True)
       else:
         report.run_all(FLAGS.config, FLAGS.workdir)
+      console.say(f"ftjax: results in {FLAGS.workdir}/ (results_table.md, results.json; "
+                  "each run's checkpoints and metrics.jsonl in its <variant>/seed<N>/)")
   except Preempted as e:
     print(f"ftjax: {e}", file=sys.stderr, flush=True)  # every process: each one's log says where it stopped
     sys.exit(e.exit_code)
@@ -73,6 +74,19 @@ def main(argv):
     logging.debug("error", exc_info=True)
     print(f"ftjax: error: {_one_line(e)}", file=sys.stderr)
     sys.exit(2)
+
+
+def _plan_line(config) -> str:
+  """What this command runs and where: one line before the progress bars."""
+  source = config_flags.get_config_filename(FLAGS["config"])
+  if config.get("tasks"):
+    what = f"{len(config.tasks)} tasks trained together ({', '.join(sorted(config.tasks))})"
+  else:
+    from ftjax.train import report
+    names = list(report.variant_configs(config))
+    what = f"{len(names)} variant{'s' * (len(names) != 1)} ({', '.join(names)})"
+  seeds = config.get("num_seeds", 1)
+  return f"ftjax: {source}: {what} x {seeds} seed{'s' * (seeds != 1)} -> {FLAGS.workdir}"
 
 
 def _one_line(error: BaseException) -> str:
