@@ -36,6 +36,12 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.num_seeds = 1                 # seeds seed .. seed + num_seeds - 1; tables give mean ± std
+  # True: the num_seeds seeds of each variant train as one jitted program, vmapped over a
+  # leading seed axis of the train state and the batch (each seed keeps its own subset, head
+  # initialisation, augmentation and rngs; ftjax.train.vmap_seeds). Their records say
+  # "vmap_seeds": true and a table never mixes them with serial seeds. The seeds must have
+  # equal step counts (set num_steps when their subsets' epochs differ).
+  c.vmap_seeds = False
   c.model = "efficientnet_lite0"
   c.pretrained = "efficientnet_lite0/imagenet"   # "" trains from random initialisation
   # "bfloat16": mixed precision (convolutions and activations in bfloat16; parameters, optimizer

@@ -8,7 +8,6 @@ validation.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -82,7 +81,10 @@ class Fitted(NamedTuple):
 
 def fit(*, config: ml_collections.ConfigDict, workdir: str, training: Any, total_steps: int, eval_every: int,
         batch_stream: Callable[[int], Iterator[dict[str, Any]]],
-        validate: Callable[[Any], tuple[float, dict[str, Any]]], writer: MetricWriter) -> Fitted:
+        validate: Callable[[Any], tuple[Any, dict[str, Any]]], writer: Any,
+        semantic: dict[str, Any] | None = None,
+        put_batch: Callable[[dict[str, Any], Any], Any] = shd.global_batch,
+        num_seeds: int = 0) -> Fitted:
   """The one training loop: resume, train, log, validate, keep the best, checkpoint.
 
   Args:
@@ -93,16 +95,24 @@ def fit(*, config: ml_collections.ConfigDict, workdir: str, training: Any, total
     eval_every: validate (and checkpoint) every this many steps, and at the end.
     batch_stream: ``start_step -> iterator`` of host batches (label-checked, mixed).
     validate: ``variables -> (metric, row)``: the selection metric and the row logged as ``val``.
-    writer: the run's metric writer.
+    writer: the run's metric writer (``write``, ``truncate_after``).
+    semantic: the config record checkpoints carry and are checked against (default:
+      :func:`ftjax.train.setup.semantic_config` of ``config``).
+    put_batch: ``(host batch, mesh) -> device batch``.
+    num_seeds: 0: one run. ``S > 0``: ``S`` seeds stacked on a leading axis
+      (:mod:`ftjax.train.vmap_seeds`): the state, the step's metrics, ``validate``'s
+      metric and row carry that axis, and the best checkpoint is kept per seed.
   """
   mesh = training.mesh
   state = training.state
   # Scalars too live on the mesh (replicated): multi-process checkpoints cannot
   # hold arrays that sit on one process's device.
+  seeds_shape = (num_seeds,) if num_seeds else ()
   best = jax.device_put({"params": _copy(state.params), "batch_stats": _copy(state.batch_stats),
-                         "metric": np.float32(-1.0), "step": np.int32(0)}, shd.replicated(mesh))
+                         "metric": np.full(seeds_shape, -1.0, np.float32),
+                         "step": np.zeros(seeds_shape, np.int32)}, shd.replicated(mesh))
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
-  semantic = semantic_config(config)
+  semantic = semantic_config(config) if semantic is None else semantic
   state, best, step = _resume(ckpt, writer, state=state, best=best, semantic=semantic, workdir=workdir)
 
   progress = None
@@ -115,7 +125,7 @@ def fit(*, config: ml_collections.ConfigDict, workdir: str, training: Any, total
   try:
     with PreemptionWatch() as watch:
       while step < total_steps:
-        state, metrics = training.train_step(state, shd.global_batch(next(batches), mesh), training.source)
+        state, metrics = training.train_step(state, put_batch(next(batches), mesh), training.source)
         step += 1
         images += config.batch_size
         # Asked at every step, in every process (the processes agree on the step to stop at).
@@ -123,25 +133,23 @@ def fit(*, config: ml_collections.ConfigDict, workdir: str, training: Any, total
         evaluate_now = step % eval_every == 0 or step == total_steps
         if step % config.log_every_steps == 0 or evaluate_now or stop:
           host = jax.device_get(metrics)
-          if not math.isfinite(float(host["loss"])):
-            raise FloatingPointError(_non_finite_message(float(host["loss"]), step, ckpt))
+          if not np.all(np.isfinite(host["loss"])):
+            loss = float(host["loss"]) if np.ndim(host["loss"]) == 0 else np.asarray(host["loss"]).tolist()
+            raise FloatingPointError(_non_finite_message(loss, step, ckpt))
           host["lr"] = training.schedule(step - 1)
           host["images_per_s"] = images / max(time.time() - t0, 1e-9)
           if step % config.log_every_steps == 0 or evaluate_now:
             writer.write(step, "train", host)
           if progress is not None:
-            postfix = {"loss": f"{float(host['loss']):.3f}"}
+            # The mean over seeds when they are stacked.
+            postfix = {"loss": f"{float(np.mean(host['loss'])):.3f}"}
             if "accuracy" in host:
-              postfix["acc"] = f"{float(host['accuracy']):.2f}"
+              postfix["acc"] = f"{float(np.mean(host['accuracy'])):.2f}"
             progress.set_postfix(**postfix)
         if evaluate_now:
           metric, row = validate(state)
           writer.write(step, "val", row)
-          if metric > float(best["metric"]):
-            best = jax.device_put(
-                {"params": _copy(state.params), "batch_stats": _copy(state.batch_stats),
-                 "metric": np.float32(metric), "step": np.int32(step)},
-                shd.replicated(mesh))
+          best = _keep_best(best, state, metric, step, mesh)
         if evaluate_now or stop:
           ckpt.save(step, state=state, best=best, record=checkpoint_record(semantic, step))
         if progress is not None:
@@ -154,6 +162,33 @@ def fit(*, config: ml_collections.ConfigDict, workdir: str, training: Any, total
       progress.close()
     ckpt.close()
   return Fitted(state=state, best=best, step=step)
+
+
+def _keep_best(best: Any, state: Any, metric: Any, step: int, mesh: Any) -> Any:
+  """``best`` with the state's variables where ``metric`` beats the best so far.
+
+  ``metric`` is a number (one run) or one per seed (a stacked run): then each
+  seed's entry of the stacked best variables is replaced where that seed improved.
+  """
+  if np.ndim(metric) == 0:
+    if metric > float(best["metric"]):
+      return jax.device_put({"params": _copy(state.params), "batch_stats": _copy(state.batch_stats),
+                             "metric": np.float32(metric), "step": np.int32(step)}, shd.replicated(mesh))
+    return best
+  best_metric, best_step = (np.asarray(x) for x in jax.device_get((best["metric"], best["step"])))
+  improved = np.asarray(metric, np.float32) > best_metric
+  if not improved.any():
+    return best
+
+  def pick(new, old):
+    # jnp.where writes new buffers: the state's are donated to the next step.
+    return jnp.where(jnp.asarray(improved).reshape((-1,) + (1,) * (np.ndim(new) - 1)), new, old)
+
+  return jax.device_put({
+      "params": jax.tree.map(pick, state.params, best["params"]),
+      "batch_stats": jax.tree.map(pick, state.batch_stats, best["batch_stats"]),
+      "metric": np.where(improved, np.asarray(metric, np.float32), best_metric).astype(np.float32),
+      "step": np.where(improved, np.int32(step), best_step).astype(np.int32)}, shd.replicated(mesh))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -170,35 +205,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpoint write failed, or the run was preempted (:class:`Preempted`).
     FloatingPointError: the loss became non-finite.
   """
+  if config.get("vmap_seeds", False):
+    raise ConfigError("vmap_seeds=True trains a config's seeds together: run it with "
+                      "ftjax.train.report.run_all (experiments/train.py), or set vmap_seeds=False")
   with hold_workdir(workdir):
     return _train_and_evaluate(config, workdir)
 
 
+def train_batches(run: Any, start_step: int) -> Iterator[dict[str, Any]]:
+  """The host train batches of ``run`` (a :class:`ftjax.train.setup.Run`) from ``start_step``:
+  label-checked, with the methods' extra rows mixed in."""
+  config, dataset = run.config, run.dataset
+  batches = dataset.train_batches(batch_size=config.batch_size, start_step=start_step,
+                                  views=run.context.views)
+  extra = [(m, m.extra_batches(batch_size=config.batch_size, start_step=start_step)) for m in run.methods]
+  extra = [(m, stream) for m, stream in extra if stream is not None]
+  for batch in batches:
+    check_labels(batch["label"], dataset.num_classes)
+    for m, stream in extra:
+      batch = m.mix_batch(batch=batch, extra=next(stream))
+    yield batch
+
+
+def validate_run(run: Any, eval_step: Callable, variables: Any) -> tuple[float, dict[str, float]]:
+  """``(selection metric, val row)`` of ``variables`` on ``run``'s validation split."""
+  config = run.config
+  val = evaluate(eval_step, variables, run.dataset, "val", batch_size=config.eval_batch_size,
+                 mesh=run.training.mesh)
+  return val[config.selection_metric], val
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   run = setup_run(config, workdir)
-  workdir, dataset, training = run.workdir, run.dataset, run.training
+  training = run.training
+  writer = MetricWriter(run.workdir, tensorboard=config.tensorboard)
+  fitted = fit(config=config, workdir=run.workdir, training=training, total_steps=run.total_steps,
+               eval_every=run.eval_every, batch_stream=lambda start: train_batches(run, start),
+               validate=lambda state: validate_run(run, training.eval_step, state.variables), writer=writer)
+  return finish_run(run, best=fitted.best, step=fitted.step, writer=writer)
+
+
+def finish_run(run: Any, *, best: Any, step: int, writer: MetricWriter,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Tests ``run``'s best checkpoint once, runs the methods' analyses, writes ``results.json``.
+
+  Args:
+    run: the :class:`ftjax.train.setup.Run`.
+    best: its best variables chosen on validation (``params``, ``batch_stats``, ``metric``, ``step``).
+    step: the steps trained.
+    writer: its metric writer (closed here).
+    extra: entries added to the results record (a stacked run's ``vmap_seeds``).
+
+  Returns:
+    The results record.
+  """
+  config, workdir, dataset, training = run.config, run.workdir, run.dataset, run.training
   mesh = training.mesh
-  writer = MetricWriter(workdir, tensorboard=config.tensorboard)
-
-  def batch_stream(start_step: int):
-    batches = dataset.train_batches(batch_size=config.batch_size, start_step=start_step,
-                                    views=run.context.views)
-    extra = [(m, m.extra_batches(batch_size=config.batch_size, start_step=start_step)) for m in run.methods]
-    extra = [(m, stream) for m, stream in extra if stream is not None]
-    for batch in batches:
-      check_labels(batch["label"], dataset.num_classes)
-      for m, stream in extra:
-        batch = m.mix_batch(batch=batch, extra=next(stream))
-      yield batch
-
-  def validate(state):
-    val = evaluate(training.eval_step, state.variables, dataset, "val", batch_size=config.eval_batch_size,
-                   mesh=mesh)
-    return val[config.selection_metric], val
-
-  fitted = fit(config=config, workdir=workdir, training=training, total_steps=run.total_steps,
-               eval_every=run.eval_every, batch_stream=batch_stream, validate=validate, writer=writer)
-  best, step = fitted.best, fitted.step
   best_vars = {"params": best["params"]}
   if best["batch_stats"]:
     best_vars["batch_stats"] = best["batch_stats"]
@@ -212,6 +274,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       "steps": step,
       "trainable_parameters": sum(n for g, n in training.sizes.items() if g not in training.frozen),
       "total_parameters": sum(training.sizes.values()),
+      **(extra or {}),
   }
   if not config.get("evaluate_test", True):
     # A sweep run: validation only. No test figures, no after-training analyses
@@ -269,13 +332,18 @@ def _resume(ckpt: Checkpointer, writer: MetricWriter, *, state: Any, best: Any, 
       _set_aside(ckpt, step, error)
     writer.truncate_after(start)
     logging.info("resumed from step %d", start)
-    return restored_state, restored_best, int(restored_state.step)
+    return restored_state, restored_best, _step_of(restored_state)
   if failed:
     reasons = "; ".join(f"step {step}: {_reason(error)}" for step, error in failed)
     raise RunError(f"no checkpoint in {ckpt.directory} restores ({reasons[:600]}); they are left as they "
                    f"are: move them away (or use a new --workdir) to start over")
   writer.truncate_after(0)  # a killed run that never checkpointed starts over
-  return state, best, int(state.step)
+  return state, best, _step_of(state)
+
+
+def _step_of(state: Any) -> int:
+  """The state's step (a stacked state's seeds all stand at the same step)."""
+  return int(np.max(jax.device_get(state.step)))
 
 
 def _reason(error: BaseException) -> str:
@@ -294,7 +362,8 @@ def _set_aside(ckpt: Checkpointer, step: int, error: BaseException) -> str:
   return target
 
 
-def _non_finite_message(loss: float, step: int, ckpt: Checkpointer) -> str:
+def _non_finite_message(loss: Any, step: int, ckpt: Checkpointer) -> str:
+  """The one-line error of a non-finite loss (``loss``: a number, or a list with one per seed)."""
   steps = ckpt.all_steps()
   where = (f"the last checkpoint is step {steps[0]} in {ckpt.directory}" if steps
            else "no checkpoint was written yet")

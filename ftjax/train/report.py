@@ -49,11 +49,26 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[d
 
   Seeds are the outer loop (seed 0 of every variant, then seed 1, ...) and the
   table is rewritten after every run, so a long comparison stopped early still
-  leaves a table with the same seeds for each variant.
+  leaves a table with the same seeds for each variant. With ``config.vmap_seeds``
+  each variant trains all its seeds at once as one vmapped program
+  (:mod:`ftjax.train.vmap_seeds`), variant after variant.
   """
   variants = variant_configs(config)
   results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
   table = ""
+  if config.get("vmap_seeds", False):
+    from ftjax.train.vmap_seeds import train_and_evaluate_seeds
+    for name, cfg in variants.items():
+      seeded = []
+      for i in range(config.num_seeds):
+        seeded.append(copy.deepcopy(cfg))
+        seeded[-1].seed = config.seed + i
+      results[name] = train_and_evaluate_seeds(seeded, os.path.join(workdir, name if name != "run" else ""))
+      if jax.process_index() == 0:
+        table = write_table({k: v for k, v in results.items() if v}, workdir, title=_title(config))
+    if jax.process_index() == 0:
+      print(table, flush=True)
+    return results
   for i in range(config.num_seeds):
     for name, cfg in variants.items():
       seeded = copy.deepcopy(cfg)
@@ -110,7 +125,24 @@ def combine_results(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
                          "rename one of them")
       combined.setdefault(name, runs)
       origin.setdefault(name, workdir)
+  seeds_vmapped(combined)  # refuses a table of vmapped and serial seeds
   return combined
+
+
+def seeds_vmapped(results: dict[str, list[dict[str, Any]]]) -> bool:
+  """Whether the table's seeds were vmapped (``config.vmap_seeds``); serial records lack the key.
+
+  Raises:
+    ValueError: some records are vmapped and others serial (one table never
+      mixes them: their numbers agree only up to float rounding).
+  """
+  kinds = {bool(r.get("vmap_seeds", False)) for runs in results.values() for r in runs}
+  if len(kinds) > 1:
+    mixed = sorted(name for name, runs in results.items()
+                   if any(r.get("vmap_seeds", False) for r in runs))
+    raise ValueError(f"a table never mixes vmapped and serial seeds: {', '.join(mixed)} have vmapped seeds "
+                     f"(vmap_seeds=True) and the other runs serial ones; tabulate them apart")
+  return kinds == {True}
 
 
 def _figure_list(workdir: str) -> str:
@@ -156,6 +188,13 @@ def _count(runs: list[dict[str, Any]]) -> str:
 
 
 def format_table(results: dict[str, list[dict[str, Any]]], *, title: str = "") -> str:
+  """The markdown table of ``results`` (``{variant: [record per seed]}``), mean ± std over seeds.
+
+  Raises:
+    ValueError: the records mix vmapped and serial seeds.
+  """
+  if seeds_vmapped(results):
+    title = f"{title}; seeds vmapped" if title else "seeds vmapped"
   lines = [f"{title}", ""] if title else []
   lines.append("| variant | seeds | val (best) | test top-1 | test mean per-class | trainable params |")
   lines.append("|---|---|---|---|---|---|")

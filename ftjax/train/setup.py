@@ -150,6 +150,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"set either pretrained={config.pretrained!r} or init_from={config.init_from!r}, not both")
   if config.get("on_divergence", "raise") not in ("raise", "record"):
     raise ConfigError(f"on_divergence must be 'raise' or 'record', got {config.on_divergence!r}")
+  vmap_seeds = config.get("vmap_seeds", False)
+  if not isinstance(vmap_seeds, bool):
+    raise ConfigError(f"vmap_seeds must be True or False, got {vmap_seeds!r}")
+  if vmap_seeds and config.get("on_divergence", "raise") == "record":
+    # One stacked program cannot drop a diverged seed and go on with the others as
+    # serial seeds do; a sweep that records divergence runs its seeds serially.
+    raise ConfigError("vmap_seeds=True needs on_divergence='raise' (a diverged seed stops the stacked "
+                      "run); record divergence with serial seeds (vmap_seeds=False)")
   optim.check_weight_decay_mode(config.optimizer.get("weight_decay_mode", "decoupled"))
   check_dataset_config(config)
 
@@ -329,6 +337,9 @@ class Training(NamedTuple):
   sizes: dict[str, int]        # scalar parameters per group
   schedule: Callable
   mesh: Any
+  # methods -> the un-jitted step (state, batch, source) -> (state, metrics) of this model,
+  # optimizer and BatchNorm mode with those methods (ftjax.train.vmap_seeds vmaps it).
+  make_step: Callable | None = None
 
 
 def init_training(*, model: Any, variables: Any, methods: Sequence[Any], rules: Sequence[tuple[str, str]],
@@ -363,14 +374,17 @@ def init_training(*, model: Any, variables: Any, methods: Sequence[Any], rules: 
   source = source_variables(variables) if any(m.needs_source for m in methods) else {}
   source = jax.device_put(source, shd.replicated(mesh))
   frozen_mask = jax.tree.map(lambda label: label in frozen, labels) if frozen else None
-  train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(model=model, optimizer=optimizer, methods=methods,
-                               train_bn=bn_mode == "train", frozen_mask=frozen_mask),
-      mesh=mesh, state=state)
+
+  def make_step(step_methods: Sequence[Any]) -> Callable:
+    return step_lib.make_train_step(model=model, optimizer=optimizer, methods=step_methods,
+                                    train_bn=bn_mode == "train", frozen_mask=frozen_mask)
+
+  train_step = step_lib.jit_train_step(make_step(methods), mesh=mesh, state=state)
   eval_step = step_lib.make_eval_step(model=model, num_classes=num_classes, mesh=mesh,
                                       rngs=step_lib.rng_streams(methods))
   return Training(state=state, source=source, train_step=train_step, eval_step=eval_step, labels=labels,
-                  groups=dict(groups), frozen=frozen, sizes=sizes, schedule=schedule, mesh=mesh)
+                  groups=dict(groups), frozen=frozen, sizes=sizes, schedule=schedule, mesh=mesh,
+                  make_step=make_step)
 
 
 def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> Callable:
