@@ -659,3 +659,33 @@ def test_a_diverging_run_stops_in_one_line_naming_no_checkpoint(tmp_path, fashio
   last = _last_line(proc.stderr)
   assert last.startswith("ftjax: error: non-finite loss") and "no checkpoint was written yet" in last, last
   assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- torn metrics line
+
+
+def _metric_lines(*steps):
+  return "".join(json.dumps({"step": s, "split": "train", "loss": 1.0 / s}) + "\n" for s in steps)
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, caplog):
+  """SIGKILL while appending leaves a last line without its newline: resume drops it."""
+  from ftjax.train.metrics import MetricWriter, read_metrics
+  path = tmp_path / "metrics.jsonl"
+  path.write_text(_metric_lines(2, 4, 6) + '{"step": 8, "split": "tr')
+  writer = MetricWriter(str(tmp_path), tensorboard=False)
+  with caplog.at_level(logging.WARNING):
+    writer.truncate_after(6)
+  assert "torn last line" in caplog.text
+  assert [r["step"] for r in read_metrics(str(tmp_path))] == [2, 4, 6]
+  writer.write(8, "train", {"loss": 0.125})  # appends on a line of its own
+  assert [r["step"] for r in read_metrics(str(tmp_path))] == [2, 4, 6, 8]
+
+
+def test_a_damaged_metrics_line_before_the_end_is_an_error(tmp_path):
+  from ftjax.train.metrics import MetricWriter
+  path = tmp_path / "metrics.jsonl"
+  path.write_text(_metric_lines(2) + "garbage\n" + _metric_lines(4))
+  with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not JSON"):
+    MetricWriter(str(tmp_path), tensorboard=False).truncate_after(4)
+  assert path.read_text() == _metric_lines(2) + "garbage\n" + _metric_lines(4)  # nothing lost

@@ -7,6 +7,7 @@ per-domain test errors (SpotTune Table 3).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -40,10 +41,30 @@ class MetricWriter:
         self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
   def truncate_after(self, step: int) -> None:
+    """Keeps the lines of steps <= ``step``, the restored checkpoint's.
+
+    A process killed in the middle of a write (SIGKILL, a power cut) can leave a
+    last line without its newline: that torn line is dropped with a warning. A
+    damaged line anywhere else is not a torn write and stops the run.
+    """
     if not self.enabled or not os.path.exists(self.path):
       return
     with open(self.path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+      lines = f.readlines()
+    kept = []
+    for i, line in enumerate(lines):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        if i == len(lines) - 1 and not line.endswith("\n"):
+          logging.warning("%s: dropping a torn last line (the process was killed while writing it): %r",
+                          self.path, line[:80])
+          continue
+        raise ValueError(f"{self.path} line {i + 1} is not JSON: {line[:80]!r}") from None
+      if record["step"] <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
     atomic_write_text(self.path, "".join(kept))
 
   def write(self, step: int, split: str, values: dict[str, Any]) -> None:
