@@ -665,7 +665,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(status_text(tables, ledger, seeds=args.seeds))
   else:
     from experiments import scorecard
-    scorecard.write_all(tables, ledger, pathlib.Path(args.results), seeds=args.seeds)
+    results = pathlib.Path(args.results)
+    # The repository's own tables also refresh the README's quotes of the scorecard.
+    readme = REPO / "README.md" if results.resolve() == (REPO / "experiments" / "results").resolve() else None
+    scorecard.write_all(tables, ledger, results, seeds=args.seeds, readme=readme)
 
 
 def _run_workers(tables, args, ledger, identity) -> None:

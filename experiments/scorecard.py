@@ -393,9 +393,51 @@ def format_scorecard(rows: Sequence[dict[str, Any]], identity: dict[str, str], *
   return "\n".join(lines) + "\n"
 
 
+README_MARK = "<!-- scorecard: {paper} -->"
+README_END = "<!-- /scorecard -->"
+
+
+def format_readme_quote(rows: Sequence[dict[str, Any]], paper: str) -> str:
+  """The claims of ``paper`` as the README's method section quotes them (a short list)."""
+  mine = [r for r in rows if r["claim"].paper == paper]
+  lines = [f"Scorecard ([experiments/results/README.md](experiments/results/README.md); written by "
+           "`python -m experiments.evidence tables`, test top-1, paired Δ over seeds with its 95% interval):", ""]
+  for row in mine:
+    c, d = row["claim"], row["diff"]
+    shown = f"Δ {stats.format_points(d, signed=True)} over {d.n} seeds" if d is not None else row["note"]
+    lines.append(f"- {c.text}: {shown}: **{row['verdict']}**")
+  return "\n".join(lines)
+
+
+def update_readme(readme: pathlib.Path, rows: Sequence[dict[str, Any]]) -> list[str]:
+  """Rewrites each ``<!-- scorecard: PAPER -->`` ... ``<!-- /scorecard -->`` block of ``readme``.
+
+  The README's method sections quote the scorecard through these blocks, so their
+  numbers are the scorecard's and change only when the tables are regenerated.
+  Returns the papers whose blocks were written.
+  """
+  text = readme.read_text()
+  written = []
+  for paper in dict.fromkeys(r["claim"].paper for r in rows):
+    mark = README_MARK.format(paper=paper)
+    start = text.find(mark)
+    if start < 0:
+      continue
+    end = text.find(README_END, start)
+    if end < 0:
+      raise ValueError(f"{readme}: {mark} has no {README_END}")
+    text = text[:start] + mark + "\n" + format_readme_quote(rows, paper) + "\n" + text[end:]
+    written.append(paper)
+  readme.write_text(text)
+  return written
+
+
 def write_all(tables: Sequence[ev.Table], ledger: ev.Ledger, results: pathlib.Path, *, seeds: int | None = None,
-              identity: dict[str, str] | None = None) -> list[dict[str, Any]]:
-  """Writes every table's results and the scorecard under ``results``; returns the claim rows."""
+              identity: dict[str, str] | None = None, readme: pathlib.Path | None = None) -> list[dict[str, Any]]:
+  """Writes every table's results and the scorecard under ``results``; returns the claim rows.
+
+  With ``readme``, the scorecard blocks of that file (:func:`update_readme`) are rewritten too.
+  """
   entries = ledger.entries()
   identity = identity or latest_identity(entries)
   if identity is None:
@@ -422,4 +464,6 @@ def write_all(tables: Sequence[ev.Table], ledger: ev.Ledger, results: pathlib.Pa
   commits = ", ".join(f"`{c[:12]}`" for c in sorted({e["commit"] for e in mine}))
   (results / "README.md").write_text(format_scorecard(rows, identity, counts=f"{len(mine)} finished runs in the ledger",
                                                       commits=commits))
+  if readme is not None:
+    update_readme(readme, rows)
   return rows

@@ -248,3 +248,41 @@ def test_unit_key_ignores_fields_added_at_their_default(monkeypatch):
     assert ev.unit_key(changed) != before
   finally:
     ev._CONFIG_CACHE.clear()
+
+
+def test_readme_blocks_quote_the_scorecard(tmp_path):
+  """The README's method sections quote the claim rows between markers; the rest is kept."""
+  claim = scorecard.Claim(paper="Co-Tuning", text="Co-Tuning beats fine-tuning (5%)", a=("t", "co"),
+                          b=("t", "finetune"), paper_figures="")
+  other = scorecard.Claim(paper="SpotTune", text="SpotTune beats fine-tuning", a=("s", "x"), b=("s", "y"),
+                          paper_figures="")
+  diff = stats.paired_difference({0: 0.83, 1: 0.84, 2: 0.85}, {0: 0.82, 1: 0.82, 2: 0.83})
+  rows = [{"claim": claim, "diff": diff, "verdict": scorecard.verdict(diff), "note": ""},
+          {"claim": other, "diff": None, "verdict": scorecard.PENDING, "note": "not run yet"}]
+  readme = tmp_path / "README.md"
+  readme.write_text("intro\n<!-- scorecard: Co-Tuning -->\nstale numbers\n<!-- /scorecard -->\noutro\n")
+  assert scorecard.update_readme(readme, rows) == ["Co-Tuning"]
+  text = readme.read_text()
+  assert text.startswith("intro\n<!-- scorecard: Co-Tuning -->\n") and text.endswith("<!-- /scorecard -->\noutro\n")
+  assert "stale numbers" not in text and "SpotTune" not in text
+  expected = f"- Co-Tuning beats fine-tuning (5%): Δ {stats.format_points(diff, signed=True)} over 3 seeds: **"
+  assert expected + scorecard.verdict(diff) + "**" in text
+  readme.write_text("<!-- scorecard: Co-Tuning -->\nno end marker\n")
+  with pytest.raises(ValueError, match="has no <!-- /scorecard -->"):
+    scorecard.update_readme(readme, rows)
+
+
+def test_the_readme_quotes_the_committed_scorecard(tmp_path):
+  """README.md's blocks equal what the committed ledger gives (regenerate with `evidence tables`)."""
+  import shutil
+  readme = ev.REPO / "README.md"
+  text = readme.read_text()
+  for paper in dict.fromkeys(c.paper for c in scorecard.CLAIMS):
+    assert scorecard.README_MARK.format(paper=paper) in text, f"README has no scorecard block for {paper}"
+  results = ev.REPO / "experiments" / "results"
+  if (results / scorecard.DATA_REUSE).exists():  # written by experiments/data_reuse.py, read by the scorecard
+    shutil.copytree(results / scorecard.DATA_REUSE, tmp_path / "results" / scorecard.DATA_REUSE)
+  copy = tmp_path / "README.md"
+  copy.write_text(text)
+  scorecard.write_all(ev.TABLES, ev.Ledger(results / "ledger.jsonl"), tmp_path / "results", readme=copy)
+  assert copy.read_text() == text, "README's scorecard blocks are stale: run `python -m experiments.evidence tables`"
