@@ -369,7 +369,7 @@ def plot_lr_curves(table: ev.Table, data: dict[str, Any], path: pathlib.Path) ->
 
 
 def format_scorecard(rows: Sequence[dict[str, Any]], identity: dict[str, str], *, counts: str,
-                     commits: str = "") -> str:
+                     commits: str = "", compute: str = "") -> str:
   lines = [
       "# Scorecard: the papers' claims on Fashion-MNIST with ImageNet EfficientNet-Lite0", "",
       "Written by `python -m experiments.evidence tables` from `ledger.jsonl` (do not edit by hand). "
@@ -383,6 +383,7 @@ def format_scorecard(rows: Sequence[dict[str, Any]], identity: dict[str, str], *
       "Verdicts: *reproduced* when the interval excludes 0 in the claimed direction (for 'keeps', when its "
       "lower end is above −margin), *not reproduced* when it excludes 0 the other way, *inconclusive* when "
       "it contains 0, *pending* before 3 seeds of both rows exist.", "",
+      *([compute, ""] if compute else []),
       "| paper | claim | paper's figures | ftjax Δ (a − b) [95%] | seeds | verdict |",
       "|---|---|---|---|---|---|"]
   for row in rows:
@@ -391,6 +392,28 @@ def format_scorecard(rows: Sequence[dict[str, Any]], identity: dict[str, str], *
     lines.append(f"| {c.paper} | {c.text} (`{c.a[0]}/{c.a[1]}` vs `{c.b[0]}/{c.b[1]}`) | {c.paper_figures} | "
                  f"{shown} | {d.n if d is not None else 0} | **{row['verdict']}** |")
   return "\n".join(lines) + "\n"
+
+
+def compute_text(tables: Sequence[ev.Table], entries: Sequence[dict[str, Any]], identity: dict[str, str], *,
+                 seeds: int | None = None) -> str:
+  """The study's compute on this machine: recorded so far, and an estimate of what is left."""
+  mine = [e for e in entries if ev.same_code(e, identity)]
+  done_hours = sum(e.get("seconds", 0.0) for e in mine) / 3600
+  # A validation-only unit trains a whole run; its median is the unit of the estimate.
+  trainings = sorted(e["seconds"] for e in mine if not e.get("evaluate_test", True) and "seconds" in e)
+  plans = ev.plan_study(tables, ev.index(entries, identity), seeds=seeds)
+  runnable = {ev.unit_key(u) for p in plans.values() for u in p.runnable}
+  waiting = sum(p.waiting for p in plans.values())
+  text = (f"Compute on this machine (2-core AMD EPYC, one unit per core): {len(mine)} units finished, "
+          f"{done_hours:.1f} core-hours recorded (each unit's wall time on its core, with whatever else ran "
+          "beside it).")
+  if trainings:
+    median = trainings[len(trainings) // 2]
+    left = len(runnable) + waiting
+    text += (f" A training unit's median: {median / 60:.0f} min. Left: {len(runnable)} runnable and "
+             f"{waiting} waiting on sweeps, about {left * median / 3600:.0f} core-hours at that median "
+             "(15% and multitask units take longer).")
+  return text + " `bash scripts/reproduce_tables.sh 2` regenerates everything from scratch and resumes where it stopped."
 
 
 README_MARK = "<!-- scorecard: {paper} -->"
@@ -463,7 +486,8 @@ def write_all(tables: Sequence[ev.Table], ledger: ev.Ledger, results: pathlib.Pa
   mine = [e for e in entries if ev.same_code(e, identity)]
   commits = ", ".join(f"`{c[:12]}`" for c in sorted({e["commit"] for e in mine}))
   (results / "README.md").write_text(format_scorecard(rows, identity, counts=f"{len(mine)} finished runs in the ledger",
-                                                      commits=commits))
+                                                      commits=commits,
+                                                      compute=compute_text(tables, entries, identity, seeds=seeds)))
   if readme is not None:
     update_readme(readme, rows)
   return rows
