@@ -115,9 +115,17 @@ def test_max_pool_and_channel_sums_kernels_under_vmap():
 # ----------------------------------------------------------------------------- the step
 
 
-def test_vmapped_step_equals_the_seeds_serial_steps():
+@pytest.mark.parametrize("impl", ["auto", "xla"])
+def test_vmapped_step_equals_the_seeds_serial_steps(impl):
   """Two seeds (own initialisation, own rng, own batches) stepped 3 times: stacked and vmapped
-  against each seed's own jitted step."""
+  against each seed's own jitted step, with the CPU kernels ("auto") and with XLA's
+  formulations only ("xla", batched by XLA: equal up to float rounding)."""
+  from ftjax.ops.conv import conv_impl
+  with conv_impl(impl):
+    _vmapped_and_serial_steps()
+
+
+def _vmapped_and_serial_steps():
   import optax
   from ftjax import models
   from ftjax.methods.finetune import CrossEntropy
@@ -155,11 +163,13 @@ def test_vmapped_step_equals_the_seeds_serial_steps():
     state, metrics = stacked.train_step(state, vs.stacked_global_batch(host, stacked.mesh), stacked.source)
     losses.append(np.asarray(metrics["loss"]))
   from ftjax.train import sharding as shd
+  # One compiled serial step serves both seeds (the same function of state and batch).
+  serial_step = trainings[0].train_step
   for seed, training in enumerate(trainings):
     serial = training.state
     for step in range(3):
-      serial, metrics = training.train_step(serial, shd.global_batch(batches[seed][step], training.mesh),
-                                            training.source)
+      serial, metrics = serial_step(serial, shd.global_batch(batches[seed][step], training.mesh),
+                                    training.source)
       np.testing.assert_allclose(losses[step][seed], float(metrics["loss"]), rtol=LOSS_RTOL)
     for a, b in zip(jax.tree.leaves(vs.unstack(state.params, seed)), jax.tree.leaves(serial.params)):
       np.testing.assert_allclose(a, b, rtol=PARAM_RTOL, atol=PARAM_ATOL)
@@ -175,7 +185,7 @@ def test_vmapped_step_equals_the_seeds_serial_steps():
 class _Prepared:
   name: str = "prepared"
   relationship: object = None
-  note: str = ""
+  info: object = None
 
   def __post_init__(self):
     if self.relationship is not None and float(np.sum(self.relationship)) < 0:
@@ -185,18 +195,26 @@ class _Prepared:
 def test_split_methods_stacks_what_differs_and_refuses_what_cannot_be_vmapped():
   from ftjax.core.errors import ConfigError
   from ftjax.train import vmap_seeds as vs
-  shared = np.ones(3)
-  per_seed = [[_Prepared(relationship=np.full((2, 2), s, np.float32), note="same")] for s in range(3)]
+  per_seed = [[_Prepared(relationship=np.full((2, 2), s, np.float32), info={"approach": "reverse", "t": 1.0 + s})]
+              for s in range(3)]
   templates, fields = vs.split_methods(per_seed)
   assert templates[0] is per_seed[0][0]
-  assert list(fields[0]) == ["relationship"]
-  np.testing.assert_array_equal(fields[0]["relationship"][:, 0, 0], [0, 1, 2])
-  rebuilt = jax.jit(jax.vmap(lambda f: vs.with_fields(templates[0], f).relationship.sum()))(fields[0])
-  np.testing.assert_array_equal(rebuilt, [0, 4, 8])
-  assert vs.split_methods([[_Prepared(relationship=shared)], [_Prepared(relationship=shared.copy())]])[1] == [{}]
-  with pytest.raises(ConfigError, match="method 'prepared' prepares 'note' differently for each seed"):
-    vs.split_methods([[_Prepared(note="a")], [_Prepared(note="b")]])
-  with pytest.raises(ConfigError, match="not a numeric array of one shape"):
+  assert sorted(fields.values[0]) == ["info", "relationship"]
+  assert list(fields.values[0]["info"]) == ["1"]   # "approach" is the same for every seed: not stacked
+  np.testing.assert_array_equal(fields.values[0]["relationship"]["0"][:, 0, 0], [0, 1, 2])
+
+  def seed_sum(values):
+    method = vs.with_fields(templates[0], fields.layouts[0], values)
+    assert method.info["approach"] == "reverse"
+    return method.relationship.sum() + method.info["t"]
+
+  np.testing.assert_array_equal(jax.jit(jax.vmap(seed_sum))(fields.values[0]), [1, 6, 11])
+  shared = np.ones(3)
+  assert vs.split_methods([[_Prepared(relationship=shared)], [_Prepared(relationship=shared.copy())]])[1].values \
+      == [{}]
+  with pytest.raises(ConfigError, match="method 'prepared' prepares 'info' differently for each seed"):
+    vs.split_methods([[_Prepared(info={"approach": "a"})], [_Prepared(info={"approach": "b"})]])
+  with pytest.raises(ConfigError, match="not a number or numeric array of one shape"):
     vs.split_methods([[_Prepared(relationship=np.ones(2))], [_Prepared(relationship=np.ones(3))]])
 
 

@@ -42,7 +42,7 @@ import copy
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -166,62 +166,94 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _numeric(value: Any) -> bool:
-  """Whether every leaf of ``value`` is a number or a numeric array (can ride a vmapped axis)."""
-  leaves = jax.tree.leaves(value)
-  return bool(leaves) and all(
-      (isinstance(x, (np.ndarray, jax.Array)) and np.issubdtype(np.asarray(x).dtype, np.number))
-      or (isinstance(x, (int, float, np.number)) and not isinstance(x, bool)) for x in leaves)
+  """Whether ``value`` is a number or a numeric array (it can ride a vmapped axis)."""
+  if isinstance(value, (np.ndarray, jax.Array)):
+    return bool(np.issubdtype(np.asarray(value).dtype, np.number))
+  return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
 
 
-def split_methods(per_seed: Sequence[Sequence[Any]]) -> tuple[list[Any], list[dict[str, Any]]]:
-  """The seeds' prepared methods as one template each and the fields that differ, stacked.
+class MethodFields(NamedTuple):
+  """The prepared values of the seeds' methods that differ between seeds.
+
+  Attributes:
+    layouts: per method, ``{field: (treedef, seed 0's leaves)}`` of each differing field.
+    values: per method, ``{field: {leaf index: the seeds' leaves stacked}}``: the
+      leaves that differ, the vmapped operands of the step.
+  """
+  layouts: list[dict[str, tuple[Any, list[Any]]]]
+  values: list[dict[str, dict[str, np.ndarray]]]
+
+
+def split_methods(per_seed: Sequence[Sequence[Any]]) -> tuple[list[Any], MethodFields]:
+  """The seeds' prepared methods as one template each and the values that differ, stacked.
 
   Args:
     per_seed: ``per_seed[i]`` is seed ``i``'s list of prepared methods.
 
   Returns:
-    ``(templates, fields)``: seed 0's methods, and for each method a dict
-    ``{field: value with a leading seed axis}`` of the dataclass fields whose
-    prepared values differ between seeds (Co-Tuning's relationship, DELTA's
-    channel weights); the step puts each seed's values into the template.
+    ``(templates, fields)``: seed 0's methods, and the leaves of their dataclass
+    fields whose prepared values differ between seeds (Co-Tuning's relationship
+    and calibration, DELTA's channel weights), stacked on a leading seed axis;
+    :func:`with_fields` puts one seed's leaves into a template.
 
   Raises:
     ConfigError: the seeds have different methods, or a method's prepared value
-      differs between seeds and is not numeric (it cannot be vmapped).
+      differs between seeds where it is not numeric or changes shape (it cannot be
+      vmapped).
   """
   templates = list(per_seed[0])
-  fields: list[dict[str, Any]] = []
+  fields = MethodFields([], [])
   for j, template in enumerate(templates):
     versions = [methods[j] for methods in per_seed]
     if any(type(m) is not type(template) or m.name != template.name for m in versions):
       raise ConfigError("vmap_seeds: the seeds' runs have different methods")
-    differing: dict[str, Any] = {}
+    layouts: dict[str, tuple[Any, list[Any]]] = {}
+    values: dict[str, dict[str, np.ndarray]] = {}
     if dataclasses.is_dataclass(template):
       for field in dataclasses.fields(template):
-        values = [getattr(m, field.name) for m in versions]
-        if all(_same(values[0], v) for v in values[1:]):
+        seeds_values = [getattr(m, field.name) for m in versions]
+        if all(_same(seeds_values[0], v) for v in seeds_values[1:]):
           continue
-        shapes = [jax.tree.map(np.shape, v) for v in values]
-        if not all(_numeric(v) for v in values) or any(s != shapes[0] for s in shapes[1:]):
-          raise ConfigError(f"vmap_seeds: method {template.name!r} prepares {field.name!r} differently "
-                            f"for each seed and it is not a numeric array of one shape, so the seeds "
-                            f"cannot share one vmapped step; train them serially (vmap_seeds=False)")
-        differing[field.name] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *values)
+        flat = [jax.tree.flatten(v) for v in seeds_values]
+        treedef = flat[0][1]
+        refuse = ConfigError(
+            f"vmap_seeds: method {template.name!r} prepares {field.name!r} differently for each seed "
+            f"where it is not a number or numeric array of one shape, so the seeds cannot share one "
+            f"vmapped step; train them serially (vmap_seeds=False)")
+        if any(tree != treedef for _, tree in flat[1:]):
+          raise refuse
+        stacked = {}
+        for index, leaves in enumerate(zip(*(leaves for leaves, _ in flat))):
+          if all(_same(leaves[0], leaf) for leaf in leaves[1:]):
+            continue
+          if not all(_numeric(leaf) for leaf in leaves) or len({np.shape(leaf) for leaf in leaves}) > 1:
+            raise refuse
+          stacked[str(index)] = np.stack([np.asarray(leaf) for leaf in leaves])
+        layouts[field.name] = (treedef, list(flat[0][0]))
+        values[field.name] = stacked
     elif not all(_same(template, m) for m in versions[1:]):
       raise ConfigError(f"vmap_seeds: method {template.name!r} differs between seeds after preparation "
                         f"(it is not a dataclass whose fields could be vmapped); train the seeds "
                         f"serially (vmap_seeds=False)")
-    fields.append(differing)
+    fields.layouts.append(layouts)
+    fields.values.append(values)
   return templates, fields
 
 
-def with_fields(method: Any, fields: dict[str, Any]) -> Any:
-  """A copy of ``method`` holding ``fields`` (no ``__init__``: traced values skip its checks)."""
-  if not fields:
+def with_fields(method: Any, layouts: dict[str, tuple[Any, list[Any]]],
+                values: dict[str, dict[str, Any]]) -> Any:
+  """A copy of ``method`` holding one seed's ``values`` (leaves by index into ``layouts``).
+
+  No ``__init__``: the values may be traced, which a method's own checks could not take.
+  """
+  if not layouts:
     return method
   out = copy.copy(method)
-  for name, value in fields.items():
-    object.__setattr__(out, name, value)
+  for name, (treedef, leaves) in layouts.items():
+    leaves = list(leaves)
+    for index, value in values[name].items():
+      leaves[int(index)] = value
+    object.__setattr__(out, name, jax.tree.unflatten(treedef, leaves))
   return out
 
 
@@ -264,10 +296,11 @@ def stack_training(runs: Sequence[Run]):
   shared_source = all(_same(sources[0], s) for s in sources[1:])
   source = sources[0] if shared_source else jax.device_put(stack(sources), shd.replicated(mesh))
   templates, fields = split_methods([run.methods for run in runs])
-  fields = jax.device_put(fields, shd.replicated(mesh))
+  method_values = jax.device_put(fields.values, shd.replicated(mesh))
 
-  def seed_step(seed_state, batch, seed_source, method_fields):
-    methods = [with_fields(m, f) for m, f in zip(templates, method_fields)]
+  def seed_step(seed_state, batch, seed_source, seed_values):
+    methods = [with_fields(m, layouts, values)
+               for m, layouts, values in zip(templates, fields.layouts, seed_values)]
     return first.make_step(methods)(seed_state, batch, seed_source)
 
   state_shardings = shd.state_sharding(mesh, state)
@@ -277,7 +310,7 @@ def stack_training(runs: Sequence[Run]):
                    out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
 
   def train_step(stacked_state, batch, stacked_source):
-    return jitted(stacked_state, batch, stacked_source, fields)
+    return jitted(stacked_state, batch, stacked_source, method_values)
 
   return first._replace(state=state, source=source, train_step=train_step)
 
