@@ -672,7 +672,12 @@ def spottune_rules(variables: Any, **options: Any) -> list[tuple[str, str]]:
   ``options``: those of :func:`spottune_param_rules`.
 
   Example:
-    >>> labels = path_labels(variables["params"], spottune_rules(variables))   # doctest: +SKIP
+    >>> model = create_spottune_model("resnet_tiny", num_classes=3, policy_depth=1, policy_width=8)
+    >>> shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False,
+    ...                         outputs=model.all_outputs, routing="argmax"), jax.random.key(0))
+    >>> labels = paths_lib.path_labels(shapes["params"], spottune_rules(shapes))  # each parameter once
+    >>> sorted(set(jax.tree.leaves(labels)))
+    ['backbone', 'frozen', 'head', 'policy']
   """
   return paths_lib.claim_first(spottune_param_rules(variables, **options),
                                [("(?:head|projector)/.*", "head"), ("backbone/.*|source_head/.*", "backbone")])
