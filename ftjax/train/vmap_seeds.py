@@ -30,9 +30,12 @@ learned on that seed's subset) has them passed into the step as vmapped operands
 a prepared value that differs between seeds and is not numeric is refused, one
 line, as that method cannot run vmapped.
 
-Numbers: the vmapped program computes each seed's step with batched XLA ops, so
-losses and parameters equal the serial seeds' up to float rounding (the CPU
-kernels of :mod:`ftjax.ops` run each seed's call in turn under ``vmap``).
+Numbers: on CPU the kernels of :mod:`ftjax.ops` (oneDNN convolutions, max pool,
+channel sums) run each seed's call in turn under ``vmap`` (``vmap_method=
+"sequential"``, the seeds' weights differ), and the tiny run's vmapped seeds equal
+its serial seeds bitwise (tests/test_vmap_seeds.py). Where XLA batches the seeds'
+ops itself (``FTJAX_CONV_IMPL=xla``, GPUs, TPUs) they agree up to float32 rounding,
+which SGD amplifies over steps.
 """
 
 from __future__ import annotations
