@@ -275,6 +275,11 @@ def test_a_table_never_mixes_vmapped_and_serial_seeds(tmp_path):
     report.format_table({**vmapped, **serial})
   with pytest.raises(ValueError, match="never mixes"):
     report.format_table({"finetune": [run(0, vmap_seeds=True), run(1)]})
+  from ftjax.train.config import default_config
+  config = default_config()
+  config.compare = {"finetune": {}, "vmapped": {"vmap_seeds": True}}
+  with pytest.raises(ValueError, match="vmap_seeds is set for the whole comparison, not per variant"):
+    report.run_all(config, str(tmp_path / "w"))
   for name, results in (("a", vmapped), ("b", serial)):
     os.makedirs(tmp_path / name)
     (tmp_path / name / "results.json").write_text(json.dumps(results))

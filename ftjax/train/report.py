@@ -54,6 +54,11 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[d
   (:mod:`ftjax.train.vmap_seeds`), variant after variant.
   """
   variants = variant_configs(config)
+  vmapped = {name: bool(cfg.get("vmap_seeds", False)) for name, cfg in variants.items()}
+  if set(vmapped.values()) - {bool(config.get("vmap_seeds", False))}:
+    # One table never mixes vmapped and serial seeds.
+    raise ConfigError(f"compare: vmap_seeds is set for the whole comparison, not per variant "
+                      f"(variants: {vmapped})")
   results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
   table = ""
   if config.get("vmap_seeds", False):
