@@ -401,3 +401,14 @@ def test_a_killed_vmapped_run_resumes_to_the_uninterrupted_one(tmp_path, fashion
     assert _rows(killed / f"seed{seed}") == _rows(ref / f"seed{seed}")
     with open(killed / f"seed{seed}" / "results.json") as f, open(ref / f"seed{seed}" / "results.json") as g:
       assert json.load(f) == json.load(g)
+
+
+def test_seeds_with_different_step_counts_are_refused():
+  from types import SimpleNamespace
+  from ftjax.core.errors import ConfigError
+  from ftjax.train import vmap_seeds as vs
+  runs = [SimpleNamespace(total_steps=steps, eval_every=steps // 10, config=SimpleNamespace(seed=seed))
+          for seed, steps in ((0, 50), (1, 60))]
+  with pytest.raises(ConfigError, match="seed 0 trains 50 steps validating every 5, seed 1 60 every 6 .*"
+                                        "set num_steps and eval_every_steps"):
+    vs.stack_training(runs)
