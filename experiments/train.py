@@ -63,8 +63,9 @@ def main(argv):
         print(multitask.train_multitask(FLAGS.config, FLAGS.workdir)["table"], flush=True)
       else:
         report.run_all(FLAGS.config, FLAGS.workdir)
-      console.say(f"ftjax: results in {FLAGS.workdir}/ (results_table.md, results.json; "
-                  "each run's checkpoints and metrics.jsonl in its <variant>/seed<N>/)")
+      checkpoints = "<variant>/seeds<first>-<last>/" if FLAGS.config.get("vmap_seeds") else "<variant>/seed<N>/"
+      console.say(f"ftjax: results in {FLAGS.workdir}/ (results_table.md, results.json; each seed's "
+                  f"metrics.jsonl in <variant>/seed<N>/, checkpoints in {checkpoints})")
   except Preempted as e:
     print(f"ftjax: {e}", file=sys.stderr, flush=True)  # every process: each one's log says where it stopped
     sys.exit(e.exit_code)

@@ -412,3 +412,16 @@ def test_seeds_with_different_step_counts_are_refused():
   with pytest.raises(ConfigError, match="seed 0 trains 50 steps validating every 5, seed 1 60 every 6 .*"
                                         "set num_steps and eval_every_steps"):
     vs.stack_training(runs)
+
+
+def test_multitask_refuses_vmapped_seeds():
+  """A multitask run would otherwise ignore vmap_seeds and run its seeds serially."""
+  from experiments.configs import tiny
+  from ftjax.core.errors import ConfigError
+  from ftjax.methods import multitask
+  c = tiny.get_config()
+  c.baseline = "patch"
+  c.tasks = {"px32": {"image_size": 32}, "px40": {"image_size": 40}}
+  c.vmap_seeds = True
+  with pytest.raises(ConfigError, match="vmap_seeds=True is not supported for a multitask run"):
+    multitask.task_configs(c)

@@ -131,6 +131,10 @@ def task_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.
   if not config.get("tasks"):
     raise ConfigError("config.tasks is empty: a multitask run needs at least two tasks, e.g. "
                       "{'px96': {'image_size': 96}, 'px128': {'image_size': 128}}")
+  if config.get("vmap_seeds"):
+    # The tasks already share one program; their seeds run one after another.
+    raise ConfigError("vmap_seeds=True is not supported for a multitask run (config.tasks); "
+                      "set vmap_seeds=False")
   out = {}
   for name, overrides in sorted(config.tasks.items()):
     cfg = copy.deepcopy(config)
