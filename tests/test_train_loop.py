@@ -183,3 +183,35 @@ def test_checkpoint_config_check_tolerates_only_new_keys_at_their_default():
   dropped = json.loads(json.dumps(current))
   del dropped["dataset"]["num_shards"]
   assert not _same_config(current, dropped, default)  # the run lacks a stored key
+
+
+def test_the_loop_puts_batches_on_the_devices_ahead(tmp_path, fashion_mnist_ready, monkeypatch):
+  """config.prefetch batches are already on the devices when a step starts (a double buffer for 2)."""
+  from experiments.configs import tiny
+  from ftjax.train import loop
+  from ftjax.train import sharding as shd
+  events = []
+  real_put = shd.global_batch
+
+  def put(batch, mesh):
+    events.append("put")
+    return real_put(batch, mesh)
+
+  def wrap_fit(**kwargs):
+    step = kwargs["training"].train_step
+
+    def recorded_step(*args):
+      events.append("step")
+      return step(*args)
+    kwargs["training"] = kwargs["training"]._replace(train_step=recorded_step)
+    return real_fit(**kwargs, put_batch=put)
+
+  real_fit = loop.fit
+  monkeypatch.setattr(loop, "fit", wrap_fit)
+  c = tiny.get_config()
+  c.num_steps, c.eval_every_steps, c.prefetch, c.tensorboard = 4, 4, 3, False
+  loop.train_and_evaluate(c, str(tmp_path / "run"))
+  # Before step 1, batches 1-4 were put (the one it takes and 3 ahead); then one more per step
+  # until the stream of 4 steps' batches is exhausted.
+  assert events[:5] == ["put"] * 4 + ["step"], events
+  assert events.count("step") == 4 and events.count("put") >= 4, events

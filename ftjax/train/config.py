@@ -42,6 +42,9 @@ def default_config() -> ml_collections.ConfigDict:
   # "vmap_seeds": true and a table never mixes them with serial seeds. The seeds must have
   # equal step counts (set num_steps when their subsets' epochs differ).
   c.vmap_seeds = False
+  # Train batches put on the devices this many steps ahead (ftjax.data.pipeline.prefetch_to_device):
+  # the host-to-device copy and the host pipeline overlap the running step. Changes no number.
+  c.prefetch = 2
   c.model = "efficientnet_lite0"
   c.pretrained = "efficientnet_lite0/imagenet"   # "" trains from random initialisation
   # "bfloat16": mixed precision (convolutions and activations in bfloat16; parameters, optimizer
@@ -157,6 +160,7 @@ OPTIONAL = " (or None)"
 CONFIG_FIELDS: dict[str, str] = {
     "seed": INT_NON_NEGATIVE,
     "num_seeds": INT_POSITIVE,
+    "prefetch": INT_POSITIVE,
     "dataset.sampling_rate": PERCENT,
     "dataset.val_fraction": OPEN_UNIT,
     "dataset.image_size": INT_POSITIVE,

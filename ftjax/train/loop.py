@@ -20,6 +20,7 @@ import numpy as np
 
 from ftjax.core.errors import ConfigError, RunError, check_labels
 from ftjax.core.io import write_json
+from ftjax.data.pipeline import prefetch_to_device
 from ftjax.train import sharding as shd
 from ftjax.train import step as step_lib
 from ftjax.train.checkpoint import Checkpointer
@@ -118,14 +119,18 @@ def fit(*, config: ml_collections.ConfigDict, workdir: str, training: Any, total
   progress = None
   if config.progress and jax.process_index() == 0:
     from tqdm.auto import tqdm
-    progress = tqdm(total=total_steps, initial=step, desc=os.path.basename(workdir), unit="step",
-                    dynamic_ncols=True)
-  batches = batch_stream(step)
+    # "<variant>/seed<N>": which run of a comparison this bar is.
+    name = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(workdir))), os.path.basename(workdir))
+    progress = tqdm(total=total_steps, initial=step, desc=name, unit="step", dynamic_ncols=True)
+  # Batches go to the devices config.prefetch steps ahead: their copies (and the host
+  # pipeline's next batches) overlap the running step instead of waiting for it.
+  batches = prefetch_to_device(batch_stream(step), put=lambda batch: put_batch(batch, mesh),
+                               size=config.get("prefetch", 2))
   t0, images = time.time(), 0
   try:
     with PreemptionWatch() as watch:
       while step < total_steps:
-        state, metrics = training.train_step(state, put_batch(next(batches), mesh), training.source)
+        state, metrics = training.train_step(state, next(batches), training.source)
         step += 1
         images += config.batch_size
         # Asked at every step, in every process (the processes agree on the step to stop at).

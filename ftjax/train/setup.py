@@ -166,7 +166,7 @@ def semantic_config(config) -> dict[str, Any]:
   """The config fields that define a run's numbers (what a checkpoint must match)."""
   cfg = json.loads(config.to_json_best_effort())
   for key in ("progress", "log_every_steps", "tensorboard", "compare", "num_seeds", "keep_checkpoints",
-              "on_divergence", "evaluate_test"):
+              "on_divergence", "evaluate_test", "prefetch"):
     cfg.pop(key, None)
   return cfg
 
