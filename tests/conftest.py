@@ -7,6 +7,7 @@ with ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (see ``run_python``)
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -35,6 +36,30 @@ def run_python(args: list[str], *, devices: int = 1, timeout: float = 600, check
   if check and proc.returncode != 0:
     raise AssertionError(f"python {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
   return proc
+
+
+def kill_after_checkpoint(args: list[str], *, checkpoints, min_step: int, timeout: float = 400,
+                          devices: int | None = None) -> None:
+  """Runs ``python ARGS`` and SIGKILLs it once ``checkpoints`` holds a step >= ``min_step``."""
+  import time
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  if devices is not None:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + timeout
+  try:
+    while time.time() < deadline:
+      done = [d for d in (os.listdir(checkpoints) if os.path.isdir(checkpoints) else []) if d.isdigit()]
+      if any(int(d) >= min_step for d in done):
+        break
+      assert proc.poll() is None, "the run ended before it could be killed"
+      time.sleep(0.05)
+    else:
+      pytest.fail("no checkpoint appeared in time")
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_python
+from conftest import ROOT, kill_after_checkpoint, run_python
 
 TINY = "experiments/configs/tiny.py"
 
@@ -80,23 +78,8 @@ def test_sigkill_and_resume_matches_uninterrupted(tmp_path, fashion_mnist_ready)
   run_python(_train_cmd(ref, *overrides))
 
   killed = tmp_path / "killed"
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen([sys.executable, *_train_cmd(killed, *overrides)], cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt_dir = killed / "seed0" / "checkpoints"
-  deadline = time.time() + 300
-  try:
-    while time.time() < deadline:
-      done = [d for d in (os.listdir(ckpt_dir) if ckpt_dir.exists() else []) if d.isdigit()]
-      if any(int(d) >= 16 for d in done):
-        break
-      assert proc.poll() is None, "the run ended before it could be killed"
-      time.sleep(0.05)
-    else:
-      pytest.fail("no checkpoint appeared in time")
-  finally:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+  kill_after_checkpoint(_train_cmd(killed, *overrides), checkpoints=killed / "seed0" / "checkpoints",
+                        min_step=16, timeout=300)
   step_at_kill, _ = _final(killed / "seed0")
   assert 16 <= step_at_kill < 40
   run_python(_train_cmd(killed, *overrides))   # restart: resumes from the checkpoint

@@ -12,10 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +19,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from conftest import ROOT, run_python
+from conftest import kill_after_checkpoint, run_python
 
 TINY = "experiments/configs/tiny.py"
 # tests/test_train_loop.py's tolerance for 4 devices against 1 (float32 sums in
@@ -369,24 +365,7 @@ def test_a_killed_vmapped_run_resumes_to_the_uninterrupted_one(tmp_path, fashion
   ref = tmp_path / "ref"
   run_python(train(ref))
   killed = tmp_path / "killed"
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  proc = subprocess.Popen([sys.executable, *train(killed)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  ckpt_dir = killed / "seeds0-1" / "checkpoints"
-  deadline = time.time() + 400
-  try:
-    while time.time() < deadline:
-      done = [d for d in (os.listdir(ckpt_dir) if ckpt_dir.exists() else []) if d.isdigit()]
-      if any(int(d) >= 8 for d in done):
-        break
-      assert proc.poll() is None, "the run ended before it could be killed"
-      time.sleep(0.05)
-    else:
-      pytest.fail("no checkpoint appeared in time")
-  finally:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+  kill_after_checkpoint(train(killed), checkpoints=killed / "seeds0-1" / "checkpoints", min_step=8, devices=1)
   step_at_kill = _checkpoint(killed / "seeds0-1")["step"]
   assert 8 <= step_at_kill < 24
   run_python(train(killed))   # resumes from the stacked checkpoint

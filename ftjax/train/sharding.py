@@ -20,8 +20,9 @@ def make_data_mesh(devices: list[jax.Device] | None = None) -> Mesh:
   return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA_AXIS))
+def batch_sharding(mesh: Mesh, *, row_axis: int = 0) -> NamedSharding:
+  """Rows (axis ``row_axis``) sharded on ``"data"``; the axes before it (a seed axis) whole on every device."""
+  return NamedSharding(mesh, P(*([None] * row_axis), DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -33,16 +34,19 @@ def state_sharding(mesh: Mesh, state: Any) -> Any:
   return jax.tree.map(lambda _: replicated(mesh), state)
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Process-local numpy batch -> global arrays sharded on ``"data"`` (nested dicts: per leaf)."""
-  sharding = batch_sharding(mesh)
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, *, row_axis: int = 0) -> dict[str, jax.Array]:
+  """Process-local numpy batch -> global arrays sharded on ``"data"`` (nested dicts: per leaf).
+
+  ``row_axis=1``: a stacked batch ``[seeds, local rows, ...]`` (:mod:`ftjax.train.vmap_seeds`).
+  """
+  sharding = batch_sharding(mesh, row_axis=row_axis)
   num_devices = mesh.devices.size
   out = {}
   for name, value in local_batch.items():
     if isinstance(value, dict):  # one batch per task (multitask)
-      out[name] = global_batch(value, mesh)
+      out[name] = global_batch(value, mesh, row_axis=row_axis)
       continue
-    global_rows = value.shape[0] * jax.process_count()
+    global_rows = value.shape[row_axis] * jax.process_count()
     if global_rows % num_devices:
       raise ValueError(f"global batch of {global_rows} does not divide over {num_devices} devices; "
                        f"choose a batch size that is a multiple of {num_devices}")

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from ftjax.core.errors import ConfigError
 from ftjax.train import sharding as shd
@@ -88,24 +88,12 @@ def unstack(tree: Any, index: int) -> Any:
 
 def stacked_batch_sharding(mesh) -> NamedSharding:
   """A stacked batch ``[seeds, rows, ...]``: rows sharded on ``"data"``, seeds whole on every device."""
-  return NamedSharding(mesh, P(None, shd.DATA_AXIS))
+  return shd.batch_sharding(mesh, row_axis=1)
 
 
 def stacked_global_batch(local_batch: dict[str, Any], mesh) -> dict[str, jax.Array]:
   """Process-local stacked batch ``[seeds, local rows, ...]`` -> global arrays (rows on ``"data"``)."""
-  sharding = stacked_batch_sharding(mesh)
-  num_devices = mesh.devices.size
-  out = {}
-  for name, value in local_batch.items():
-    if isinstance(value, dict):
-      out[name] = stacked_global_batch(value, mesh)
-      continue
-    global_rows = value.shape[1] * jax.process_count()
-    if global_rows % num_devices:
-      raise ValueError(f"global batch of {global_rows} does not divide over {num_devices} devices; "
-                       f"choose a batch size that is a multiple of {num_devices}")
-    out[name] = jax.make_array_from_process_local_data(sharding, value)
-  return out
+  return shd.global_batch(local_batch, mesh, row_axis=1)
 
 
 def _stack_host(batches: Sequence[dict[str, Any]]) -> dict[str, Any]:
