@@ -20,8 +20,10 @@ Settings (the same code and data; what changes is how the CPU computes):
   console kept in ``main_job_console.txt``: the ``main`` case once more, as a user runs it;
 * ``one_core``: pinned to one core (oneDNN's and XLA's thread pools shrink to one
   thread, as on a machine with fewer cores);
-* ``avx2``: an AVX2 machine (no AVX-512): ``ONEDNN_MAX_CPU_ISA=AVX2`` for oneDNN and
-  ``--xla_cpu_max_isa=AVX2`` for XLA's code generation;
+* ``avx2``: ``ONEDNN_MAX_CPU_ISA=AVX2`` for oneDNN and ``--xla_cpu_max_isa=AVX2`` for
+  XLA's code generation. The CPU this was measured on has AVX2 and no AVX-512, so this is
+  the control (the caps alone change nothing); on an AVX-512 host it emulates an AVX2 one;
+* ``sse41``: an older CPU without AVX: ``ONEDNN_MAX_CPU_ISA=SSE41``, ``--xla_cpu_max_isa=SSE4_2``;
 * ``xla_formulations``: ftjax's CPU kernels off (``FTJAX_CONV_IMPL=xla``), the
   formulations GPUs and TPUs run, computed by XLA:CPU.
 """
@@ -46,8 +48,12 @@ SETTINGS: dict[str, tuple[str, dict[str, str], bool]] = {
     "native_again": ("the same command again", {}, False),
     "main_job_cli": ("the README's main-job command (console kept)", {}, False),
     "one_core": ("a machine with one core (thread pools of one)", {}, True),
-    "avx2": ("an AVX2 machine without AVX-512",
+    # This machine's CPU has AVX2 and no AVX-512 (/proc/cpuinfo), so the AVX2 cap changes
+    # nothing here: it is the control that the caps themselves change no number.
+    "avx2": ("oneDNN and XLA capped at AVX2 (this CPU's own ISA: the control)",
              {"ONEDNN_MAX_CPU_ISA": "AVX2", "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"}, False),
+    "sse41": ("an older CPU without AVX (oneDNN at SSE4.1, XLA at SSE4.2)",
+              {"ONEDNN_MAX_CPU_ISA": "SSE41", "XLA_FLAGS": "--xla_cpu_max_isa=SSE4_2"}, False),
     "xla_formulations": ("ftjax's CPU kernels off (the GPU/TPU formulations on XLA:CPU)",
                          {"FTJAX_CONV_IMPL": "xla",
                           "FTJAX_ONEDNN_LIBRARY": "/nonexistent/libftjax_onednn_conv.so",
