@@ -121,6 +121,22 @@ def test_prepare_offline_is_idempotent_and_noop_for_others(data_dir, tmp_path):
   assert os.listdir(tmp_path) == []
 
 
+def test_prepare_offline_keeps_tfds_prints_off_stdout(tmp_path, monkeypatch, capsys, caplog):
+  # TFDS prints its "downloaded and prepared" lines on stdout (they broke this module's
+  # doctest whenever /tmp/tfds had to be built); they belong to the INFO log.
+  import logging
+  from types import SimpleNamespace
+  monkeypatch.setattr(offline.tfds, "builder", lambda *a, **k: SimpleNamespace(is_prepared=lambda: False))
+  monkeypatch.setattr(offline, "_gunzip_all", lambda paths, out_dir: {})
+  monkeypatch.setattr(offline.DebianFashionMNIST, "__init__", lambda self, **kw: None)
+  monkeypatch.setattr(offline.DebianFashionMNIST, "download_and_prepare",
+                      lambda self, **kw: print("Dataset fashion_mnist downloaded and prepared to X."))
+  caplog.set_level(logging.INFO)
+  data.prepare_offline("fashion_mnist", data_dir=str(tmp_path))
+  assert capsys.readouterr().out == ""
+  assert "tfds: Dataset fashion_mnist downloaded and prepared to X." in caplog.text
+
+
 def test_prepare_offline_missing_files_names_package(tmp_path, monkeypatch):
   monkeypatch.setenv(offline.FASHION_MNIST_DIR_ENV, str(tmp_path / "nowhere"))
   with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):

@@ -13,11 +13,14 @@ reads it:
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import os
 import shutil
 import tempfile
 
+from absl import logging
 import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
@@ -100,9 +103,17 @@ def _prepare_fashion_mnist(data_dir: str | None) -> None:
   os.makedirs(root, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=root, prefix="ftjax_fashion_mnist_") as tmp:
     builder = DebianFashionMNIST(unpacked_files=_gunzip_all(paths, tmp), data_dir=data_dir)
-    builder.download_and_prepare(
-        download_dir=os.path.join(tmp, "downloads"),
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    # TFDS prints "Downloading and preparing ..." / "... Subsequent calls will reuse this
+    # data." on stdout; nothing is downloaded here, so those lines go to the INFO log
+    # (--verbosity=0), keeping the default console to ftjax's own lines.
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+      builder.download_and_prepare(
+          download_dir=os.path.join(tmp, "downloads"),
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    for line in printed.getvalue().splitlines():
+      if line.strip():
+        logging.info("tfds: %s", line.strip())
 
 
 # Dataset name -> function(data_dir) that prepares it from local files.
