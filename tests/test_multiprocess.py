@@ -112,6 +112,31 @@ def test_two_processes_equal_one_process_with_four_devices_and_with_one(tmp_path
 
 
 @pytest.mark.slow
+def test_vmapped_seeds_on_two_processes_equal_one_process(tmp_path, fashion_mnist_ready):
+  # The stacked batch carries the seed axis first and the rows second: each process
+  # contributes its rows of every seed's batch, so the global stacked batch (and the
+  # stacked state, checkpointed by process 0) must not depend on the process count.
+  vmapped = [*STEPS, "--config.num_seeds=2", "--config.vmap_seeds=True", "--config.tensorboard=False"]
+  proc = subprocess.run(_launch_cmd(tmp_path / "mp", tmp_path / "logs", *vmapped), cwd=ROOT,
+                        env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  run_python(["-m", "experiments.train", f"--config={TINY}", f"--workdir={tmp_path / 'sp'}", *vmapped], devices=4)
+  ref_step, ref_params = _final_params(tmp_path / "sp" / "seeds0-1")
+  step, params = _final_params(tmp_path / "mp" / "seeds0-1")
+  assert step == ref_step == 6 and len(params) == len(ref_params) > 0
+  for a, b in zip(params, ref_params):
+    assert a.shape[0] == 2   # the seed axis
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+  for seed in (0, 1):
+    losses, ref_losses = _train_losses(tmp_path / "mp" / f"seed{seed}"), _train_losses(tmp_path / "sp" / f"seed{seed}")
+    assert [s for s, _ in losses] == [s for s, _ in ref_losses] and len(losses) >= 2
+    np.testing.assert_allclose([l for _, l in losses], [l for _, l in ref_losses], rtol=1e-4)
+    assert json.loads((tmp_path / "mp" / f"seed{seed}" / "results.json").read_text())["vmap_seeds"] is True
+  # The seeds trained differently (their own subsets, heads and rngs).
+  assert not np.array_equal(params[-1][0], params[-1][1])
+
+
+@pytest.mark.slow
 def test_killed_process_fails_fast_and_restart_resumes(tmp_path, fashion_mnist_ready):
   steps = ["--config.num_steps=12", "--config.eval_every_steps=3", "--config.dataset.num_shards=2",
            "--heartbeat_timeout=10"]
