@@ -427,7 +427,12 @@ def format_readme_quote(rows: Sequence[dict[str, Any]], paper: str) -> str:
            "`python -m experiments.evidence tables`, test top-1, paired Δ over seeds with its 95% interval):", ""]
   for row in mine:
     c, d = row["claim"], row["diff"]
-    shown = f"Δ {stats.format_points(d, signed=True)} over {d.n} seeds" if d is not None else row["note"]
+    if d is None:
+      shown = row["note"]
+    elif d.n < 2:   # format_points already says "(1 seed)"
+      shown = f"Δ {stats.format_points(d, signed=True)}"
+    else:
+      shown = f"Δ {stats.format_points(d, signed=True)} over {d.n} seeds"
     lines.append(f"- {c.text}: {shown}: **{row['verdict']}**")
   return "\n".join(lines)
 

@@ -267,6 +267,9 @@ def test_readme_blocks_quote_the_scorecard(tmp_path):
   assert "stale numbers" not in text and "SpotTune" not in text
   expected = f"- Co-Tuning beats fine-tuning (5%): Δ {stats.format_points(diff, signed=True)} over 3 seeds: **"
   assert expected + scorecard.verdict(diff) + "**" in text
+  one = stats.paired_difference({0: 0.8438}, {0: 0.84})   # one seed: no interval, said once
+  scorecard.update_readme(readme, [{**rows[0], "diff": one, "verdict": scorecard.PENDING}])
+  assert "- Co-Tuning beats fine-tuning (5%): Δ +0.38 (1 seed): **pending**\n" in readme.read_text()
   readme.write_text("<!-- scorecard: Co-Tuning -->\nno end marker\n")
   with pytest.raises(ValueError, match="has no <!-- /scorecard -->"):
     scorecard.update_readme(readme, rows)
