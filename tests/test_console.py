@@ -50,3 +50,30 @@ def test_verbosity_zero_shows_info_logs(tmp_path, fashion_mnist_ready):
   assert "dataset_info.py" in sources or "reader.py" in sources, sources  # TFDS's
   # Orbax's per-save chatter (checkpoint_manager.py, async_checkpointer.py, ...) stays out below DEBUG.
   assert not sources & {"checkpoint_manager.py", "async_checkpointer.py", "checkpointer.py"}, sources
+
+
+NOISY_MODULE = r'''
+import os, sys
+os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n")
+os.write(2, b"I0000 00:00:1796516785.661153   11445 port.cc:153] oneDNN custom operations are on.\n")
+os.write(2, b"I1205 10:11:12.345678   11445 cpu_feature_guard.cc:210] an INFO line after init\n")
+os.write(2, b"W0000 00:00:1796516785.661153   11445 port.cc:160] a C++ warning\n")
+print("a Python warning line", file=sys.stderr)
+'''
+
+
+def test_info_lines_that_tensorflow_prints_at_import_are_dropped_and_the_rest_kept(tmp_path):
+  """TensorFlow 2.21 on AVX-512 VNNI CPUs prints absl C++ INFO lines at import whatever
+  TF_CPP_MIN_LOG_LEVEL says; a stand-in module prints the same kinds of lines."""
+  (tmp_path / "noisy_library.py").write_text(NOISY_MODULE)
+  script = ("from ftjax.core import console; import sys\n"
+            "console.import_without_cpp_info_lines('noisy_library')\n"
+            "assert 'noisy_library' in sys.modules\n"
+            "console.import_without_cpp_info_lines('no_such_library_here')\n"
+            "print('after', file=sys.stderr)\n")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stderr.splitlines() == ["W0000 00:00:1796516785.661153   11445 port.cc:160] a C++ warning",
+                                      "a Python warning line", "after"], proc.stderr
