@@ -44,6 +44,7 @@ import json
 import math
 import os
 import pathlib
+import platform
 import signal
 import socket
 import subprocess
@@ -285,6 +286,30 @@ def kernel_set() -> str:
                                   ("channel_sums", channel_sums.LIBRARY)) if lib.path().exists()]
   forced = os.environ.get("FTJAX_CONV_IMPL")
   return "+".join(names or ["none"]) + (f" conv={forced}" if forced else "")
+
+
+def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> str:
+  """The CPU model and its widest x86 vector extension, e.g. ``"AMD EPYC avx512"``.
+
+  Recorded with each finished unit, not matched on: XLA and oneDNN pick kernels by the
+  vector extension, so the same code rounds differently on another CPU (a run departs
+  from an AVX2 run after a few steps and ends within about a seed's spread of it; see
+  the reproducibility report). The scorecard says which CPUs its units ran on.
+  """
+  model, flags = "unknown CPU", set()
+  try:
+    with open(cpuinfo) as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "unknown CPU":
+          model = value.strip()
+        elif key.strip() == "flags" and not flags:
+          flags = set(value.split())
+  except OSError:
+    return f"{platform.machine() or 'unknown'} CPU"
+  widest = next((isa for isa, flag in (("avx512", "avx512f"), ("avx2", "avx2"), ("avx", "avx"),
+                                        ("sse4.2", "sse4_2")) if flag in flags), "")
+  return " ".join(part for part in (model, widest) if part)
 
 
 class Ledger:
@@ -610,7 +635,7 @@ def _run_one(unit: Unit, key: str, *, runs: pathlib.Path, ledger: Ledger, identi
     _log(f"FAILED {what} (exit {code}); see {workdir / 'unit.log'}; this worker skips it from now on")
     raise UnitFailed(key)
   record = json.loads(out.read_text())
-  ledger.append({"key": key, "evaluate_test": unit.evaluate_test, **identity, "unit": unit.spec(),
+  ledger.append({"key": key, "evaluate_test": unit.evaluate_test, **identity, "cpu": host_cpu(), "unit": unit.spec(),
                  "record": record, "seconds": round(time.time() - t0, 1),
                  "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
   val = record.get("best_val")

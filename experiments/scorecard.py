@@ -19,6 +19,8 @@ several commits appear together only when those commits hold the same ``ftjax/``
 
 from __future__ import annotations
 
+import collections
+
 import dataclasses
 import json
 import math
@@ -404,9 +406,13 @@ def compute_text(tables: Sequence[ev.Table], entries: Sequence[dict[str, Any]], 
   plans = ev.plan_study(tables, ev.index(entries, identity), seeds=seeds)
   runnable = {ev.unit_key(u) for p in plans.values() for u in p.runnable}
   waiting = sum(p.waiting for p in plans.values())
-  text = (f"Compute on this machine (2-core AMD EPYC, one unit per core): {len(mine)} units finished, "
+  cpus = collections.Counter(e.get("cpu", "CPU not recorded") for e in mine)
+  text = (f"Compute on 2-core machines, one unit per core: {len(mine)} units finished, "
           f"{done_hours:.1f} core-hours recorded (each unit's wall time on its core, with whatever else ran "
-          "beside it).")
+          "beside it). CPUs: " + ", ".join(f"{cpu} {n}" for cpu, n in sorted(cpus.items())) +
+          " (units finished before 2026-12-06 did not record theirs). A unit's rounding depends on the CPU's "
+          "vector extension: in the reproducibility report another extension moved the main job's result by "
+          "about one seed standard deviation.")
   if trainings:
     median = trainings[len(trainings) // 2]
     left = len(runnable) + waiting
@@ -489,7 +495,8 @@ def write_all(tables: Sequence[ev.Table], ledger: ev.Ledger, results: pathlib.Pa
   names = {t.name for t in tables} | {DATA_REUSE}
   rows = claim_rows(collected, [c for c in CLAIMS if {c.a[0], c.b[0]} <= names])
   mine = [e for e in entries if ev.same_code(e, identity)]
-  commits = ", ".join(f"`{c[:12]}`" for c in sorted({e["commit"] for e in mine}))
+  commits = ", ".join(f"`{c}`" for c in sorted({e["commit"][:12] + ("+dirty" if e["commit"].endswith("+dirty") else "")
+                                                 for e in mine}))
   (results / "README.md").write_text(format_scorecard(rows, identity, counts=f"{len(mine)} finished runs in the ledger",
                                                       commits=commits,
                                                       compute=compute_text(tables, entries, identity, seeds=seeds)))

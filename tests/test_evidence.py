@@ -289,3 +289,21 @@ def test_the_readme_quotes_the_committed_scorecard(tmp_path):
   copy.write_text(text)
   scorecard.write_all(ev.TABLES, ev.Ledger(results / "ledger.jsonl"), tmp_path / "results", readme=copy)
   assert copy.read_text() == text, "README's scorecard blocks are stale: run `python -m experiments.evidence tables`"
+
+
+def test_each_unit_records_its_cpu_and_the_scorecard_counts_them(tmp_path):
+  info = tmp_path / "cpuinfo"
+  info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx avx2 avx512f avx512_vnni\n\n"
+                  "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx avx2 avx512f avx512_vnni\n")
+  assert ev.host_cpu(str(info)) == "AMD EPYC avx512"
+  info.write_text("model name\t: Some CPU\nflags\t\t: fpu sse4_2 avx avx2\n")
+  assert ev.host_cpu(str(info)) == "Some CPU avx2"
+  assert ev.host_cpu(str(tmp_path / "missing")).endswith("CPU")
+  mine = {"commit": "abc", "code": "t1", "kernels": "onednn_conv"}
+  entries = [{"key": "k1", "evaluate_test": True, **mine, "record": _record(0.5), "seconds": 60.0},
+             {"key": "k2", "evaluate_test": True, **mine, "cpu": "AMD EPYC avx512", "record": _record(0.6),
+              "seconds": 60.0},
+             {"key": "k3", "evaluate_test": True, **mine, "cpu": "AMD EPYC avx512", "record": _record(0.7),
+              "seconds": 60.0}]
+  text = scorecard.compute_text(ev.TABLES, entries, mine)
+  assert "CPUs: AMD EPYC avx512 2, CPU not recorded 1 " in text, text
