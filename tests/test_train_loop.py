@@ -73,20 +73,22 @@ def test_four_devices_equal_one_device(tmp_path, fashion_mnist_ready):
 
 
 def test_sigkill_and_resume_matches_uninterrupted(tmp_path, fashion_mnist_ready):
-  overrides = ["--config.num_steps=40", "--config.eval_every_steps=8", "--config.log_every_steps=2"]
+  # Killed after the checkpoint at step 8 or 16 (both before the last one, at 24): the
+  # restart resumes mid-run, crossing a further evaluation and checkpoint.
+  overrides = ["--config.num_steps=24", "--config.eval_every_steps=8", "--config.log_every_steps=2"]
   ref = tmp_path / "ref"
   run_python(_train_cmd(ref, *overrides))
 
   killed = tmp_path / "killed"
   kill_after_checkpoint(_train_cmd(killed, *overrides), checkpoints=killed / "seed0" / "checkpoints",
-                        min_step=16, timeout=300)
+                        min_step=8, timeout=300)
   step_at_kill, _ = _final(killed / "seed0")
-  assert 16 <= step_at_kill < 40
+  assert 8 <= step_at_kill < 24
   run_python(_train_cmd(killed, *overrides))   # restart: resumes from the checkpoint
 
   assert _losses(killed / "seed0") == _losses(ref / "seed0")
   (s_ref, p_ref), (s_res, p_res) = _final(ref / "seed0"), _final(killed / "seed0")
-  assert s_ref == s_res == 40
+  assert s_ref == s_res == 24
   for a, b in zip(p_ref, p_res):
     np.testing.assert_array_equal(a, b)
   with open(ref / "seed0" / "results.json") as f, open(killed / "seed0" / "results.json") as g:
