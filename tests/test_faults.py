@@ -149,7 +149,7 @@ def test_sigterm_then_the_same_command_ends_like_an_uninterrupted_run(tmp_path, 
   assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
   stopped, _, _ = _params(workdir / "seed0")
   assert 10 <= stopped < 24
-  again = run_python(_train_cmd(workdir))
+  again = run_python(_train_cmd(workdir, "--verbosity=0"))  # "resumed from step" is an INFO line
   assert "resumed from step" in again.stderr
   _assert_same_run(workdir / "seed0", reference)
 
@@ -321,7 +321,7 @@ def test_a_run_with_a_damaged_latest_checkpoint_resumes_to_the_uninterrupted_res
   run_dir = workdir / "seed0"
   _damage_arrays(run_dir / "checkpoints" / "24")
   os.remove(run_dir / "results.json")
-  proc = run_python(_train_cmd(workdir))
+  proc = run_python(_train_cmd(workdir, "--verbosity=0"))  # "resumed from step" is an INFO line
   assert "checkpoints/24 does not restore" in proc.stderr and "resumed from step 16" in proc.stderr
   assert "Traceback" not in proc.stderr
   assert (run_dir / "checkpoints_unreadable" / "24").is_dir()

@@ -167,7 +167,8 @@ def test_killed_process_fails_fast_and_restart_resumes(tmp_path, fashion_mnist_r
     with pytest.raises(ProcessLookupError):
       os.kill(pid, 0)
 
-  again = subprocess.run(_launch_cmd(workdir, logs, *steps), cwd=ROOT, env=_env(),
+  # --verbosity=0: "resumed from step" is an INFO line (hidden at the default verbosity).
+  again = subprocess.run(_launch_cmd(workdir, logs, *steps, "--verbosity=0"), cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "resumed from step" in (logs / "process_1.log").read_text() + again.stderr
