@@ -678,6 +678,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from ftjax.core.io import write_json
     write_json(spec["out"], run_unit_in_process(spec, spec["workdir"]))
     return
+  if args.command in ("status", "tables"):
+    # Warnings and the study's own output, without TensorFlow's C++ start-up INFO lines.
+    from ftjax.core import console
+    console.configure(console.DEFAULT_VERBOSITY)
   tables = _select_tables(args.only)
   ledger = Ledger(pathlib.Path(args.results) / "ledger.jsonl")
   if args.command == "run":

@@ -307,3 +307,19 @@ def test_each_unit_records_its_cpu_and_the_scorecard_counts_them(tmp_path):
               "seconds": 60.0}]
   text = scorecard.compute_text(ev.TABLES, entries, mine)
   assert "CPUs: AMD EPYC avx512 2, CPU not recorded 1 " in text, text
+
+
+def test_status_prints_the_study_and_no_tensorflow_start_up_lines(tmp_path):
+  """As a user runs it (no TF_CPP_MIN_LOG_LEVEL): on AVX-512 VNNI CPUs TensorFlow 2.21 prints
+  C++ INFO lines at import unless ftjax.core.console filters them."""
+  import os
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  proc = subprocess.run([sys.executable, "-m", "experiments.evidence", "status", "--results", str(tmp_path),
+                         "--only", "co_tuning_5"], cwd=ev.REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  lines = (proc.stdout + proc.stderr).splitlines()
+  assert lines[0].startswith("code ") and lines[0].endswith(": 0 finished units"), lines
+  assert lines[1].startswith("  co_tuning_5: ") and len(lines) == 2, lines
