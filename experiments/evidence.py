@@ -292,9 +292,10 @@ def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> str:
   """The CPU model and its widest x86 vector extension, e.g. ``"AMD EPYC avx512"``.
 
   Recorded with each finished unit, not matched on: XLA and oneDNN pick kernels by the
-  vector extension, so the same code rounds differently on another CPU (a run departs
-  from an AVX2 run after a few steps and ends within about a seed's spread of it; see
-  the reproducibility report). The scorecard says which CPUs its units ran on.
+  vector extension, so the same code rounds differently on another CPU (in the
+  reproducibility report, SSE4.1 instead of AVX2 made the main job depart at its first
+  logged step and end within about a seed's spread). The scorecard says which CPUs its
+  units ran on.
   """
   model, flags = "unknown CPU", set()
   try:
