@@ -388,12 +388,32 @@ def format_scorecard(rows: Sequence[dict[str, Any]], identity: dict[str, str], *
       *([compute, ""] if compute else []),
       "| paper | claim | paper's figures | ftjax Δ (a − b) [95%] | seeds | verdict |",
       "|---|---|---|---|---|---|"]
+  zero_width = False
   for row in rows:
     c, d = row["claim"], row["diff"]
     shown = stats.format_points(d, signed=True) if d is not None else row["note"]
+    if _zero_width(d):
+      shown += f" {ZERO_WIDTH_MARK}"
+      zero_width = True
     lines.append(f"| {c.paper} | {c.text} (`{c.a[0]}/{c.a[1]}` vs `{c.b[0]}/{c.b[1]}`) | {c.paper_figures} | "
                  f"{shown} | {d.n if d is not None else 0} | **{row['verdict']}** |")
+  if zero_width:
+    lines += ["", f"{ZERO_WIDTH_MARK} {ZERO_WIDTH_NOTE}"]
   return "\n".join(lines) + "\n"
+
+
+ZERO_WIDTH_MARK = "†"
+ZERO_WIDTH_NOTE = (
+    "Zero-width interval: every seed gave the same difference. Recall moves in steps of 100/K % "
+    "(K matching units), so equal per-seed differences are likely; the t interval then has no width, "
+    "and the verdict rests on that many equal differences and nothing more (n equal signs alone have a "
+    "two-sided sign-test p of 2^(1-n): 0.25 at 3 seeds).")
+
+
+def _zero_width(d: stats.PairedDifference | None) -> bool:
+  """Whether ``d`` is a t interval over 2+ seeds whose per-seed differences were all equal."""
+  # Recall differences such as 10/11 - 9/11 round differently per seed: zero up to float error.
+  return d is not None and d.n >= 2 and d.std <= 1e-9
 
 
 def compute_text(tables: Sequence[ev.Table], entries: Sequence[dict[str, Any]], identity: dict[str, str], *,
@@ -439,6 +459,8 @@ def format_readme_quote(rows: Sequence[dict[str, Any]], paper: str) -> str:
       shown = f"Δ {stats.format_points(d, signed=True)}"
     else:
       shown = f"Δ {stats.format_points(d, signed=True)} over {d.n} seeds"
+      if _zero_width(d):
+        shown += " (every seed gave the same difference)"
     lines.append(f"- {c.text}: {shown}: **{row['verdict']}**")
   return "\n".join(lines)
 

@@ -275,6 +275,27 @@ def test_readme_blocks_quote_the_scorecard(tmp_path):
     scorecard.update_readme(readme, rows)
 
 
+def test_a_zero_width_interval_is_marked_in_the_scorecard_and_the_readme(tmp_path):
+  """Equal per-seed differences (recall moves in steps of 1/K) give a t interval of no width: said so."""
+  claim = scorecard.Claim(paper="data reuse", text="UOT beats Greedy-OT (recall)", a=("r", "uot"),
+                          b=("r", "greedy"), paper_figures="")
+  # 10/11 - 9/11 and 11/11 - 10/11 differ in the last bits: equal up to float error.
+  equal = stats.paired_difference({0: 10 / 11, 1: 10 / 11, 2: 1.0}, {0: 9 / 11, 1: 9 / 11, 2: 10 / 11})
+  spread = stats.paired_difference({0: 0.83, 1: 0.84, 2: 0.85}, {0: 0.82, 1: 0.82, 2: 0.83})
+  assert equal.low == pytest.approx(equal.high) and spread.high - spread.low > 0.01
+  identity = {"code": "c", "kernels": "k"}
+  for diff, marked in ((equal, True), (spread, False)):
+    rows = [{"claim": claim, "diff": diff, "verdict": scorecard.verdict(diff), "note": ""}]
+    text = scorecard.format_scorecard(rows, identity, counts="3 runs")
+    row = next(line for line in text.splitlines() if line.startswith("| data reuse |"))
+    assert (scorecard.ZERO_WIDTH_MARK in row) == marked
+    assert (scorecard.ZERO_WIDTH_NOTE in text) == marked
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- scorecard: data reuse -->\n<!-- /scorecard -->\n")
+    scorecard.update_readme(readme, rows)
+    assert ("every seed gave the same difference" in readme.read_text()) == marked
+
+
 def test_the_readme_quotes_the_committed_scorecard(tmp_path):
   """README.md's blocks equal what the committed ledger gives (regenerate with `evidence tables`)."""
   import shutil
