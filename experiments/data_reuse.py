@@ -356,7 +356,7 @@ def format_tables(results: dict, cfg, stats) -> str:
   lines = [f"# Pre-training data reuse: design `{cfg.design}`", "",
            f"Target: {', '.join(names[c] for c in cfg.target_classes)} at {cfg.finetune.sampling_rate:g}% of "
            f"train. Pool: {', '.join(names[c] for c in cfg.pool_classes)} ({pool['images']} images: "
-           + ", ".join(f"{names[c]} {n}" for c, n in pool["per_class"].items())
+           + ", ".join(f"{names[int(c)]} {n}" for c, n in pool["per_class"].items())   # str keys once read back
            + f"; the target's training images of every seed removed, {pool['removed_target_images']}). "
            f"Matching classes: {', '.join(names[c] for c in cfg.matching_classes)}. Model (a): "
            f"{cfg.pretrain.model} pretrained from scratch on the pool, pool test top-1 "
@@ -395,11 +395,14 @@ def format_tables(results: dict, cfg, stats) -> str:
     lines.append(f"| {variant} | {test.n} | {ch['lr']:g} | {weight} | "
                  f"{np.mean([r['pool_images'] for r in recs]):.0f} | {100 * val.mean:.2f} | "
                  f"{stats.format_points(test)} | {deltas[0]} | {deltas[1]} |")
-  lines += ["", "## Chosen on validation (seed 0, test not evaluated)", "", "| variant | lr | λ | best val |",
-            "|---|---|---|---|"]
+  lines += ["", "## Sweep on validation (seed 0, test not evaluated; `chosen` marks the value every seed ran)", "",
+            "| variant | lr | λ | best val | |", "|---|---|---|---|---|"]
   for variant, runs in results["sweep"].items():
+    ch = results["chosen"][variant]
     for r in runs:
-      lines.append(f"| {variant} | {r['lr']:g} | {r['weight']:g} | {100 * r['best_val']:.2f} |")
+      mark = "chosen" if (r["lr"], r["weight"]) == (ch["lr"], ch["weight"]) else ""
+      weight = "" if variant == "finetune" else f"{r['weight']:g}"   # fine-tuning has no λ
+      lines.append(f"| {variant} | {r['lr']:g} | {weight} | {100 * r['best_val']:.2f} | {mark} |")
   return "\n".join(lines) + "\n"
 
 

@@ -468,3 +468,23 @@ def test_pseudo_label_reuse_end_to_end(tmp_path, fashion_mnist_ready):
     assert row["loss"] == pytest.approx(row["loss/ce"] + row["loss/data_reuse"], rel=1e-5)
     assert 0 <= row["data_reuse/view_agreement"] <= 1
   assert "pool_head" not in load_checkpoint_arrays(str(tmp_path / "run"))["state"]["params"]
+
+
+def test_the_committed_tables_follow_from_the_committed_results():
+  """results_table.md is format_tables of results.json read back (str keys), chosen marked once per variant."""
+  import json
+  import pathlib
+
+  from experiments import data_reuse, stats
+  from experiments.configs import data_reuse as data_reuse_config
+
+  results_dir = pathlib.Path(__file__).parents[1] / "experiments" / "results" / "data_reuse_near"
+  results = json.loads((results_dir / "results.json").read_text())
+  table = data_reuse.format_tables(results, data_reuse_config.get_config("near"), stats)
+  assert table == (results_dir / "results_table.md").read_text()
+  sweep = table.split("## Sweep on validation")[1].splitlines()
+  for variant, chosen in results["chosen"].items():
+    if variant not in results["sweep"]:
+      continue   # random and Greedy-OT reuse take UOT reuse's values
+    marked = [line for line in sweep if line.startswith(f"| {variant} |") and line.endswith("| chosen |")]
+    assert len(marked) == 1 and f"| {chosen['lr']:g} |" in marked[0], variant
