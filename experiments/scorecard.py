@@ -316,31 +316,42 @@ def _values(values: dict[str, float]) -> str:
 
 def plot_table(table: ev.Table, data: dict[str, Any], path: pathlib.Path) -> bool:
   """Bars of mean test top-1 with 95% intervals; False when no row has two seeds."""
+  return bool(plot_bars(title=table.name, rows=table.rows, data=data, path=path))
+
+
+def plot_bars(*, title: str, rows: Sequence[str], data: dict[str, Any], path: pathlib.Path,
+              metric: str = "test_top1") -> list[tuple[str, float, float]]:
+  """Bars of each row's mean ``metric`` (points) with its 95% t half-width as the error bar.
+
+  Rows with fewer than two seeds are left out; nothing is written when none is left.
+  Returns the ``(row, mean, half_width)`` drawn, in points.
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  names, means, errs = [], [], []
-  for row in table.rows:
+  drawn, names, means, errs = [], [], [], []
+  for row in rows:
     records = data["rows"].get(row, [])
     if len(records) < 2:
       continue
-    iv = stats.mean_interval([r["test_top1"] for r in records])
+    iv = stats.mean_interval([r[metric] for r in records])
     names.append(f"{row}\n(n={iv.n})")
     means.append(100 * iv.mean)
     errs.append(100 * (iv.high - iv.mean))
+    drawn.append((row, means[-1], errs[-1]))
   if not names:
-    return False
+    return drawn
   fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(names)), 3.6))
   ax.bar(range(len(names)), means, yerr=errs, capsize=4, color="#4c72b0")
   ax.set_xticks(range(len(names)), names, fontsize=7)
   low = min(m - e for m, e in zip(means, errs))
   ax.set_ylim(max(0, low - 3), min(100, max(m + e for m, e in zip(means, errs)) + 1.5))
-  ax.set_ylabel("test top-1 % (95% interval)")
-  ax.set_title(table.name)
+  ax.set_ylabel(("test top-1" if metric == "test_top1" else metric) + " % (95% interval)")
+  ax.set_title(title)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
-  return True
+  return drawn
 
 
 def plot_lr_curves(table: ev.Table, data: dict[str, Any], path: pathlib.Path) -> bool:
@@ -514,6 +525,9 @@ def write_all(tables: Sequence[ev.Table], ledger: ev.Ledger, results: pathlib.Pa
   reuse = data_reuse_rows(results / DATA_REUSE / "results.json")
   if reuse is not None:
     collected[DATA_REUSE] = reuse
+    finetune_rows = [r for r in reuse["rows"] if not r.startswith("recall_")]
+    plot_bars(title=f"{DATA_REUSE}: fine-tuning on the target", rows=finetune_rows, data=reuse,
+              path=results / DATA_REUSE / "test_top1.png")
   names = {t.name for t in tables} | {DATA_REUSE}
   rows = claim_rows(collected, [c for c in CLAIMS if {c.a[0], c.b[0]} <= names])
   mine = [e for e in entries if ev.same_code(e, identity)]

@@ -344,3 +344,19 @@ def test_status_prints_the_study_and_no_tensorflow_start_up_lines(tmp_path):
   lines = (proc.stdout + proc.stderr).splitlines()
   assert lines[0].startswith("code ") and lines[0].endswith(": 0 finished units"), lines
   assert lines[1].startswith("  co_tuning_5: ") and len(lines) == 2, lines
+
+
+def test_bars_are_the_seed_means_with_their_t_half_widths(tmp_path):
+  """The figure's bars and error bars equal numpy means and scipy t half-widths; 1-seed rows are left out."""
+  values = {"finetune": [0.80, 0.83, 0.81], "uot_reuse": [0.84, 0.82, 0.86, 0.85], "lonely": [0.9]}
+  data = {"rows": {row: [{"seed": s, "test_top1": v} for s, v in enumerate(vs)] for row, vs in values.items()}}
+  path = tmp_path / "bars.png"
+  drawn = scorecard.plot_bars(title="t", rows=["finetune", "uot_reuse", "lonely"], data=data, path=path)
+  assert [row for row, _, _ in drawn] == ["finetune", "uot_reuse"]
+  for row, mean, half in drawn:
+    x = 100 * np.asarray(values[row])
+    low, high = scipy_stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=scipy_stats.sem(x))
+    assert mean == pytest.approx(x.mean()) and half == pytest.approx((high - low) / 2)
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert scorecard.plot_bars(title="t", rows=["lonely"], data=data, path=tmp_path / "none.png") == []
+  assert not (tmp_path / "none.png").exists()
