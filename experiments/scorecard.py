@@ -294,13 +294,33 @@ def format_results_table(table: ev.Table, data: dict[str, Any]) -> str:
                  f"| {row} | {test.n} | {100 * val.mean:.2f} | {100 * test.mean:.2f}{std} | {interval} | {delta} | "
                  f"n/a | {_values(records[0]['hyperparameters'])} |")
   lines += ["", "## Chosen on validation (seed 0, test not evaluated)", "",
-            "| method | values tried → best validation top-1 % | chosen |", "|---|---|---|"]
+            "| method | values tried → best validation top-1 % | chosen | at the grid's edge |", "|---|---|---|---|"]
   for main, runs in data["sweep"].items():
     tried = ", ".join(f"{_values(ov)} → " + ("running" if r is None else _val(r)) for ov, r in runs)
     chosen = data["chosen"].get(main)
+    edges = ", ".join(grid_edges(runs, chosen)) if chosen else ""
     lines.append(f"| {main} | {tried or '(values of ' + str(table.values_from) + ')'} | "
-                 f"{_values(chosen) if chosen else 'pending'} |")
+                 f"{_values(chosen) if chosen else 'pending'} | {edges} |")
   return "\n".join(lines) + "\n"
+
+
+def grid_edges(runs: Sequence[tuple[dict[str, float], Any]], chosen: dict[str, float]) -> list[str]:
+  """The chosen values that sit at the lowest or highest value tried, e.g. ``["lr (highest)"]``.
+
+  A value chosen at the edge of its grid (of three or more values) may have been beaten
+  by one beyond it; the grid is the protocol's, so the tables say so instead of widening it.
+  """
+  out = []
+  for name, value in sorted(chosen.items()):
+    tried = sorted({ov[name] for ov, _ in runs if name in ov})
+    if len(tried) < 3:
+      continue
+    short = _values({name: value}).split("=")[0]
+    if value == tried[-1]:
+      out.append(f"{short} (highest)")
+    elif value == tried[0]:
+      out.append(f"{short} (lowest)")
+  return out
 
 
 def _val(record: dict[str, Any]) -> str:
@@ -381,8 +401,23 @@ def plot_lr_curves(table: ev.Table, data: dict[str, Any], path: pathlib.Path) ->
   return True
 
 
+def edges_text(collected: dict[str, dict[str, Any]]) -> str:
+  """One sentence naming every choice at the edge of its grid, or ``""``."""
+  found = []
+  for table, data in collected.items():
+    for main, runs in data.get("sweep", {}).items():
+      chosen = data["chosen"].get(main)
+      edges = grid_edges(runs, chosen) if chosen else []
+      if edges:
+        found.append(f"`{table}/{main}` {', '.join(edges)}")
+  if not found:
+    return ""
+  return ("Chosen at the edge of its grid (a value beyond it was not tried and might have done better on "
+          "validation): " + "; ".join(found) + ".")
+
+
 def format_scorecard(rows: Sequence[dict[str, Any]], identity: dict[str, str], *, counts: str,
-                     commits: str = "", compute: str = "") -> str:
+                     commits: str = "", compute: str = "", edges: str = "") -> str:
   lines = [
       "# Scorecard: the papers' claims on Fashion-MNIST with ImageNet EfficientNet-Lite0", "",
       "Written by `python -m experiments.evidence tables` from `ledger.jsonl` (do not edit by hand). "
@@ -397,6 +432,7 @@ def format_scorecard(rows: Sequence[dict[str, Any]], identity: dict[str, str], *
       "lower end is above −margin), *not reproduced* when it excludes 0 the other way, *inconclusive* when "
       "it contains 0, *pending* before 3 seeds of both rows exist.", "",
       *([compute, ""] if compute else []),
+      *([edges, ""] if edges else []),
       "| paper | claim | paper's figures | ftjax Δ (a − b) [95%] | seeds | verdict |",
       "|---|---|---|---|---|---|"]
   zero_width = False
@@ -535,7 +571,8 @@ def write_all(tables: Sequence[ev.Table], ledger: ev.Ledger, results: pathlib.Pa
                                                  for e in mine}))
   (results / "README.md").write_text(format_scorecard(rows, identity, counts=f"{len(mine)} finished runs in the ledger",
                                                       commits=commits,
-                                                      compute=compute_text(tables, entries, identity, seeds=seeds)))
+                                                      compute=compute_text(tables, entries, identity, seeds=seeds),
+                                                      edges=edges_text(collected)))
   if readme is not None:
     update_readme(readme, rows)
   return rows

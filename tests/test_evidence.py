@@ -360,3 +360,18 @@ def test_bars_are_the_seed_means_with_their_t_half_widths(tmp_path):
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert scorecard.plot_bars(title="t", rows=["lonely"], data=data, path=tmp_path / "none.png") == []
   assert not (tmp_path / "none.png").exists()
+
+
+def test_choices_at_the_edge_of_their_grid_are_named():
+  """A chosen value equal to the lowest or highest tried is named; a middle one or a 2-value grid is not."""
+  lr, w = "optimizer.lr", "losses.bss.weight"
+  runs = [({lr: 0.001, w: 0.01}, {}), ({lr: 0.003, w: 0.01}, {}), ({lr: 0.01, w: 0.01}, {}),
+          ({lr: 0.01, w: 0.003}, {}), ({lr: 0.01, w: 0.03}, {})]
+  assert scorecard.grid_edges(runs, {lr: 0.01, w: 0.01}) == ["lr (highest)"]
+  assert scorecard.grid_edges(runs, {lr: 0.003, w: 0.003}) == ["bss.weight (lowest)"]
+  assert scorecard.grid_edges(runs, {lr: 0.003, w: 0.01}) == []
+  assert scorecard.grid_edges(runs[:2], {lr: 0.003}) == []   # two values: no middle to compare with
+  collected = {"t": {"sweep": {"bss": runs, "other": runs}, "chosen": {"bss": {lr: 0.01, w: 0.03}}}}
+  text = scorecard.edges_text(collected)
+  assert "`t/bss` bss.weight (highest), lr (highest)" in text and "other" not in text
+  assert scorecard.edges_text({"t": {"sweep": {"bss": runs}, "chosen": {"bss": {lr: 0.003, w: 0.01}}}}) == ""
