@@ -24,7 +24,8 @@ it was in the head's 10x group, so the 5% numbers below predate that). The key
 encoder keeps 0.999^t of its initialisation after t steps: the 5% runs have 750
 steps (2,400 images / batch 32 x 10 epochs), after which 47% remains; the 25% default
 has 3,750 steps (2.3%). See :mod:`ftjax.methods.bi_tuning`.
-Expected numbers: ``experiments/results/bi_tuning_5/results_table.md``, three seeds at
+Expected numbers: ``experiments/results/bi_tuning_5/results_table.md`` (and
+``bi_tuning_25``: fine-tuning and Bi-Tuning at the values chosen at 5%), three seeds at
 hyper-parameters chosen on validation (``python -m experiments.evidence tables`` writes it
 from the study's ledger; rows the study has not finished are empty there), and the
 claims in ``experiments/results/README.md``. Earlier single-seed numbers, from before
