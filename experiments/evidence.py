@@ -420,6 +420,10 @@ def plan_table(table: Table, done: dict[tuple[str, bool], dict], *, key: Callabl
         waiting += len(group.rows) * seeds
         continue
       values = dict(chosen_elsewhere[group.main])
+    elif group.lr_values == () and not weight_path:
+      # Nothing to choose: no validation run (a multitask run cannot make one, as it
+      # always evaluates the test split), the seeds run at the protocol's value.
+      values = {"optimizer.lr": lr0}
     else:
       if group.lr_values is None:
         lr_values = [_round(lr0 * f) for f in LR_FACTORS]

@@ -301,7 +301,8 @@ def format_results_table(table: ev.Table, data: dict[str, Any]) -> str:
     tried = ", ".join(f"{_values(ov)} → " + ("running" if r is None else _val(r)) for ov, r in runs)
     chosen = data["chosen"].get(main)
     edges = ", ".join(grid_edges(runs, chosen)) if chosen else ""
-    lines.append(f"| {main} | {tried or '(values of ' + str(table.values_from) + ')'} | "
+    source = f"(values of {table.values_from})" if table.values_from else "not swept (the protocol's value)"
+    lines.append(f"| {main} | {tried or source} | "
                  f"{_values(chosen) if chosen else 'pending'} | {edges} |")
   return "\n".join(lines) + "\n"
 

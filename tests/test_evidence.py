@@ -174,6 +174,19 @@ def test_sweep_rejects_a_grid_without_the_paper_value():
     ev.plan_table(table, {}, key=_key)
 
 
+def test_a_group_without_a_sweep_runs_only_its_seeds():
+  """``lr_values=()``: no validation-only run (a multitask run cannot make one), seeds at the config's lr."""
+  table = ev.Table("t", TINY, "", (ev.Group("run", lr_values=()),), seeds=3)
+  plan = ev.plan_table(table, {}, key=_key)
+  lr0 = ev._round(float(ev.row_config(TINY, "", "run").optimizer.lr))
+  assert plan.chosen == {"run": {"optimizer.lr": lr0}} and plan.waiting == 0
+  assert [(u.seed, u.evaluate_test, dict(u.overrides)) for u in plan.runnable] == [
+      (s, True, {"optimizer.lr": lr0}) for s in range(3)]
+  plans = ev.plan_study([t for t in ev.TABLES if t.name.startswith("patches_t4")], {})
+  assert all(u.evaluate_test for p in plans.values() for u in p.runnable)
+  assert [len(plans[n].runnable) for n in ("patches_t4", "patches_t4s", "patches_t4i")] == [3, 3, 15]
+
+
 def test_study_tables_plan():
   """Every table of the study plans: rows exist, weight grids contain the configs' values."""
   plans = ev.plan_study(ev.TABLES, {})
