@@ -15,6 +15,13 @@ deterministic (argmax) routing (policy network + both copies of each routed
 block, mixed per image), and with a static mask (``all_finetuned``: one copy
 per block, no policy: a Global-k model after pruning).
 
+Forward FLOPs per image (XLA's ``cost_analysis`` of the jitted forward, traced
+with the XLA formulations: ftjax's CPU kernels are custom calls that XLA does not
+count) for the plain model, SpotTune's policy network alone and the two SpotTune
+forwards: they say how much of the time ratio the protocol itself asks for (the
+policy's size is the paper's, whatever the backbone; every routed block has two
+copies).
+
 Random weights and images (the cost does not depend on the values). Timings:
 median of ``--steps`` calls after ``--warmup`` untimed ones, the variants
 interleaved round-robin so that load changes hit them alike.
@@ -40,7 +47,9 @@ import numpy as np
 import optax
 
 from ftjax.methods import RunContext, build_methods
+from ftjax.methods.spottune.model import PolicyNetwork
 from ftjax.models import create_model
+from ftjax.ops.conv import conv_impl
 from ftjax.train import setup
 from ftjax.train import sharding as shd
 from ftjax.train.config import default_config
@@ -89,6 +98,32 @@ def _forward(model, variables, images, **kwargs) -> Callable[[], None]:
   return run
 
 
+def _forward_gflop(fn: Callable, *args) -> float:
+  """GFLOP of one call of ``fn(*args)`` as XLA counts it, traced with XLA convolutions."""
+  with conv_impl("xla"):
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan"))) / 1e9
+
+
+def _forward_flops(plain, plain_vars, spot, spot_vars, images, *, policy: dict) -> dict[str, float]:
+  """Forward GFLOP per image of the plain model, the policy network alone and SpotTune's forwards."""
+  one = images[:1]
+
+  def forward(model, **kwargs):
+    return lambda v, x: model.apply(v, x, train=False, outputs=("logits",), **kwargs)["logits"]
+
+  net = PolicyNetwork(len(spot.routed_blocks), policy["policy_depth"], policy["policy_width"],
+                      policy["policy_image_size"])
+  policy_vars = {k: v["policy"] for k, v in spot_vars.items() if "policy" in v}
+  return {
+      "plain": _forward_gflop(forward(plain), plain_vars, one),
+      "policy": _forward_gflop(lambda v, x: net.apply(v, x, train=False), policy_vars, one),
+      "spottune_argmax": _forward_gflop(forward(spot, routing="argmax"), spot_vars, one),
+      "spottune_static_mask": _forward_gflop(forward(spot, routing="all_finetuned"), spot_vars, one),
+  }
+
+
 def _time(runs: dict[str, Callable[[], None]], *, steps: int, warmup: int) -> dict[str, float]:
   for run in runs.values():
     for _ in range(warmup):
@@ -135,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
       "spottune_static_mask": _forward(spot, spot_vars, images, routing="all_finetuned"),
   }, steps=args.steps, warmup=args.warmup)
 
+  flops = _forward_flops(plain, plain_vars, spot, spot_vars, images, policy=spottune)
+
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); model {args.model}, "
         f"{args.size} px, batch {args.batch}, {len(spot.routed_blocks)} routed blocks "
         f"(first {args.first_routed_block} frozen), policy ResNet "
@@ -148,8 +185,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
   print(f"| inference, plain model | {1e3 * infer['plain']:.2f} | 1.00x |")
   for name in ("spottune_argmax", "spottune_static_mask"):
     print(f"| inference, {name} | {1e3 * infer[name]:.2f} | {infer[name] / infer['plain']:.2f}x |")
+  print()
+  print("| forward, per image | GFLOP | relative to the plain model |")
+  print("|---|---|---|")
+  for name, label in (("plain", "plain model"), ("policy", "policy network alone"),
+                      ("spottune_argmax", "SpotTune, argmax routing (policy + both copies)"),
+                      ("spottune_static_mask", "SpotTune, static mask (one copy, no policy)")):
+    print(f"| {label} | {flops[name]:.4f} | {flops[name] / flops['plain']:.2f}x |")
   return {"train_ratio": ratio, **{f"train_{k}": v for k, v in train.items()},
-          **{f"infer_{k}": v for k, v in infer.items()}}
+          **{f"infer_{k}": v for k, v in infer.items()}, **{f"gflop_{k}": v for k, v in flops.items()}}
 
 
 if __name__ == "__main__":
