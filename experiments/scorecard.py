@@ -466,6 +466,37 @@ def _zero_width(d: stats.PairedDifference | None) -> bool:
   return d is not None and d.n >= 2 and d.std <= 1e-9
 
 
+def _left_seconds(tables: Sequence[ev.Table], plans: dict[str, ev.Plan], mine: Sequence[dict[str, Any]], *,
+                  fallback: float) -> tuple[float, list[str]]:
+  """Seconds the units left need: each at the median of the finished training units of its
+  row (else of its table; units waiting on sweeps at their table's).
+
+  A training unit is a validation-only one or a seed after 0 (seed 0's test unit reuses its
+  sweep run when there was one, and is short). Tables with none finished count at ``fallback``.
+  """
+  def median(entries):
+    times = sorted(e["seconds"] for e in entries)
+    return times[len(times) // 2] if times else None
+
+  left, unestimated = 0.0, []
+  for table in tables:
+    plan = plans[table.name]
+    if not plan.runnable and not plan.waiting:
+      continue
+    trained = [e for e in mine if "seconds" in e and "unit" in e
+               and (e["unit"]["config"], e["unit"]["arg"]) == (table.config, table.arg)
+               and (not e.get("evaluate_test", True) or e["unit"].get("seed", 0) > 0)]
+    table_median = median(trained)
+    if table_median is None:
+      unestimated.append(table.name)
+      table_median = fallback
+    for unit in plan.runnable:
+      row_median = median([e for e in trained if e["unit"]["row"] == unit.row])
+      left += table_median if row_median is None else row_median
+    left += plan.waiting * table_median
+  return left, unestimated
+
+
 def compute_text(tables: Sequence[ev.Table], entries: Sequence[dict[str, Any]], identity: dict[str, str], *,
                  seeds: int | None = None) -> str:
   """The study's compute on this machine: recorded so far, and an estimate of what is left."""
@@ -485,10 +516,16 @@ def compute_text(tables: Sequence[ev.Table], entries: Sequence[dict[str, Any]], 
           "about one seed standard deviation.")
   if trainings:
     median = trainings[len(trainings) // 2]
+    left_s, unestimated = _left_seconds(tables, plans, mine, fallback=median)
     left = len(runnable) + waiting
     text += (f" A training unit's median: {median / 60:.0f} min. Left: {len(runnable)} runnable and "
-             f"{waiting} waiting on sweeps, about {left * median / 3600:.0f} core-hours at that median "
-             "(15%, 25% and multitask units take longer).")
+             f"{waiting} waiting on sweeps, about {left_s / 3600:.1f} core-hours at each table's median "
+             "training unit")
+    if unestimated:
+      text += (f" ({', '.join(unestimated)}: no unit finished yet, counted at the study's median, which "
+               "larger units exceed: a lower bound)")
+    text += (f"; from scratch about {done_hours + left_s / 3600:.0f} core-hours "
+             f"({left} units left).")
   return text + " `bash scripts/reproduce_tables.sh 2` regenerates everything from scratch and resumes where it stopped."
 
 

@@ -343,6 +343,20 @@ def test_each_unit_records_its_cpu_and_the_scorecard_counts_them(tmp_path):
   assert "CPUs: AMD EPYC avx512 2, CPU not recorded 1 " in text, text
 
 
+def test_compute_left_counts_each_unit_at_its_rows_median():
+  table = ev.Table("t", TINY, "", (ev.Group("run", lr_values=()),), seeds=3)
+  other = ev.Table("u", TINY, "bi_tuning", (ev.Group("run", lr_values=()),), seeds=2)
+  unit = {"config": TINY, "arg": "", "row": "run", "seed": 1}
+  mine = [{"unit": unit, "evaluate_test": True, "seconds": 100.0},
+          {"unit": dict(unit, seed=0), "evaluate_test": True, "seconds": 5.0},   # seed 0: not a training unit
+          {"unit": dict(unit, row="elsewhere", seed=2), "evaluate_test": True, "seconds": 900.0}]
+  done = {(ev.unit_key(ev.Unit(TINY, "", "run", 1, (("optimizer.lr", ev._round(0.05)),), True)), True): {}}
+  plans = ev.plan_study([table, other], done)
+  assert len(plans["t"].runnable) == 2 and len(plans["u"].runnable) == 2
+  left, unestimated = scorecard._left_seconds([table, other], plans, mine, fallback=7.0)
+  assert (left, unestimated) == (2 * 100.0 + 2 * 7.0, ["u"])
+
+
 def test_status_prints_the_study_and_no_tensorflow_start_up_lines(tmp_path):
   """As a user runs it (no TF_CPP_MIN_LOG_LEVEL): on AVX-512 VNNI CPUs TensorFlow 2.21 prints
   C++ INFO lines at import unless ftjax.core.console filters them."""
