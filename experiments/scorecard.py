@@ -222,7 +222,8 @@ def collect(tables: Sequence[ev.Table], entries: Sequence[dict[str, Any]], ident
             for task, figures in record["tasks"].items():
               rows.setdefault(task, []).append(dict(figures, seed=record["seed"], best_val=record["best_val"],
                                                     trainable_parameters=figures.get("patch_parameters"),
-                                                    **provenance))
+                                                    shared_parameters=record.get("shared_parameters"),
+                                                    multitask=True, **provenance))
           else:
             rows.setdefault(row, []).append(dict(record, **provenance))
     out[table.name] = {"rows": rows, "chosen": plan.chosen,
@@ -274,6 +275,20 @@ def claim_rows(collected: dict[str, dict[str, Any]], claims: Sequence[Claim] = C
 # ----------------------------------------------------------------------------- writing
 
 
+MULTITASK_NOTE = ("One multitask run per seed trains every row together (a shared base, a private patch per "
+                  "task): val (best) is that run's mean validation top-1 over its tasks at the one checkpoint "
+                  "it chose, the same for each row; trainable params are the task's private patch plus the "
+                  "base that every task trains.")
+
+
+def _parameters(record: dict[str, Any]) -> str:
+  """The trainable-parameter cell: a multitask row names its private and its shared parameters."""
+  own, shared = record.get("trainable_parameters"), record.get("shared_parameters")
+  if own is None:
+    return "n/a"
+  return f"{own:,} private + {shared:,} shared" if shared is not None else f"{own:,}"
+
+
 def format_results_table(table: ev.Table, data: dict[str, Any]) -> str:
   rows = data["rows"]
   lines = [f"# {table.name}: {table.config}:{table.arg}", "",
@@ -297,11 +312,10 @@ def format_results_table(table: ev.Table, data: dict[str, Any]) -> str:
       delta = stats.format_points(d, signed=True) + (" *" if d.excludes_zero else "")
     std = "" if test.n < 2 else f" ± {100 * test.std:.2f}"
     interval = "" if test.n < 2 else f"[{100 * test.low:.2f}, {100 * test.high:.2f}]"
-    params = records[0].get("trainable_parameters")
     lines.append(f"| {row} | {test.n} | {100 * val.mean:.2f} | {100 * test.mean:.2f}{std} | {interval} | {delta} | "
-                 f"{params:,} | {_values(records[0]['hyperparameters'])} |" if params is not None else
-                 f"| {row} | {test.n} | {100 * val.mean:.2f} | {100 * test.mean:.2f}{std} | {interval} | {delta} | "
-                 f"n/a | {_values(records[0]['hyperparameters'])} |")
+                 f"{_parameters(records[0])} | {_values(records[0]['hyperparameters'])} |")
+  if any(r.get("multitask") for records in rows.values() for r in records):
+    lines += ["", MULTITASK_NOTE]
   lines += ["", "## Chosen on validation (seed 0, test not evaluated)", "",
             "| method | values tried → best validation top-1 % | chosen | at the grid's edge |", "|---|---|---|---|"]
   for main, runs in data["sweep"].items():

@@ -402,3 +402,19 @@ def test_choices_at_the_edge_of_their_grid_are_named():
   text = scorecard.edges_text(collected)
   assert "`t/bss` bss.weight (highest), lr (highest)" in text and "other" not in text
   assert scorecard.edges_text({"t": {"sweep": {"bss": runs}, "chosen": {"bss": {lr: 0.003, w: 0.01}}}}) == ""
+
+
+def test_a_multitask_table_names_private_and_shared_parameters():
+  """A multitask row's parameters are its private patch plus the shared base, and the table says val is joint."""
+  table = next(t for t in ev.TABLES if t.name == "patches_t4")
+  provenance = {"hyperparameters": {"optimizer.lr": 0.005}}
+  multitask = {task: [dict(test_top1=0.8 + 0.01 * s, best_val=0.84, seed=s, trainable_parameters=42016,
+                           shared_parameters=3341802, multitask=True, **provenance) for s in range(3)]
+               for task in table.rows}
+  text = scorecard.format_results_table(table, {"rows": multitask, "chosen": {}, "sweep": {}})
+  px32 = next(line for line in text.splitlines() if line.startswith("| px32 |"))
+  assert "| 42,016 private + 3,341,802 shared |" in px32 and scorecard.MULTITASK_NOTE in text
+  single = {task: [{k: v for k, v in r.items() if k not in ("shared_parameters", "multitask")} for r in records]
+            for task, records in multitask.items()}
+  text = scorecard.format_results_table(table, {"rows": single, "chosen": {}, "sweep": {}})
+  assert "| 42,016 |" in text and scorecard.MULTITASK_NOTE not in text
